@@ -1,0 +1,1 @@
+"""Wiring MeanCache into inference frameworks (diffusers)."""

@@ -1,0 +1,269 @@
+"""MeanCache on diffusers pipelines, without forking pipelines or patching classes.
+
+Two instance-level pieces share one :class:`MeanCacheState`:
+
+* :class:`MeanCacheHook`, registered in the transformer's ``HookRegistry`` as ``"mean_cache"`` (registered
+  last, so it is outermost: parallelism split hooks and block caches inside it never run on a skipped
+  step). On a skipped step it answers every CFG branch with a placeholder of the velocity's shape and
+  dtype without running the transformer.
+* :class:`SchedulerStepHook`, installed as the pipeline's scheduler *instance*'s ``step``. It sees the
+  guided, post-CFG velocity (Qwen-Image's norm rescale included): on computed steps it logs it; on skipped
+  steps it discards the placeholder-derived value and steps with the estimator's average velocity.
+
+So the estimator works on exactly the velocity the sampler uses, for every pipeline, as the paper's rule
+requires. A generation starts when the scheduler has been reset by ``set_timesteps`` (its ``step_index`` is
+``None``) and ends when the pipeline calls ``maybe_free_model_hooks()``; the latents history is freed then,
+and only the counters shown by :func:`summary` are kept.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from meancache.config import MeanCacheConfig
+from meancache.method.estimators import PaperRuleEstimator, make_estimator
+from meancache.schedule import Schedule
+
+HOOK_NAME = "mean_cache"
+
+
+@dataclass
+class MeanCacheSummary:
+    """What MeanCache did in one generation."""
+
+    num_steps: int
+    steps_run: int
+    schedule: Schedule
+    transformer_calls: int
+    skipped_calls: int
+
+    @property
+    def computed_steps(self) -> int:
+        return sum(self.schedule.is_computed(i) for i in range(self.steps_run))
+
+    @property
+    def reused_steps(self) -> int:
+        return self.steps_run - self.computed_steps
+
+    @property
+    def spans_used(self) -> dict[int, int]:
+        """Span ``K`` -> number of skipped steps that used it."""
+        counts = Counter(self.schedule.span(i) for i in range(self.steps_run) if not self.schedule.is_computed(i))
+        return dict(sorted(counts.items()))
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Steps per computed step: the speedup if the transformer were the only cost."""
+        return self.steps_run / max(self.computed_steps, 1)
+
+    def __str__(self) -> str:
+        spans = ", ".join(f"K={k}: {n}" for k, n in self.spans_used.items()) or "none"
+        mapped = self.schedule.metadata.get("mapped_from_steps")
+        origin = f" (schedule mapped from {mapped} steps)" if mapped else ""
+        unfinished = "" if self.steps_run == self.num_steps else f" of {self.num_steps} (interrupted)"
+        return (
+            f"MeanCache: {self.steps_run} steps{unfinished}{origin}, {self.computed_steps} computed, "
+            f"{self.reused_steps} reused (spans {spans}); transformer calls: {self.transformer_calls} run, "
+            f"{self.skipped_calls} skipped; ideal speedup {self.ideal_speedup:.2f}x"
+        )
+
+
+@dataclass
+class _Run:
+    """One generation's state."""
+
+    sigmas: list[float]
+    timesteps: torch.Tensor
+    estimator: PaperRuleEstimator
+    steps_run: int = 0
+    transformer_calls: int = 0
+    skipped_calls: int = 0
+    output_shape: torch.Size | None = None
+    output_dtype: torch.dtype | None = None
+    placeholder: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.estimator.schedule
+
+    def summary(self) -> MeanCacheSummary:
+        return MeanCacheSummary(
+            len(self.sigmas) - 1, self.steps_run, self.schedule, self.transformer_calls, self.skipped_calls
+        )
+
+
+class MeanCacheState:
+    """State shared by the transformer hook and the scheduler hook of one pipeline."""
+
+    def __init__(self, config: MeanCacheConfig, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.run: _Run | None = None
+        self.last_summary: MeanCacheSummary | None = None
+
+    def current_run(self) -> _Run:
+        """The generation in progress, starting a new one when the scheduler has just been reset."""
+        if self.scheduler.step_index is None:
+            if self.run is None or self.run.steps_run > 0 or self.run.timesteps is not self.scheduler.timesteps:
+                self._start_run()
+        elif self.run is None:
+            raise RuntimeError(
+                f"MeanCache saw a generation already at step {self.scheduler.step_index}: enable it before "
+                "the pipeline call, not during one"
+            )
+        assert self.run is not None
+        return self.run
+
+    def end_run(self) -> None:
+        """Free the generation's history, keeping its summary."""
+        if self.run is not None:
+            self.last_summary = self.run.summary()
+        self.run = None
+
+    def _start_run(self) -> None:
+        self.end_run()
+        scheduler = self.scheduler
+        if scheduler.timesteps is None:
+            raise RuntimeError("the scheduler has no timesteps: the pipeline must call set_timesteps first")
+        if scheduler.begin_index not in (None, 0):
+            raise ValueError(
+                f"the scheduler starts at step {scheduler.begin_index}, not 0; MeanCache schedules cover whole "
+                "trajectories (image-to-image with strength < 1 is not supported)"
+            )
+        num_steps = len(scheduler.timesteps)
+        sigmas = [float(s) for s in scheduler.sigmas.tolist()]
+        if len(sigmas) != num_steps + 1:
+            raise ValueError(f"expected {num_steps + 1} sigmas for {num_steps} steps, the scheduler has {len(sigmas)}")
+        estimator = make_estimator(self.config.estimator, self.config.schedule.for_steps(num_steps))
+        self.run = _Run(sigmas=sigmas, timesteps=scheduler.timesteps, estimator=estimator)
+
+
+class MeanCacheHook(ModelHook):
+    """Transformer-root hook: runs the transformer on computed steps, answers skipped steps from cache."""
+
+    _is_stateful = True
+
+    def __init__(self, state: MeanCacheState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run = self.state.current_run()
+        if run.schedule.is_computed(run.steps_run):
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            run.output_shape, run.output_dtype = sample.shape, sample.dtype
+            run.transformer_calls += 1
+            return output
+        run.skipped_calls += 1
+        placeholder = self._placeholder(run)
+        return Transformer2DModelOutput(sample=placeholder) if kwargs.get("return_dict", True) else (placeholder,)
+
+    @staticmethod
+    def _placeholder(run: _Run) -> torch.Tensor:
+        """The previous step's velocity in the transformer's output dtype (the scheduler hook replaces it)."""
+        if run.placeholder is None or run.placeholder[0] != run.steps_run:
+            velocity = run.estimator.last_velocity()
+            if velocity.shape != run.output_shape:
+                raise RuntimeError(
+                    f"MeanCache needs the transformer output to have the latents' shape; got {tuple(run.output_shape)} "
+                    f"for latents {tuple(velocity.shape)} (a pipeline that batches CFG branches into one call, or "
+                    "whose model output is not the velocity, is not supported)"
+                )
+            run.placeholder = (run.steps_run, velocity.to(run.output_dtype))
+        return run.placeholder[1]
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.end_run()
+        return module
+
+
+class SchedulerStepHook:
+    """Installed as ``scheduler.step`` on the instance: logs or replaces the guided velocity of each step."""
+
+    def __init__(self, state: MeanCacheState) -> None:
+        self.state = state
+        self.original_step = state.scheduler.step
+        self._signature = inspect.signature(self.original_step)
+
+    def __call__(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
+        if bound.arguments.get("per_token_timesteps") is not None:
+            raise ValueError("MeanCache does not support per_token_timesteps (every token must share one sigma)")
+        run = self.state.current_run()
+        step = run.steps_run
+        scheduler_step = self.state.scheduler.step_index  # None before the first step of a generation
+        if scheduler_step != step and not (step == 0 and scheduler_step is None):
+            raise RuntimeError(f"the scheduler is at step {scheduler_step} but MeanCache expected step {step}")
+        sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]
+        if run.schedule.is_computed(step):
+            run.estimator.record(step, sample, sigma, model_output)
+        else:
+            _, u_hat = run.estimator.estimate(step, sample, sigma, sigma_next)
+            model_output = u_hat.to(model_output.dtype)
+        output = self.original_step(model_output, timestep, sample, *args, **kwargs)
+        run.steps_run += 1
+        return output
+
+
+def enable_mean_cache(pipe: DiffusionPipeline, config: MeanCacheConfig) -> None:
+    """Make ``pipe`` skip transformer evaluations per ``config`` (instance-level, undone by :func:`disable_mean_cache`).
+
+    ``pipe`` must have a ``transformer`` module and a ``FlowMatchEulerDiscreteScheduler`` as ``scheduler``
+    (FLUX.1, Qwen-Image, HunyuanVideo and other flow-matching pipelines).
+    """
+    if not isinstance(config, MeanCacheConfig):
+        raise TypeError(f"config must be a meancache.MeanCacheConfig, got {type(config).__name__}")
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise TypeError(f"{type(pipe).__name__} has no `transformer` module for MeanCache to skip")
+    scheduler = getattr(pipe, "scheduler", None)
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise TypeError(
+            f"MeanCache needs a FlowMatchEulerDiscreteScheduler (Euler flow matching); "
+            f"{type(pipe).__name__} has {type(scheduler).__name__}"
+        )
+    if scheduler.config.get("stochastic_sampling", False):
+        raise ValueError("MeanCache needs deterministic Euler steps; the scheduler has stochastic_sampling=True")
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise RuntimeError("MeanCache is already enabled on this pipeline; call disable_mean_cache(pipe) first")
+    if isinstance(scheduler.__dict__.get("step"), SchedulerStepHook):
+        raise RuntimeError("this scheduler is already driven by MeanCache on another pipeline; give each its own")
+    state = MeanCacheState(config, scheduler)
+    step_hook = SchedulerStepHook(state)
+    registry.register_hook(MeanCacheHook(state), HOOK_NAME)
+    scheduler.step = step_hook
+
+
+def disable_mean_cache(pipe: DiffusionPipeline) -> None:
+    """Remove MeanCache from ``pipe``: the transformer and scheduler behave exactly as before enabling."""
+    hook = _hook(pipe)
+    scheduler = hook.state.scheduler
+    del scheduler.step
+    pipe.transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+
+
+def summary(pipe: DiffusionPipeline) -> MeanCacheSummary:
+    """What MeanCache did in ``pipe``'s last (or current) generation."""
+    state = _hook(pipe).state
+    result = state.run.summary() if state.run is not None else state.last_summary
+    if result is None:
+        raise RuntimeError("no generation has run since MeanCache was enabled on this pipeline")
+    return result
+
+
+def _hook(pipe: DiffusionPipeline) -> MeanCacheHook:
+    registry = getattr(getattr(pipe, "transformer", None), "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if not isinstance(hook, MeanCacheHook):
+        raise ValueError(f"MeanCache is not enabled on this {type(pipe).__name__}; call enable_mean_cache first")
+    return hook

@@ -1,0 +1,1 @@
+"""The MeanCache method: velocity estimators for skipped steps and the framework-free sampler."""

@@ -1,0 +1,58 @@
+"""The framework-free MeanCache sampler: Euler flow matching with cached average velocities.
+
+This is the entry point for engines other than diffusers (ComfyUI nodes, custom loops); the diffusers
+integration drives the same estimators step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from meancache.method.estimators import make_estimator
+from meancache.schedule import Schedule
+
+VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def sample(
+    velocity_fn: VelocityFn,
+    latents: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    schedule: Schedule,
+    estimator: str = "paper",
+) -> torch.Tensor:
+    r"""Integrate ``dz/dsigma = v(z, sigma)`` from ``sigmas[0]`` to ``sigmas[-1]`` with MeanCache.
+
+    Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]``: ``z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v_i``,
+    where ``v_i = velocity_fn(z_i, sigma_i)`` on the schedule's computed steps and the estimator's average
+    velocity on the others (``estimator`` names it, as in :class:`meancache.MeanCacheConfig`). The schedule is mapped to ``len(sigmas) - 1`` steps if it was made for another
+    count (:meth:`meancache.Schedule.for_steps`). Returns the final latent in ``latents``' dtype; the steps
+    are computed in float32.
+    """
+    sigma_values = _sigma_list(sigmas)
+    num_steps = len(sigma_values) - 1
+    cache = make_estimator(estimator, schedule.for_steps(num_steps))
+    z = latents
+    for step in range(num_steps):
+        sigma, sigma_next = sigma_values[step], sigma_values[step + 1]
+        if cache.schedule.is_computed(step):
+            v = velocity_fn(z, sigma)
+            if v.shape != z.shape:
+                raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for latents of shape {tuple(z.shape)}")
+            cache.record(step, z, sigma, v)
+            z = (z.float() + (sigma_next - sigma) * v.float()).to(latents.dtype)
+        else:
+            z_next, _ = cache.estimate(step, z, sigma, sigma_next)
+            z = z_next.to(latents.dtype)
+    return z
+
+
+def _sigma_list(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
+    values = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+    if len(values) < 2:
+        raise ValueError(f"sigmas needs at least 2 values (N + 1 for N steps), got {len(values)}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"sigmas must be strictly decreasing (noise to data), got {values}")
+    return values
