@@ -169,16 +169,20 @@ class MeanCacheHook(ModelHook):
 
     @staticmethod
     def _placeholder(run: _Run) -> torch.Tensor:
-        """The previous step's velocity in the transformer's output dtype (the scheduler hook replaces it)."""
+        """The previous step's velocity in the transformer's output dtype and shape (tiled over the batch when
+        CFG branches are batched into one call). The scheduler hook replaces whatever the pipeline makes of it."""
         if run.placeholder is None or run.placeholder[0] != run.steps_run:
             velocity = run.estimator.last_velocity()
-            if velocity.shape != run.output_shape:
+            shape = run.output_shape
+            assert shape is not None
+            if velocity.shape[1:] != shape[1:] or shape[0] % velocity.shape[0]:
                 raise RuntimeError(
-                    f"MeanCache needs the transformer output to have the latents' shape; got {tuple(run.output_shape)} "
-                    f"for latents {tuple(velocity.shape)} (a pipeline that batches CFG branches into one call, or "
-                    "whose model output is not the velocity, is not supported)"
+                    f"MeanCache needs the transformer output to have the latents' shape (or a multiple of their batch); "
+                    f"got {tuple(shape)} for latents {tuple(velocity.shape)}: this pipeline's model output is not the "
+                    "velocity the scheduler steps with"
                 )
-            run.placeholder = (run.steps_run, velocity.to(run.output_dtype))
+            tiles = shape[0] // velocity.shape[0]
+            run.placeholder = (run.steps_run, velocity.to(run.output_dtype).repeat(tiles, *[1] * (velocity.dim() - 1)))
         return run.placeholder[1]
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,208 @@
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+import meancache
+from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
+from meancache.integrations.diffusers import HOOK_NAME
+from meancache.testing import PIPELINE_KINDS, generate_latents, tiny_inputs, tiny_pipeline
+from tests.reference_loop import ReferenceMeanCache
+
+SPANS_1_TO_5 = Schedule(30, (0, 1, 2, 5, 9, 14, 20, 23, 29), (1, 1, 2, 3, 4, 5, 1, 5))
+BRANCHES = {"flux": 1, "qwen-image": 2, "hunyuan-video": 1}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    built = {kind: tiny_pipeline(kind) for kind in PIPELINE_KINDS}
+    for pipe in built.values():
+        pipe.set_progress_bar_config(disable=True)
+    return built
+
+
+@pytest.fixture
+def pipe_factory(pipes):
+    """Hands out the shared pipelines and makes sure none leaves a test with MeanCache enabled."""
+    used = []
+
+    def get(kind):
+        used.append(pipes[kind])
+        return pipes[kind]
+
+    yield get
+    for pipe in used:
+        if pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is not None:
+            disable_mean_cache(pipe)
+
+
+def _count_block_calls(transformer):
+    calls = [0]
+    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+    handles = [b.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for b in blocks]
+    return calls, len(blocks), handles
+
+
+def _reference_run(pipe, inputs, schedule, steps, **kwargs):
+    """The uncached pipeline with a test-local scheduler wrapper applying the reference equations."""
+    scheduler = pipe.scheduler
+    original = scheduler.step
+    state = {}
+
+    def step(model_output, timestep, sample, *args, **kw):
+        if scheduler.step_index is None:
+            state["ref"], state["i"] = ReferenceMeanCache(scheduler.sigmas, schedule.compute_steps, schedule.spans), 0
+        ref, i = state["ref"], state["i"]
+        v = ref.velocity(i, sample, model_output)
+        state["i"] = i + 1
+        return original(v.to(model_output.dtype), timestep, sample, *args, **kw)
+
+    scheduler.step = step
+    try:
+        return generate_latents(pipe, inputs, steps, **kwargs)
+    finally:
+        del scheduler.step
+
+
+@pytest.mark.parametrize("kind", PIPELINE_KINDS)
+def test_full_budget_is_bit_identical_to_the_uncached_pipeline(pipe_factory, kind):
+    pipe, inputs = pipe_factory(kind), tiny_inputs(kind)
+    baseline = generate_latents(pipe, inputs, 12)
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.uniform(12, 12)))
+    cached = generate_latents(pipe, inputs, 12)
+    disable_mean_cache(pipe)
+    assert torch.equal(cached, baseline)
+    assert torch.equal(generate_latents(pipe, inputs, 12), baseline)
+
+
+@pytest.mark.parametrize("kind", PIPELINE_KINDS)
+@pytest.mark.parametrize("budget", [10, 17])
+def test_transformer_blocks_run_exactly_budget_times_per_branch(pipe_factory, kind, budget):
+    pipe, inputs = pipe_factory(kind), tiny_inputs(kind)
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", budget)))
+    calls, num_blocks, handles = _count_block_calls(pipe.transformer)
+    try:
+        generate_latents(pipe, inputs, 50)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls[0] == budget * BRANCHES[kind] * num_blocks
+    report = meancache.summary(pipe)
+    assert (report.computed_steps, report.reused_steps) == (budget, 50 - budget)
+    assert report.transformer_calls == budget * BRANCHES[kind]
+    assert report.skipped_calls == (50 - budget) * BRANCHES[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "schedule"),
+    [("flux", SPANS_1_TO_5), ("hunyuan-video", SPANS_1_TO_5), ("qwen-image", Schedule.preset("qwen-image", 10)),
+     ("qwen-image", SPANS_1_TO_5)],
+)  # fmt: skip
+def test_pipeline_matches_independent_reference_loop(pipe_factory, kind, schedule):
+    pipe, inputs = pipe_factory(kind), tiny_inputs(kind)
+    steps = schedule.num_steps
+    expected = _reference_run(pipe, inputs, schedule, steps)
+    plain_reuse = _reference_run(pipe, inputs, Schedule(steps, schedule.compute_steps, (1,) * len(schedule.spans)), steps)
+    enable_mean_cache(pipe, MeanCacheConfig(schedule))
+    ours = generate_latents(pipe, inputs, steps)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert (ours - plain_reuse).abs().max() > 1e-4  # the spans changed the result
+
+
+def test_state_resets_between_calls_with_other_step_counts_and_batch_sizes(pipe_factory):
+    pipe = pipe_factory("flux")
+    config = MeanCacheConfig(Schedule.preset("qwen-image", 10))
+    enable_mean_cache(pipe, config)
+    runs = [(50, 1), (20, 2), (50, 1), (28, 1)]
+    outputs = [generate_latents(pipe, tiny_inputs("flux", batch_size=b), n) for n, b in runs]
+    assert meancache.summary(pipe).steps_run == 28 and meancache.summary(pipe).computed_steps == 10
+    disable_mean_cache(pipe)
+    assert torch.equal(outputs[0], outputs[2])  # nothing leaked from the runs in between
+    for (n, b), out in zip(runs, outputs):  # each equals a run on a freshly enabled pipeline
+        enable_mean_cache(pipe, config)
+        assert torch.equal(generate_latents(pipe, tiny_inputs("flux", batch_size=b), n), out)
+        disable_mean_cache(pipe)
+    assert outputs[1].shape[0] == 2
+
+
+def test_interrupted_generation_leaves_no_state(pipe_factory):
+    pipe, inputs = pipe_factory("flux"), tiny_inputs("flux")
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
+    clean = generate_latents(pipe, inputs, 50)
+
+    def stop(pipe_, i, t, kwargs):
+        if i == 20:
+            raise KeyboardInterrupt
+        return kwargs
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_latents(pipe, inputs, 50, callback_on_step_end=stop)
+    assert "interrupted" in str(meancache.summary(pipe))
+    assert torch.equal(generate_latents(pipe, inputs, 50), clean)
+
+
+def test_num_images_per_prompt_and_prompt_batches(pipe_factory):
+    pipe = pipe_factory("qwen-image")
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
+    out = generate_latents(pipe, tiny_inputs("qwen-image", batch_size=2), 50, num_images_per_prompt=2)
+    assert out.shape[0] == 4 and torch.isfinite(out).all()
+    assert meancache.summary(pipe).transformer_calls == 20
+
+
+def test_schedule_for_other_step_count_is_mapped(pipe_factory):
+    pipe = pipe_factory("flux")
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
+    generate_latents(pipe, tiny_inputs("flux"), 28)
+    report = meancache.summary(pipe)
+    assert report.num_steps == 28 and report.transformer_calls == 10
+    assert "mapped from 50 steps" in str(report)
+
+
+def test_summary_text(pipe_factory):
+    pipe = pipe_factory("flux")
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
+    with pytest.raises(RuntimeError, match="no generation has run"):
+        meancache.summary(pipe)
+    generate_latents(pipe, tiny_inputs("flux"), 50)
+    assert str(meancache.summary(pipe)) == (
+        "MeanCache: 50 steps, 10 computed, 40 reused (spans K=1: 33, K=2: 1, K=4: 6); "
+        "transformer calls: 10 run, 40 skipped; ideal speedup 5.00x"
+    )
+
+
+def test_enabling_twice_and_disabling_when_off_are_errors(pipe_factory):
+    pipe = pipe_factory("flux")
+    config = MeanCacheConfig(Schedule.preset("qwen-image", 10))
+    with pytest.raises(ValueError, match="MeanCache is not enabled on this FluxPipeline"):
+        disable_mean_cache(pipe)
+    enable_mean_cache(pipe, config)
+    with pytest.raises(RuntimeError, match="already enabled"):
+        enable_mean_cache(pipe, config)
+
+
+def test_budget_above_step_count_is_a_clear_error(pipe_factory):
+    pipe = pipe_factory("flux")
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
+    with pytest.raises(ValueError, match="budget 10 .* cannot run 6 steps"):
+        generate_latents(pipe, tiny_inputs("flux"), 6)
+
+
+def test_unsupported_schedulers_and_configs_are_refused(pipe_factory):
+    pipe = pipe_factory("flux")
+    schedule = Schedule.preset("qwen-image", 10)
+    with pytest.raises(TypeError, match="config must be a meancache.MeanCacheConfig"):
+        enable_mean_cache(pipe, schedule)
+    with pytest.raises(TypeError, match="schedule must be a meancache.Schedule"):
+        MeanCacheConfig(schedule=[0, 49])
+    with pytest.raises(ValueError, match="unknown estimator 'exact'; available: \\['paper'\\]"):
+        MeanCacheConfig(schedule, estimator="exact")
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = FlowMatchHeunDiscreteScheduler()
+        with pytest.raises(TypeError, match="needs a FlowMatchEulerDiscreteScheduler.*FlowMatchHeunDiscreteScheduler"):
+            enable_mean_cache(pipe, MeanCacheConfig(schedule))
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+        with pytest.raises(ValueError, match="stochastic_sampling=True"):
+            enable_mean_cache(pipe, MeanCacheConfig(schedule))
+    finally:
+        pipe.scheduler = original
+    assert pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
