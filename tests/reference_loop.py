@@ -1,6 +1,8 @@
 """An independent MeanCache reference, written from MEANCACHE.md section 2 like the authors' scripts:
 it logs every step in full (O(N) memory) and shares no code with the library."""
 
+import itertools
+
 import torch
 
 
@@ -10,7 +12,7 @@ class ReferenceMeanCache:
     def __init__(self, sigmas, compute_steps, spans):
         self.sigmas = [float(s) for s in sigmas]
         self.span_of = {}
-        for j, (a, b) in enumerate(zip(compute_steps, compute_steps[1:])):
+        for j, (a, b) in enumerate(itertools.pairwise(compute_steps)):
             for i in range(a + 1, b):
                 self.span_of[i] = spans[j]
         self.z_log, self.v_log = [], []

@@ -35,10 +35,10 @@ def test_cpp_kernel_matches_reference(shape, dtype):
     fused = torch.ops.meancache.average_velocity_step(*inputs, *SIGMAS)
     reference = _composite(*(t.double() for t in inputs), *SIGMAS)
     lowp = _composite(*inputs, *SIGMAS)
-    for out, ref, low in zip(fused, reference, lowp):
+    for out, ref, low in zip(fused, reference, lowp, strict=True):
         assert out.dtype == dtype and out.shape == inputs[0].shape
         assert_close_by_own_rounding(out, low, ref)
-    for out, ref in zip(fused, average_velocity_step_reference(*inputs, *SIGMAS)):
+    for out, ref in zip(fused, average_velocity_step_reference(*inputs, *SIGMAS), strict=True):
         assert_close_by_own_rounding(out, ref, ref.double())
 
 
@@ -78,8 +78,16 @@ def test_span_one_estimate_is_plain_reuse():
     ("change", "error", "message"),
     [
         (lambda t: t.__setitem__(2, torch.randn(3, 4)), ValueError, r"z_anchor has shape \(3, 4\) but z has shape"),
-        (lambda t: t.__setitem__(1, torch.ones(2, 3, dtype=torch.int32)), TypeError, "v_last must have a floating dtype"),
-        (lambda t: t.__setitem__(3, t[3].double()), TypeError, "v_anchor has dtype torch.float64 but z has torch.float32"),
+        (
+            lambda t: t.__setitem__(1, torch.ones(2, 3, dtype=torch.int32)),
+            TypeError,
+            "v_last must have a floating dtype",
+        ),
+        (
+            lambda t: t.__setitem__(3, t[3].double()),
+            TypeError,
+            "v_anchor has dtype torch.float64 but z has torch.float32",
+        ),
         (lambda t: t.__setitem__(1, t[1].to("meta")), ValueError, "v_last is on meta but z is on cpu"),
     ],
 )
@@ -94,7 +102,7 @@ def test_bad_sigmas_get_clear_errors():
     inputs = _inputs((2, 3), torch.float32)
     with pytest.raises(ValueError, match=r"sigma \(0.5\) must differ from sigma_anchor"):
         average_velocity_step(*inputs, 0.5, 0.5, 0.4)
-    with pytest.raises(ValueError, match="sigma_next must be finite"):
+    with pytest.raises(ValueError, match=r"sigma_next must be finite"):
         average_velocity_step(*inputs, 0.6, 0.5, float("nan"))
-    with pytest.raises(RuntimeError, match="must differ from sigma_anchor"):  # the kernel checks too
+    with pytest.raises(RuntimeError, match=r"must differ from sigma_anchor"):  # the kernel checks too
         torch.ops.meancache.average_velocity_step(*inputs, 0.5, 0.5, 0.4)

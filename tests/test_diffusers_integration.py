@@ -101,7 +101,9 @@ def test_pipeline_matches_independent_reference_loop(pipe_factory, kind, schedul
     pipe, inputs = pipe_factory(kind), tiny_inputs(kind)
     steps = schedule.num_steps
     expected = _reference_run(pipe, inputs, schedule, steps)
-    plain_reuse = _reference_run(pipe, inputs, Schedule(steps, schedule.compute_steps, (1,) * len(schedule.spans)), steps)
+    plain_reuse = _reference_run(
+        pipe, inputs, Schedule(steps, schedule.compute_steps, (1,) * len(schedule.spans)), steps
+    )
     enable_mean_cache(pipe, MeanCacheConfig(schedule))
     ours = generate_latents(pipe, inputs, steps)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
@@ -117,7 +119,7 @@ def test_state_resets_between_calls_with_other_step_counts_and_batch_sizes(pipe_
     assert meancache.summary(pipe).steps_run == 28 and meancache.summary(pipe).computed_steps == 10
     disable_mean_cache(pipe)
     assert torch.equal(outputs[0], outputs[2])  # nothing leaked from the runs in between
-    for (n, b), out in zip(runs, outputs):  # each equals a run on a freshly enabled pipeline
+    for (n, b), out in zip(runs, outputs, strict=True):  # each equals a run on a freshly enabled pipeline
         enable_mean_cache(pipe, config)
         assert torch.equal(generate_latents(pipe, tiny_inputs("flux", batch_size=b), n), out)
         disable_mean_cache(pipe)
@@ -160,7 +162,7 @@ def test_schedule_for_other_step_count_is_mapped(pipe_factory):
 def test_summary_text(pipe_factory):
     pipe = pipe_factory("flux")
     enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
-    with pytest.raises(RuntimeError, match="no generation has run"):
+    with pytest.raises(RuntimeError, match=r"no generation has run"):
         meancache.summary(pipe)
     generate_latents(pipe, tiny_inputs("flux"), 50)
     assert str(meancache.summary(pipe)) == (
@@ -172,36 +174,36 @@ def test_summary_text(pipe_factory):
 def test_enabling_twice_and_disabling_when_off_are_errors(pipe_factory):
     pipe = pipe_factory("flux")
     config = MeanCacheConfig(Schedule.preset("qwen-image", 10))
-    with pytest.raises(ValueError, match="MeanCache is not enabled on this FluxPipeline"):
+    with pytest.raises(ValueError, match=r"MeanCache is not enabled on this FluxPipeline"):
         disable_mean_cache(pipe)
     enable_mean_cache(pipe, config)
-    with pytest.raises(RuntimeError, match="already enabled"):
+    with pytest.raises(RuntimeError, match=r"already enabled"):
         enable_mean_cache(pipe, config)
 
 
 def test_budget_above_step_count_is_a_clear_error(pipe_factory):
     pipe = pipe_factory("flux")
     enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
-    with pytest.raises(ValueError, match="budget 10 .* cannot run 6 steps"):
+    with pytest.raises(ValueError, match=r"budget 10 .* cannot run 6 steps"):
         generate_latents(pipe, tiny_inputs("flux"), 6)
 
 
 def test_unsupported_schedulers_and_configs_are_refused(pipe_factory):
     pipe = pipe_factory("flux")
     schedule = Schedule.preset("qwen-image", 10)
-    with pytest.raises(TypeError, match="config must be a meancache.MeanCacheConfig"):
+    with pytest.raises(TypeError, match=r"config must be a meancache.MeanCacheConfig"):
         enable_mean_cache(pipe, schedule)
-    with pytest.raises(TypeError, match="schedule must be a meancache.Schedule"):
+    with pytest.raises(TypeError, match=r"schedule must be a meancache.Schedule"):
         MeanCacheConfig(schedule=[0, 49])
-    with pytest.raises(ValueError, match="unknown estimator 'exact'; available: \\['paper'\\]"):
+    with pytest.raises(ValueError, match=r"unknown estimator 'exact'; available: \['paper'\]"):
         MeanCacheConfig(schedule, estimator="exact")
     original = pipe.scheduler
     try:
         pipe.scheduler = FlowMatchHeunDiscreteScheduler()
-        with pytest.raises(TypeError, match="needs a FlowMatchEulerDiscreteScheduler.*FlowMatchHeunDiscreteScheduler"):
+        with pytest.raises(TypeError, match=r"needs a FlowMatchEulerDiscreteScheduler.*FlowMatchHeunDiscreteScheduler"):
             enable_mean_cache(pipe, MeanCacheConfig(schedule))
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-        with pytest.raises(ValueError, match="stochastic_sampling=True"):
+        with pytest.raises(ValueError, match=r"stochastic_sampling=True"):
             enable_mean_cache(pipe, MeanCacheConfig(schedule))
     finally:
         pipe.scheduler = original

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def test_span_one_everywhere_is_euler_on_the_coarse_grid():
     ours = sample(toy_velocity, z0, sigmas, schedule)
     z = z0
     steps = (*schedule.compute_steps, 40)
-    for a, b in zip(steps, steps[1:]):
+    for a, b in itertools.pairwise(steps):
         z = z + (float(sigmas[b]) - float(sigmas[a])) * toy_velocity(z, float(sigmas[a]))
     torch.testing.assert_close(ours, z, rtol=1e-5, atol=1e-5)
 

@@ -77,13 +77,13 @@ def test_json_round_trip_keeps_metadata(tmp_path):
 def test_load_rejects_bad_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="is not a schedule JSON file"):
+    with pytest.raises(ValueError, match=r"is not a schedule JSON file"):
         Schedule.load(bad)
     bad.write_text(json.dumps({"num_steps": 10, "compute_steps": [0, 9]}))
     with pytest.raises(ValueError, match=r"lacks the keys \['spans'\]"):
         Schedule.load(bad)
     bad.write_text(json.dumps({"num_steps": 10, "compute_steps": [0, 9], "spans": [1], "budget": 3}))
-    with pytest.raises(ValueError, match="says budget 3 but lists 2"):
+    with pytest.raises(ValueError, match=r"says budget 3 but lists 2"):
         Schedule.load(bad)
 
 
@@ -93,7 +93,7 @@ def test_for_steps_maps_in_sigma_space_keeping_budget_and_spans():
     mapped = schedule.for_steps(28)
     assert mapped.num_steps == 28 and mapped.budget == 10 and mapped.spans == schedule.spans
     # each computed step keeps its position i / (N - 1) to within one step
-    for c50, c28 in zip(schedule.compute_steps, mapped.compute_steps):
+    for c50, c28 in zip(schedule.compute_steps, mapped.compute_steps, strict=True):
         assert abs(c28 - c50 * 27 / 49) <= 1
     assert mapped.metadata["mapped_from_steps"] == 50
     dense = Schedule.preset("qwen-image", 25).for_steps(25)  # every step computed, still distinct
@@ -101,7 +101,7 @@ def test_for_steps_maps_in_sigma_space_keeping_budget_and_spans():
 
 
 def test_for_steps_refuses_fewer_steps_than_the_budget():
-    with pytest.raises(ValueError, match="budget 10 .* cannot run 9 steps"):
+    with pytest.raises(ValueError, match=r"budget 10 .* cannot run 9 steps"):
         Schedule.preset("qwen-image", 10).for_steps(9)
 
 

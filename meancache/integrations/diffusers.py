@@ -177,9 +177,9 @@ class MeanCacheHook(ModelHook):
             assert shape is not None
             if velocity.shape[1:] != shape[1:] or shape[0] % velocity.shape[0]:
                 raise RuntimeError(
-                    f"MeanCache needs the transformer output to have the latents' shape (or a multiple of their batch); "
-                    f"got {tuple(shape)} for latents {tuple(velocity.shape)}: this pipeline's model output is not the "
-                    "velocity the scheduler steps with"
+                    "MeanCache needs the transformer output to have the latents' shape (or a multiple of their "
+                    f"batch); got {tuple(shape)} for latents {tuple(velocity.shape)}: this pipeline's model output "
+                    "is not the velocity the scheduler steps with"
                 )
             tiles = shape[0] // velocity.shape[0]
             run.placeholder = (run.steps_run, velocity.to(run.output_dtype).repeat(tiles, *[1] * (velocity.dim() - 1)))
@@ -198,7 +198,9 @@ class SchedulerStepHook:
         self.original_step = state.scheduler.step
         self._signature = inspect.signature(self.original_step)
 
-    def __call__(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
         bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
         if bound.arguments.get("per_token_timesteps") is not None:
             raise ValueError("MeanCache does not support per_token_timesteps (every token must share one sigma)")

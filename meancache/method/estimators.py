@@ -76,7 +76,9 @@ class PaperRuleEstimator:
         self._expect(step, computed=True)
         self._history.append(_Entry(step, sigma, _to_history(z), _to_history(v)))
 
-    def estimate(self, step: int, z: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def estimate(
+        self, step: int, z: torch.Tensor, sigma: float, sigma_next: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Skipped ``step``: return ``(z_next, u_hat)`` in float32 and log ``u_hat`` as its velocity."""
         self._expect(step, computed=False)
         k = min(self.schedule.span(step), len(self._history))

@@ -6,6 +6,7 @@ integration drives the same estimators step by step.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,8 +28,9 @@ def sample(
 
     Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]``: ``z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v_i``,
     where ``v_i = velocity_fn(z_i, sigma_i)`` on the schedule's computed steps and the estimator's average
-    velocity on the others (``estimator`` names it, as in :class:`meancache.MeanCacheConfig`). The schedule is mapped to ``len(sigmas) - 1`` steps if it was made for another
-    count (:meth:`meancache.Schedule.for_steps`). Returns the final latent in ``latents``' dtype; the steps
+    velocity on the others (``estimator`` names it, as in :class:`meancache.MeanCacheConfig`). The schedule
+    is mapped to ``len(sigmas) - 1`` steps if it was made for another count
+    (:meth:`meancache.Schedule.for_steps`). Returns the final latent in ``latents``' dtype; the steps
     are computed in float32.
     """
     sigma_values = _sigma_list(sigmas)
@@ -53,6 +55,6 @@ def _sigma_list(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
     values = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if len(values) < 2:
         raise ValueError(f"sigmas needs at least 2 values (N + 1 for N steps), got {len(values)}")
-    if any(b >= a for a, b in zip(values, values[1:])):
+    if any(b >= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"sigmas must be strictly decreasing (noise to data), got {values}")
     return values

@@ -92,4 +92,6 @@ def check_average_velocity_inputs(
         if not math.isfinite(s):
             raise ValueError(f"{name} must be finite, got {s!r}")
     if sigma == sigma_anchor:
-        raise ValueError(f"sigma ({sigma!r}) must differ from sigma_anchor: the average velocity divides by their difference")
+        raise ValueError(
+            f"sigma ({sigma!r}) must differ from sigma_anchor: the average velocity divides by their difference"
+        )

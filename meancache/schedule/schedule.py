@@ -14,6 +14,7 @@ is a mapping in sigma space: the computed steps keep their noise levels, the bud
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 import os
@@ -51,7 +52,7 @@ class Schedule:
         object.__setattr__(self, "metadata", dict(self.metadata))
         _validate(self.num_steps, compute_steps, spans)
         step_spans = [0] * self.num_steps
-        for j, (start, end) in enumerate(zip(compute_steps, compute_steps[1:])):
+        for j, (start, end) in enumerate(itertools.pairwise(compute_steps)):
             for step in range(start + 1, end):
                 step_spans[step] = spans[j]
         object.__setattr__(self, "_step_spans", tuple(step_spans))
@@ -138,7 +139,9 @@ class Schedule:
             raise ValueError(f"schedule data lacks the keys {sorted(missing)}; it has {sorted(data)}")
         version = data.get("format_version", SCHEDULE_FORMAT_VERSION)
         if version != SCHEDULE_FORMAT_VERSION:
-            raise ValueError(f"schedule format_version {version!r} is not supported (expected {SCHEDULE_FORMAT_VERSION})")
+            raise ValueError(
+                f"schedule format_version {version!r} is not supported (expected {SCHEDULE_FORMAT_VERSION})"
+            )
         schedule = cls(data["num_steps"], tuple(data["compute_steps"]), tuple(data["spans"]), data.get("metadata", {}))
         if "budget" in data and data["budget"] != schedule.budget:
             raise ValueError(f"schedule says budget {data['budget']!r} but lists {schedule.budget} computed steps")
@@ -175,17 +178,17 @@ def _validate(num_steps: int, compute_steps: Sequence[int], spans: Sequence[int]
     if not compute_steps:
         raise ValueError("compute_steps is empty: step 0 must be computed")
     if compute_steps[0] != 0:
-        raise ValueError(f"step 0 must be computed (it has no history to estimate from); compute_steps starts at {compute_steps[0]}")
-    for a, b in zip(compute_steps, compute_steps[1:]):
+        raise ValueError(
+            f"step 0 must be computed (it has no history to estimate from); compute_steps starts at {compute_steps[0]}"
+        )
+    for a, b in itertools.pairwise(compute_steps):
         if b <= a:
             raise ValueError(f"compute_steps must be strictly increasing, but {b} follows {a}")
     bad = [s for s in compute_steps if not 0 <= s < num_steps]
     if bad:
         raise ValueError(f"compute_steps {bad} are out of range for {num_steps} steps (allowed: 0..{num_steps - 1})")
     if compute_steps[-1] != num_steps - 1:
-        raise ValueError(
-            f"the last step ({num_steps - 1}) must be computed; compute_steps ends at {compute_steps[-1]}"
-        )
+        raise ValueError(f"the last step ({num_steps - 1}) must be computed; compute_steps ends at {compute_steps[-1]}")
     if len(spans) != len(compute_steps) - 1:
         raise ValueError(
             f"spans needs one entry per interval between computed steps: {len(compute_steps) - 1} for "

@@ -1,0 +1,41 @@
+"""The ``meancache`` command."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Sequence
+
+import torch
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meancache", description="MeanCache: average-velocity caching for diffusers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run a small FLUX pipeline with and without MeanCache and compare")
+    demo.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (default 50)")
+    demo.add_argument("--size", type=_positive_int, default=128, help="image height and width in pixels (default 128)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from meancache.cli.demo import format_rows, run_demo
+
+        if args.size % 16:
+            raise SystemExit(f"meancache demo: --size must be a multiple of 16, got {args.size}")
+        if args.steps < 10:
+            raise SystemExit(f"meancache demo: --steps must be at least 10 (the smallest budget), got {args.steps}")
+        print(f"MeanCache demo: tiny random-weight FluxPipeline, {args.steps} steps, {args.size}x{args.size}, "
+              f"on {platform.processor() or platform.machine()} with torch {torch.__version__}")  # fmt: skip
+        print(format_rows(run_demo(args.steps, args.size, args.seed)))
+    return 0
