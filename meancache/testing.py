@@ -21,10 +21,12 @@ from diffusers import (
     HunyuanVideoTransformer3DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
 )
 
-PipelineKind = Literal["flux", "qwen-image", "hunyuan-video"]
-PIPELINE_KINDS: tuple[PipelineKind, ...] = ("flux", "qwen-image", "hunyuan-video")
+PipelineKind = Literal["flux", "qwen-image", "hunyuan-video", "sd3"]
+PIPELINE_KINDS: tuple[PipelineKind, ...] = ("flux", "qwen-image", "hunyuan-video", "sd3")
 
 
 def tiny_pipeline(kind: PipelineKind, seed: int = 0, width: int = 16) -> DiffusionPipeline:
@@ -74,13 +76,29 @@ def tiny_pipeline(kind: PipelineKind, seed: int = 0, width: int = 16) -> Diffusi
             scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), vae=vae, text_encoder=None, tokenizer=None,
             text_encoder_2=None, tokenizer_2=None, transformer=transformer,
         )  # fmt: skip
+    if kind == "sd3":
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=width // 2,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+            out_channels=4,
+        )  # fmt: skip
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+            latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0609, scaling_factor=1.5035,
+        )  # fmt: skip
+        return StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=transformer,
+        )  # fmt: skip
     raise ValueError(f"unknown pipeline kind {kind!r}; known: {list(PIPELINE_KINDS)}")
 
 
 def tiny_inputs(kind: PipelineKind, batch_size: int = 1, seed: int = 0, size: int = 32) -> dict[str, Any]:
     """Pipeline call arguments for ``kind``: prompt embeddings for ``batch_size`` prompts and the image size.
 
-    Qwen-Image gets a negative prompt, so it runs true CFG (two transformer branches per step).
+    Qwen-Image gets a negative prompt, so it runs true CFG (two transformer calls per step); SD3 runs CFG
+    with both branches batched into one call.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -102,6 +120,12 @@ def tiny_inputs(kind: PipelineKind, batch_size: int = 1, seed: int = 0, size: in
             "prompt_embeds": randn(batch_size, 6, 16), "pooled_prompt_embeds": randn(batch_size, 8),
             "prompt_attention_mask": torch.ones(batch_size, 6, dtype=torch.long), "height": size // 2,
             "width": size // 2, "num_frames": 5,
+        }  # fmt: skip
+    if kind == "sd3":
+        return {
+            "prompt_embeds": randn(batch_size, 7, 32), "pooled_prompt_embeds": randn(batch_size, 64),
+            "negative_prompt_embeds": randn(batch_size, 7, 32), "negative_pooled_prompt_embeds": randn(batch_size, 64),
+            "guidance_scale": 5.0, "height": size, "width": size,
         }  # fmt: skip
     raise ValueError(f"unknown pipeline kind {kind!r}; known: {list(PIPELINE_KINDS)}")
 

@@ -9,7 +9,7 @@ from meancache.testing import PIPELINE_KINDS, generate_latents, tiny_inputs, tin
 from tests.reference_loop import ReferenceMeanCache
 
 SPANS_1_TO_5 = Schedule(30, (0, 1, 2, 5, 9, 14, 20, 23, 29), (1, 1, 2, 3, 4, 5, 1, 5))
-BRANCHES = {"flux": 1, "qwen-image": 2, "hunyuan-video": 1}
+CALLS_PER_STEP = {"flux": 1, "qwen-image": 2, "hunyuan-video": 1, "sd3": 1}  # SD3 batches its CFG branches
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +85,17 @@ def test_transformer_blocks_run_exactly_budget_times_per_branch(pipe_factory, ki
     finally:
         for h in handles:
             h.remove()
-    assert calls[0] == budget * BRANCHES[kind] * num_blocks
+    assert calls[0] == budget * CALLS_PER_STEP[kind] * num_blocks
     report = meancache.summary(pipe)
     assert (report.computed_steps, report.reused_steps) == (budget, 50 - budget)
-    assert report.transformer_calls == budget * BRANCHES[kind]
-    assert report.skipped_calls == (50 - budget) * BRANCHES[kind]
+    assert report.transformer_calls == budget * CALLS_PER_STEP[kind]
+    assert report.skipped_calls == (50 - budget) * CALLS_PER_STEP[kind]
 
 
 @pytest.mark.parametrize(
     ("kind", "schedule"),
     [("flux", SPANS_1_TO_5), ("hunyuan-video", SPANS_1_TO_5), ("qwen-image", Schedule.preset("qwen-image", 10)),
-     ("qwen-image", SPANS_1_TO_5)],
+     ("qwen-image", SPANS_1_TO_5), ("sd3", SPANS_1_TO_5)],
 )  # fmt: skip
 def test_pipeline_matches_independent_reference_loop(pipe_factory, kind, schedule):
     pipe, inputs = pipe_factory(kind), tiny_inputs(kind)
@@ -108,6 +108,27 @@ def test_pipeline_matches_independent_reference_loop(pipe_factory, kind, schedul
     ours = generate_latents(pipe, inputs, steps)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     assert (ours - plain_reuse).abs().max() > 1e-4  # the spans changed the result
+
+
+def test_flux_with_true_cfg_skips_both_branches_and_matches_reference(pipe_factory):
+    pipe, inputs = pipe_factory("flux"), tiny_inputs("flux")
+    negative = tiny_inputs("flux", seed=1)
+    inputs = {
+        **inputs,
+        "negative_prompt_embeds": negative["prompt_embeds"],
+        "negative_pooled_prompt_embeds": negative["pooled_prompt_embeds"],
+        "true_cfg_scale": 3.0,
+    }
+    expected = _reference_run(pipe, inputs, SPANS_1_TO_5, 30)
+    enable_mean_cache(pipe, MeanCacheConfig(SPANS_1_TO_5))
+    calls, num_blocks, handles = _count_block_calls(pipe.transformer)
+    try:
+        ours = generate_latents(pipe, inputs, 30)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls[0] == 2 * SPANS_1_TO_5.budget * num_blocks
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_state_resets_between_calls_with_other_step_counts_and_batch_sizes(pipe_factory):
