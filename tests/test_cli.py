@@ -1,5 +1,6 @@
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ from meancache.cli.main import main
 
 
 def test_demo_end_to_end_through_the_installed_command():
-    exe = shutil.which("meancache")
-    assert exe, "pip install did not put the `meancache` command on PATH"
+    exe = Path(sys.executable).with_name("meancache")  # console scripts sit beside the interpreter
+    assert exe.is_file(), f"pip install did not create the `meancache` command at {exe}"
     result = subprocess.run(
         [exe, "demo", "--steps", "12", "--size", "32"], capture_output=True, text=True, timeout=300, check=True
     )
