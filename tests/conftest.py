@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen before any
+# kernel module is imported (meancache.ops imports them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 
 @pytest.fixture(autouse=True)

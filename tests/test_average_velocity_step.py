@@ -1,5 +1,8 @@
+import os
+
 import pytest
 import torch
+from meancache.kernels.average_velocity_step import average_velocity_step_triton
 
 from meancache.ops import average_velocity_step, average_velocity_step_reference
 from meancache.ops._extension import cpp_ops
@@ -15,12 +18,30 @@ def _inputs(shape, dtype, seed=0):
     return [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
 
 
+def _per_sample_sigmas(batch, dtype=torch.float32):
+    sigma = torch.linspace(0.9, 0.3, batch, dtype=dtype)
+    return sigma + 0.11, sigma, sigma - 0.05
+
+
 def _composite(z, v_last, z_anchor, v_anchor, sigma_anchor, sigma, sigma_next):
-    """The equations written out in whatever dtype the inputs have (no upcast)."""
+    """The equations written out in whatever dtype the inputs have (no upcast); sigmas broadcast per sample."""
+
+    def col(s):
+        return s.reshape(-1, *[1] * (z.dim() - 1)).to(z.dtype) if isinstance(s, torch.Tensor) else s
+
+    sigma_anchor, sigma, sigma_next = col(sigma_anchor), col(sigma), col(sigma_next)
     ubar = (z - z_anchor) / (sigma - sigma_anchor)
     jvp = (ubar - v_anchor) / (sigma - sigma_anchor)
     u_hat = v_last + (sigma_next - sigma) * jvp
     return z + (sigma_next - sigma) * u_hat, u_hat
+
+
+def _check_against_float64(outputs, inputs, sigmas):
+    reference = _composite(*(t.double() for t in inputs), *(s.double() if torch.is_tensor(s) else s for s in sigmas))
+    lowp = _composite(*inputs, *sigmas)
+    for out, ref, low in zip(outputs, reference, lowp, strict=True):
+        assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
+        assert_close_by_own_rounding(out, low, ref)
 
 
 def test_cpp_extension_is_built_and_registered():
@@ -32,34 +53,129 @@ def test_cpp_extension_is_built_and_registered():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpp_kernel_matches_reference(shape, dtype):
     inputs = _inputs(shape, dtype)
-    fused = torch.ops.meancache.average_velocity_step(*inputs, *SIGMAS)
-    reference = _composite(*(t.double() for t in inputs), *SIGMAS)
-    lowp = _composite(*inputs, *SIGMAS)
-    for out, ref, low in zip(fused, reference, lowp, strict=True):
-        assert out.dtype == dtype and out.shape == inputs[0].shape
-        assert_close_by_own_rounding(out, low, ref)
-    for out, ref in zip(fused, average_velocity_step_reference(*inputs, *SIGMAS), strict=True):
-        assert_close_by_own_rounding(out, ref, ref.double())
+    _check_against_float64(average_velocity_step(*inputs, *SIGMAS), inputs, SIGMAS)
 
 
-def test_dispatch_uses_the_kernel_on_cpu_and_accepts_non_contiguous_inputs():
-    base = _inputs((6, 10), torch.float32)
-    strided = [t.t() for t in base]  # (10, 6), non-contiguous
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (17,), (3, 5, 7), (2, 300)])
+def test_triton_kernel_matches_reference(shape, dtype):
+    """On CPU this runs in Triton's interpreter (which computes in float32 / float64 only)."""
+    inputs = _inputs(shape, dtype)
+    d, h = [SIGMAS[1] - SIGMAS[0]], [SIGMAS[2] - SIGMAS[1]]
+    outputs = average_velocity_step_triton(*inputs, d, h)
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter casts float32 -> bfloat16 by truncation (CUDA rounds to nearest): compare with the
+        # float32 reference truncated the same way.
+        for out, ref in zip(
+            outputs, average_velocity_step_reference(*(t.float() for t in inputs), *SIGMAS), strict=True
+        ):
+            truncated = (ref.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+            torch.testing.assert_close(out, truncated, rtol=2**-7, atol=1e-6)
+        return
+    _check_against_float64(outputs, inputs, SIGMAS)
+
+
+@pytest.mark.parametrize("implementation", ["op", "triton", "reference"])
+def test_per_sample_sigmas(implementation):
+    inputs = _inputs((3, 4, 37), torch.float32)
+    sigmas = _per_sample_sigmas(3)
+    if implementation == "triton":
+        d, h = (sigmas[1] - sigmas[0]).tolist(), (sigmas[2] - sigmas[1]).tolist()
+        outputs = average_velocity_step_triton(*inputs, d, h)
+    else:
+        fn = average_velocity_step if implementation == "op" else average_velocity_step_reference
+        outputs = fn(*inputs, *sigmas)
+    _check_against_float64(outputs, inputs, sigmas)
+    # each sample equals a scalar-sigma call at its own noise levels
+    for b in range(3):
+        one = average_velocity_step(*(t[b] for t in inputs), *(float(s[b]) for s in sigmas))
+        for out, out_b in zip(outputs, one, strict=True):
+            torch.testing.assert_close(out[b], out_b, rtol=1e-6, atol=1e-6)
+
+
+def test_sigmas_may_be_zero_dim_tensors():
+    inputs = _inputs((2, 9), torch.float32)
+    as_tensors = average_velocity_step(*inputs, *(torch.tensor(s, dtype=torch.float64) for s in SIGMAS))
+    as_floats = average_velocity_step(*inputs, *SIGMAS)
+    for a, b in zip(as_tensors, as_floats, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_contiguous_inputs():
+    strided = [t.t() for t in _inputs((6, 10), torch.float32)]
     assert not strided[0].is_contiguous()
-    z_next, u_hat = average_velocity_step(*strided, *SIGMAS)
-    ref_z, ref_u = average_velocity_step_reference(*(t.contiguous() for t in strided), *SIGMAS)
-    torch.testing.assert_close(z_next, ref_z)
-    torch.testing.assert_close(u_hat, ref_u)
+    expected = average_velocity_step_reference(*(t.contiguous() for t in strided), *SIGMAS)
+    for outputs in (
+        average_velocity_step(*strided, *SIGMAS),
+        average_velocity_step_triton(*strided, [SIGMAS[1] - SIGMAS[0]], [SIGMAS[2] - SIGMAS[1]]),
+    ):
+        for out, ref in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(out, ref)
 
 
-def test_reference_is_differentiable_in_float64():
+def test_gradcheck_backward_and_forward_mode_in_float64():
     inputs = [t.requires_grad_() for t in _inputs((3, 4), torch.float64)]
-    assert torch.autograd.gradcheck(lambda *t: average_velocity_step(*t, *SIGMAS), inputs)
+    sigmas = _per_sample_sigmas(3, torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: average_velocity_step(*t, *sigmas), inputs, check_forward_ad=True)
+
+
+def test_backward_matches_autograd_through_the_reference():
+    inputs = [t.requires_grad_() for t in _inputs((2, 5, 3), torch.float32)]
+    weights = [torch.randn(2, 5, 3), torch.randn(2, 5, 3)]
+    sigmas = _per_sample_sigmas(2)
+
+    def loss(fn):
+        z_next, u_hat = fn(*inputs, *sigmas)
+        return (z_next * weights[0]).sum() + (u_hat * weights[1]).sum()
+
+    ours = torch.autograd.grad(loss(average_velocity_step), inputs)
+    expected = torch.autograd.grad(loss(lambda *a: _composite(*a)), inputs)
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_func_jvp_and_grad_and_forward_ad():
+    primals = _inputs((4, 6), torch.float64)
+    tangents = _inputs((4, 6), torch.float64, seed=1)
+
+    def op(*t):
+        return average_velocity_step(*t, *SIGMAS)
+
+    def composite(*t):
+        return _composite(*t, *SIGMAS)
+
+    _, ours = torch.func.jvp(op, tuple(primals), tuple(tangents))
+    _, expected = torch.func.jvp(composite, tuple(primals), tuple(tangents))
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+    def scalar(fn):
+        return lambda z: fn(z, *primals[1:])[1].square().sum()
+
+    torch.testing.assert_close(torch.func.grad(scalar(op))(primals[0]), torch.func.grad(scalar(composite))(primals[0]))
+
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(primals[0], tangents[0])  # only z carries a tangent
+        z_next, u_hat = average_velocity_step(dual, *primals[1:], *SIGMAS)
+        z_t, u_t = fwAD.unpack_dual(z_next).tangent, fwAD.unpack_dual(u_hat).tangent
+    zero = torch.zeros_like(primals[0])
+    _, (exp_z_t, exp_u_t) = torch.func.jvp(composite, tuple(primals), (tangents[0], zero, zero, zero))
+    torch.testing.assert_close(z_t, exp_z_t)
+    torch.testing.assert_close(u_t, exp_u_t)
+
+
+def test_torch_compile_traces_the_op():
+    inputs = _inputs((2, 33), torch.float32)
+    compiled = torch.compile(lambda *t: average_velocity_step(*t, *SIGMAS), backend="aot_eager", fullgraph=True)
+    for out, ref in zip(compiled(*inputs), average_velocity_step_reference(*inputs, *SIGMAS), strict=True):
+        torch.testing.assert_close(out, ref)
 
 
 def test_meta_implementation_gives_shapes():
     inputs = [torch.empty(2, 3, device="meta", dtype=torch.bfloat16) for _ in range(4)]
-    z_next, u_hat = torch.ops.meancache.average_velocity_step(*inputs, *SIGMAS)
+    z_next, u_hat = average_velocity_step(*inputs, *SIGMAS)
     assert z_next.shape == (2, 3) and u_hat.dtype == torch.bfloat16 and z_next.device.type == "meta"
 
 
@@ -78,16 +194,8 @@ def test_span_one_estimate_is_plain_reuse():
     ("change", "error", "message"),
     [
         (lambda t: t.__setitem__(2, torch.randn(3, 4)), ValueError, r"z_anchor has shape \(3, 4\) but z has shape"),
-        (
-            lambda t: t.__setitem__(1, torch.ones(2, 3, dtype=torch.int32)),
-            TypeError,
-            "v_last must have a floating dtype",
-        ),
-        (
-            lambda t: t.__setitem__(3, t[3].double()),
-            TypeError,
-            "v_anchor has dtype torch.float64 but z has torch.float32",
-        ),
+        (lambda t: t.__setitem__(1, torch.ones(2, 3, dtype=torch.int32)), TypeError, "v_last must have a floating"),
+        (lambda t: t.__setitem__(3, t[3].double()), TypeError, "v_anchor has dtype torch.float64 but z has"),
         (lambda t: t.__setitem__(1, t[1].to("meta")), ValueError, "v_last is on meta but z is on cpu"),
     ],
 )
@@ -98,11 +206,31 @@ def test_bad_tensors_get_clear_errors(change, error, message):
         average_velocity_step(*inputs, *SIGMAS)
 
 
-def test_bad_sigmas_get_clear_errors():
+@pytest.mark.parametrize(
+    ("sigmas", "error", "message"),
+    [
+        ((0.5, 0.5, 0.4), ValueError, r"sigma \(0.5\) must differ from sigma_anchor"),
+        ((0.6, 0.5, float("nan")), ValueError, "sigma_next must be finite, got nan"),
+        ((0.6, torch.tensor([0.5, 0.4, 0.3]), 0.2), ValueError, r"one value per sample \(2 for z of shape \(2, 3\)\)"),
+        (
+            (0.6, torch.tensor([0.5, 0.6], dtype=torch.float64), 0.2),
+            ValueError,
+            r"must differ from sigma_anchor.*\(sample 1\)",
+        ),
+        ((0.6, torch.tensor(5), 0.2), TypeError, "sigma must be a floating tensor"),
+        (("0.6", 0.5, 0.2), TypeError, "sigma_anchor must be a float or a tensor, got str"),
+        ((0.6, torch.tensor(0.5, requires_grad=True), 0.2), ValueError, "sigma requires grad"),
+    ],
+)
+def test_bad_sigmas_get_clear_errors(sigmas, error, message):
+    with pytest.raises(error, match=message):
+        average_velocity_step(*_inputs((2, 3), torch.float32), *sigmas)
+
+
+def test_the_kernel_checks_its_own_inputs():
     inputs = _inputs((2, 3), torch.float32)
-    with pytest.raises(ValueError, match=r"sigma \(0.5\) must differ from sigma_anchor"):
-        average_velocity_step(*inputs, 0.5, 0.5, 0.4)
-    with pytest.raises(ValueError, match=r"sigma_next must be finite"):
-        average_velocity_step(*inputs, 0.6, 0.5, float("nan"))
-    with pytest.raises(RuntimeError, match=r"must differ from sigma_anchor"):  # the kernel checks too
-        torch.ops.meancache.average_velocity_step(*inputs, 0.5, 0.5, 0.4)
+    same = torch.tensor([0.5], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="must differ from sigma_anchor"):
+        torch.ops.meancache.average_velocity_step(*inputs, same, same, same)
+    with pytest.raises(RuntimeError, match="must be a 1-D float64 tensor"):
+        torch.ops.meancache.average_velocity_step(*inputs, same.float(), same, same)

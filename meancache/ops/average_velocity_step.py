@@ -10,20 +10,31 @@ and an anchor step ``r`` (its latent ``z_anchor``, velocity ``v_anchor`` and lev
     \hat u = v_{last} + (\sigma_{next} - \sigma)\,\widehat{JVP}, \qquad
     z_{next} = z + (\sigma_{next} - \sigma)\,\hat u
 
-Implementations, same semantics, chosen by device: the compiled C++ kernel (``csrc/``, registered as
-``torch.ops.meancache.average_velocity_step``) for CPU tensors, and :func:`average_velocity_step_reference`
-(PyTorch) otherwise and whenever an input requires grad. All inputs share one shape, device and
-floating dtype; the math runs in float32 (float64 for float64 inputs) and both outputs have the inputs'
-dtype.
+One dispatcher op, ``torch.ops.meancache.average_velocity_step``, with a fused implementation per device:
+C++ for CPU (``csrc/``, built by ``pip install``), Triton for CUDA (``kernels/``, registered below), and a
+shape-only Meta one for ``torch.compile``. Devices without one use :func:`average_velocity_step_reference`.
+
+Inputs share one shape, device and floating dtype; the math runs in float32 (float64 for float64 inputs)
+and both outputs have the inputs' dtype. Each sigma is a Python float, a 0-d tensor, or a tensor of one
+value per sample (along dim 0), so a batch can be at different noise levels; sigma tensors are read on
+the host (a CUDA one costs a synchronisation).
+
+Differentiable in the four tensors (sigmas are constants): the map is affine in them, so the forward-mode
+derivative is the same fused op applied to the tangents, and the backward pass is
+``g_u' = g_u + h g_z``, ``dz = g_z + (h/d^2) g_u'``, ``dz_anchor = -(h/d^2) g_u'``,
+``dv_anchor = -(h/d) g_u'``, ``dv_last = g_u'`` with ``d = sigma - sigma_anchor`` and ``h = sigma_next - sigma``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from meancache.ops._extension import cpp_ops
+
+SigmaLike = float | torch.Tensor
 
 
 def average_velocity_step(
@@ -31,17 +42,14 @@ def average_velocity_step(
     v_last: torch.Tensor,
     z_anchor: torch.Tensor,
     v_anchor: torch.Tensor,
-    sigma_anchor: float,
-    sigma: float,
-    sigma_next: float,
+    sigma_anchor: SigmaLike,
+    sigma: SigmaLike,
+    sigma_next: SigmaLike,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(z_next, u_hat)``; see the module docstring for the equations."""
-    check_average_velocity_inputs(z, v_last, z_anchor, v_anchor, sigma_anchor, sigma, sigma_next)
-    tensors = (z, v_last, z_anchor, v_anchor)
-    ops = cpp_ops()
-    if ops is not None and z.device.type == "cpu" and not any(t.requires_grad for t in tensors):
-        return ops.average_velocity_step(*tensors, float(sigma_anchor), float(sigma), float(sigma_next))
-    return average_velocity_step_reference(*tensors, sigma_anchor, sigma, sigma_next)
+    _check_tensors(z, v_last, z_anchor, v_anchor)
+    tables = _sigma_tables(z, sigma_anchor, sigma, sigma_next)
+    return AverageVelocityStep.apply(z, v_last, z_anchor, v_anchor, *tables)
 
 
 def average_velocity_step_reference(
@@ -49,14 +57,74 @@ def average_velocity_step_reference(
     v_last: torch.Tensor,
     z_anchor: torch.Tensor,
     v_anchor: torch.Tensor,
-    sigma_anchor: float,
-    sigma: float,
-    sigma_next: float,
+    sigma_anchor: SigmaLike,
+    sigma: SigmaLike,
+    sigma_next: SigmaLike,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The equations of the module docstring, term by term, in PyTorch (differentiable)."""
+    """The equations of the module docstring, term by term, in PyTorch."""
+    _check_tensors(z, v_last, z_anchor, v_anchor)
+    return _reference(z, v_last, z_anchor, v_anchor, *_sigma_tables(z, sigma_anchor, sigma, sigma_next))
+
+
+class AverageVelocityStep(torch.autograd.Function):
+    """Autograd rules of the fused op; sigmas arrive as 1-D float64 CPU tables (see :func:`_sigma_tables`)."""
+
+    @staticmethod
+    def forward(
+        z: torch.Tensor,
+        v_last: torch.Tensor,
+        z_anchor: torch.Tensor,
+        v_anchor: torch.Tensor,
+        sigma_anchor: torch.Tensor,
+        sigma: torch.Tensor,
+        sigma_next: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fused(z, v_last, z_anchor, v_anchor, sigma_anchor, sigma, sigma_next)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        z = inputs[0]
+        ctx.sigmas = inputs[4:]
+        ctx.like = (z.shape, z.dtype, z.device)
+        ctx.set_materialize_grads(True)
+
+    @staticmethod
+    def backward(ctx: Any, grad_z_next: torch.Tensor, grad_u_hat: torch.Tensor) -> tuple[Any, ...]:
+        sigma_anchor, sigma, sigma_next = (_broadcastable(t, grad_z_next) for t in ctx.sigmas)
+        d, h = sigma - sigma_anchor, sigma_next - sigma
+        grad_u = grad_u_hat + h * grad_z_next
+        grad_z = grad_z_next + (h / (d * d)) * grad_u
+        grad_z_anchor = -(h / (d * d)) * grad_u
+        grad_v_anchor = -(h / d) * grad_u
+        return grad_z, grad_u, grad_z_anchor, grad_v_anchor, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, dtype, device = ctx.like
+        tensor_tangents = [t if t is not None else torch.zeros(shape, dtype=dtype, device=device) for t in tangents[:4]]
+        return _fused(*tensor_tangents, *ctx.sigmas)
+
+
+def _fused(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ops = cpp_ops()
+    if ops is not None and args[0].device.type in _FUSED_DEVICES:
+        return ops.average_velocity_step(*args)
+    return _reference(*args)
+
+
+def _reference(
+    z: torch.Tensor,
+    v_last: torch.Tensor,
+    z_anchor: torch.Tensor,
+    v_anchor: torch.Tensor,
+    sigma_anchor: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = z.dtype
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     z, v_last, z_anchor, v_anchor = (t.to(math_dtype) for t in (z, v_last, z_anchor, v_anchor))
+    sigma_anchor, sigma, sigma_next = (_broadcastable(t, z) for t in (sigma_anchor, sigma, sigma_next))
     ubar = (z - z_anchor) / (sigma - sigma_anchor)
     jvp = (ubar - v_anchor) / (sigma - sigma_anchor)
     u_hat = v_last + (sigma_next - sigma) * jvp
@@ -64,16 +132,13 @@ def average_velocity_step_reference(
     return z_next.to(dtype), u_hat.to(dtype)
 
 
-def check_average_velocity_inputs(
-    z: torch.Tensor,
-    v_last: torch.Tensor,
-    z_anchor: torch.Tensor,
-    v_anchor: torch.Tensor,
-    sigma_anchor: float,
-    sigma: float,
-    sigma_next: float,
-) -> None:
-    """Raise a ``ValueError`` / ``TypeError`` naming the first bad argument."""
+def _broadcastable(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A sigma table shaped to broadcast against ``like`` per sample, in its dtype and on its device."""
+    shape = (table.numel(),) + (1,) * (like.dim() - 1) if table.numel() > 1 else ()
+    return table.reshape(shape).to(device=like.device, dtype=like.dtype)
+
+
+def _check_tensors(z: torch.Tensor, v_last: torch.Tensor, z_anchor: torch.Tensor, v_anchor: torch.Tensor) -> None:
     named = {"z": z, "v_last": v_last, "z_anchor": z_anchor, "v_anchor": v_anchor}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -86,12 +151,70 @@ def check_average_velocity_inputs(
             raise ValueError(f"{name} is on {t.device} but z is on {z.device}; all must be on one device")
         if t.dtype != z.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but z has {z.dtype}; all must share one dtype")
-    for name, s in {"sigma_anchor": sigma_anchor, "sigma": sigma, "sigma_next": sigma_next}.items():
-        if isinstance(s, torch.Tensor):
-            raise TypeError(f"{name} must be a Python float, got a tensor")
-        if not math.isfinite(s):
-            raise ValueError(f"{name} must be finite, got {s!r}")
-    if sigma == sigma_anchor:
-        raise ValueError(
-            f"sigma ({sigma!r}) must differ from sigma_anchor: the average velocity divides by their difference"
-        )
+
+
+def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ...]:
+    """The three sigmas as 1-D float64 CPU tensors of one common length: 1, or the batch size.
+
+    Python floats are validated as floats, so this traces under ``torch.compile(fullgraph=True)``; sigma
+    tensors are read on the host."""
+    names = ("sigma_anchor", "sigma", "sigma_next")
+    batch = z.shape[0] if z.dim() else 1
+    values: list[list[float]] = []
+    for name, value in zip(names, sigmas, strict=True):
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                raise ValueError(f"{name} requires grad, but sigmas are constants of the step (not differentiated)")
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+            if value.dim() > 1 or value.numel() not in (1, batch):
+                raise ValueError(
+                    f"{name} must be a float, a 0-d tensor or a 1-D tensor of one value per sample "
+                    f"({batch} for z of shape {tuple(z.shape)}), got shape {tuple(value.shape)}"
+                )
+            values.append(value.detach().reshape(-1).to(device="cpu", dtype=torch.float64).tolist())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            values.append([float(value)])
+        else:
+            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+        bad = [v for v in values[-1] if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{name} must be finite, got {bad[0]!r}")
+    length = max(len(v) for v in values)
+    values = [v * length if len(v) == 1 else v for v in values]
+    for sample, (anchor, current) in enumerate(zip(values[0], values[1], strict=True)):
+        if anchor == current:
+            raise ValueError(
+                f"sigma ({current!r}) must differ from sigma_anchor: the average velocity divides by their "
+                f"difference (sample {sample})"
+            )
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in values)
+
+
+def _register_triton_for_cuda() -> tuple[str, ...]:
+    """Register the Triton kernel as the op's CUDA implementation; the devices with a fused kernel."""
+    if cpp_ops() is None:
+        return ()
+    try:
+        from meancache.kernels.average_velocity_step import average_velocity_step_triton
+    except ImportError:  # no Triton on this platform
+        return ("cpu",)
+
+    def cuda_impl(
+        z: torch.Tensor,
+        v_last: torch.Tensor,
+        z_anchor: torch.Tensor,
+        v_anchor: torch.Tensor,
+        sigma_anchor: torch.Tensor,
+        sigma: torch.Tensor,
+        sigma_next: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        d = (sigma - sigma_anchor).tolist()
+        h = (sigma_next - sigma).tolist()
+        return average_velocity_step_triton(z, v_last, z_anchor, v_anchor, d, h)
+
+    torch.library.impl("meancache::average_velocity_step", "cuda")(cuda_impl)
+    return ("cpu", "cuda")
+
+
+_FUSED_DEVICES = _register_triton_for_cuda()
