@@ -93,11 +93,13 @@ def average_velocity_step_triton(
     v_anchor: torch.Tensor,
     d: list[float],
     h: list[float],
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel. Tensors: one shape, dtype and device; ``d`` / ``h``: one value, or one per sample
-    (along dim 0). Non-contiguous inputs are copied to contiguous ones first."""
+    (along dim 0). Non-contiguous inputs are copied to contiguous ones first. ``out``: contiguous
+    ``(z_next, u_hat)`` to write into instead of new tensors."""
     z, v_last, z_anchor, v_anchor = (t.contiguous() for t in (z, v_last, z_anchor, v_anchor))
-    z_next, u_hat = torch.empty_like(z), torch.empty_like(z)
+    z_next, u_hat = out if out is not None else (torch.empty_like(z), torch.empty_like(z))
     n = z.numel()
     if n == 0:
         return z_next, u_hat

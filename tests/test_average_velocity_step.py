@@ -234,3 +234,39 @@ def test_the_kernel_checks_its_own_inputs():
         torch.ops.meancache.average_velocity_step(*inputs, same, same, same)
     with pytest.raises(RuntimeError, match="must be a 1-D float64 tensor"):
         torch.ops.meancache.average_velocity_step(*inputs, same.float(), same, same)
+
+
+@pytest.mark.parametrize("implementation", ["op", "triton"])
+def test_out_writes_into_the_given_tensors(implementation):
+    inputs = _inputs((3, 41), torch.float32)
+    out = (torch.full((3, 41), float("nan")), torch.full((3, 41), float("nan")))
+    if implementation == "op":
+        result = average_velocity_step(*inputs, *SIGMAS, out=out)
+    else:
+        result = average_velocity_step_triton(*inputs, [SIGMAS[1] - SIGMAS[0]], [SIGMAS[2] - SIGMAS[1]], out=out)
+    assert result[0] is out[0] and result[1] is out[1]
+    for got, ref in zip(out, average_velocity_step_reference(*inputs, *SIGMAS), strict=True):
+        torch.testing.assert_close(got, ref)
+
+
+def test_out_can_overwrite_an_input_slot():
+    """The estimator writes u_hat over a dead history slot; elementwise, aliasing an input is safe too."""
+    inputs = _inputs((5, 7), torch.float32)
+    expected = average_velocity_step_reference(*inputs, *SIGMAS)
+    z_next = torch.empty(5, 7)
+    average_velocity_step(*inputs, *SIGMAS, out=(z_next, inputs[1]))  # u_hat over v_last
+    torch.testing.assert_close(inputs[1], expected[1])
+    torch.testing.assert_close(z_next, expected[0])
+
+
+def test_bad_out_gets_clear_errors():
+    inputs = _inputs((2, 3), torch.float32)
+    with pytest.raises(ValueError, match=r"out u_hat must match z \(shape \(2, 3\)"):
+        average_velocity_step(*inputs, *SIGMAS, out=(torch.empty(2, 3), torch.empty(3, 2)))
+    with pytest.raises(ValueError, match="out z_next must be contiguous"):
+        average_velocity_step(*inputs, *SIGMAS, out=(torch.empty(3, 2).t(), torch.empty(2, 3)))
+    with pytest.raises(TypeError, match="out must be a tuple of two tensors"):
+        average_velocity_step(*inputs, *SIGMAS, out=torch.empty(2, 3))
+    inputs[0].requires_grad_()
+    with pytest.raises(RuntimeError, match=r"out=\.\.\.\) is not differentiable"):
+        average_velocity_step(*inputs, *SIGMAS, out=(torch.empty(2, 3), torch.empty(2, 3)))

@@ -11,23 +11,12 @@ model-specific post-processing); latents and velocities are logged in float32.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-
 import torch
 
 from meancache.ops import average_velocity_step
 from meancache.schedule import Schedule
 
 HISTORY_DTYPE = torch.float32
-
-
-@dataclass(frozen=True)
-class _Entry:
-    step: int
-    sigma: float
-    z: torch.Tensor  # the latent before the step
-    v: torch.Tensor  # the velocity the step used (computed or estimated)
 
 
 class PaperRuleEstimator:
@@ -46,62 +35,81 @@ class PaperRuleEstimator:
     where ``v_r`` and ``v_{i-1}`` are the velocities those steps *used* (fresh or estimated), and
     ``\hat u_i`` is logged as step ``i``'s velocity. ``K = 1`` is plain reuse of ``v_{i-1}``.
 
-    Only the last ``schedule.max_span`` steps are kept (the rule never reads further back), so memory is
-    ``2 * max_span`` float32 latents whatever the step count.
+    The rule never reads further back than ``schedule.max_span`` steps, so the history is a preallocated
+    float32 ring of ``max_span + 1`` latents and velocities (slot ``i mod (max_span + 1)`` holds step ``i``),
+    whatever the step count. Estimates are written straight into their slot, with no new memory per step.
     """
 
     name = "paper"
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule
-        self._history: deque[_Entry] = deque(maxlen=schedule.max_span)
+        self._slots = schedule.max_span + 1
+        self._z: torch.Tensor | None = None  # (slots, *latent shape), float32
+        self._v: torch.Tensor | None = None
+        self._sigma = [0.0] * self._slots
+        self._logged = 0  # steps logged so far; the next step to log
 
     @property
     def history_size(self) -> int:
-        """Number of steps currently logged (at most ``schedule.max_span``)."""
-        return len(self._history)
+        """Number of past steps the history can still be read for (at most ``schedule.max_span``)."""
+        return min(self._logged, self._slots - 1)
 
     def history_bytes(self) -> int:
-        """Bytes held by the logged latents and velocities."""
-        return sum(e.z.nbytes + e.v.nbytes for e in self._history)
+        """Bytes held by the history ring."""
+        return 0 if self._z is None or self._v is None else self._z.nbytes + self._v.nbytes
 
     def last_velocity(self) -> torch.Tensor:
-        """The float32 velocity the previous step used."""
-        if not self._history:
+        """The float32 velocity the previous step used (a view of the history: read it before the next step)."""
+        if self._v is None or not self._logged:
             raise RuntimeError("no step has been logged yet in this generation")
-        return self._history[-1].v
+        return self._v[(self._logged - 1) % self._slots]
 
     def record(self, step: int, z: torch.Tensor, sigma: float, v: torch.Tensor) -> None:
         """Log computed ``step``: latent ``z`` before the step, its noise level and the model's velocity."""
         self._expect(step, computed=True)
-        self._history.append(_Entry(step, sigma, _to_history(z), _to_history(v)))
+        slot = self._claim(step, z, sigma)
+        self._v[slot].copy_(v.detach())
 
     def estimate(
         self, step: int, z: torch.Tensor, sigma: float, sigma_next: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Skipped ``step``: return ``(z_next, u_hat)`` in float32 and log ``u_hat`` as its velocity."""
+        """Skipped ``step``: return ``(z_next, u_hat)`` in float32 and log ``u_hat`` as its velocity.
+
+        ``u_hat`` is a view of the history ring, valid until ``max_span`` more steps have been logged."""
         self._expect(step, computed=False)
-        k = min(self.schedule.span(step), len(self._history))
-        anchor = self._history[-k]
-        z32 = _to_history(z)
-        z_next, u_hat = average_velocity_step(
-            z32, self._history[-1].v, anchor.z, anchor.v, anchor.sigma, sigma, sigma_next
-        )
-        self._history.append(_Entry(step, sigma, z32, u_hat))
-        return z_next, u_hat
+        k = min(self.schedule.span(step), self._logged)
+        anchor, last = (step - k) % self._slots, (step - 1) % self._slots
+        slot = self._claim(step, z, sigma)
+        z_next = torch.empty_like(self._z[slot])
+        average_velocity_step(
+            self._z[slot], self._v[last], self._z[anchor], self._v[anchor], self._sigma[anchor], sigma, sigma_next,
+            out=(z_next, self._v[slot]),
+        )  # fmt: skip
+        return z_next, self._v[slot]
+
+    def _claim(self, step: int, z: torch.Tensor, sigma: float) -> int:
+        """Copy ``z`` (float32) and ``sigma`` into ``step``'s ring slot, allocating the ring on first use."""
+        if self._z is None:
+            shape = (self._slots, *z.shape)
+            self._z = torch.empty(shape, dtype=HISTORY_DTYPE, device=z.device)
+            self._v = torch.empty(shape, dtype=HISTORY_DTYPE, device=z.device)
+        elif z.shape != self._z.shape[1:]:
+            raise ValueError(
+                f"latents changed shape within a generation: {tuple(self._z.shape[1:])} -> {tuple(z.shape)}"
+            )
+        slot = step % self._slots
+        self._z[slot].copy_(z.detach())
+        self._sigma[slot] = sigma
+        self._logged += 1
+        return slot
 
     def _expect(self, step: int, computed: bool) -> None:
-        expected = self._history[-1].step + 1 if self._history else 0
-        if step != expected:
-            raise RuntimeError(f"steps must be logged in order: expected step {expected}, got {step}")
+        if step != self._logged:
+            raise RuntimeError(f"steps must be logged in order: expected step {self._logged}, got {step}")
         if self.schedule.is_computed(step) != computed:
             kind = "computed" if self.schedule.is_computed(step) else "skipped"
             raise RuntimeError(f"step {step} is {kind} in the schedule")
-
-
-def _to_history(t: torch.Tensor) -> torch.Tensor:
-    """A float32 copy that the caller cannot mutate behind the history's back."""
-    return t.detach().to(HISTORY_DTYPE, copy=True)
 
 
 ESTIMATORS: dict[str, type[PaperRuleEstimator]] = {PaperRuleEstimator.name: PaperRuleEstimator}

@@ -45,11 +45,27 @@ def average_velocity_step(
     sigma_anchor: SigmaLike,
     sigma: SigmaLike,
     sigma_next: SigmaLike,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(z_next, u_hat)``; see the module docstring for the equations."""
+    """Return ``(z_next, u_hat)``; see the module docstring for the equations.
+
+    ``out=(z_next, u_hat)``: contiguous tensors of ``z``'s shape, dtype and device to write into and return
+    (no new memory, so no first-touch page zeroing; not differentiable)."""
     _check_tensors(z, v_last, z_anchor, v_anchor)
     tables = _sigma_tables(z, sigma_anchor, sigma, sigma_next)
-    return AverageVelocityStep.apply(z, v_last, z_anchor, v_anchor, *tables)
+    if out is None:
+        return AverageVelocityStep.apply(z, v_last, z_anchor, v_anchor, *tables)
+    _check_out(z, out)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, v_last, z_anchor, v_anchor)):
+        raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
+    ops = cpp_ops()
+    if ops is not None and z.device.type in _FUSED_DEVICES:
+        ops.average_velocity_step.out(z, v_last, z_anchor, v_anchor, *tables, z_next=out[0], u_hat=out[1])
+    else:
+        for target, value in zip(out, _reference(z, v_last, z_anchor, v_anchor, *tables), strict=True):
+            target.copy_(value)
+    return out
 
 
 def average_velocity_step_reference(
@@ -153,6 +169,19 @@ def _check_tensors(z: torch.Tensor, v_last: torch.Tensor, z_anchor: torch.Tensor
             raise TypeError(f"{name} has dtype {t.dtype} but z has {z.dtype}; all must share one dtype")
 
 
+def _check_out(z: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TypeError(f"out must be a tuple of two tensors (z_next, u_hat), got {type(out).__name__}")
+    for name, t in zip(("z_next", "u_hat"), out, strict=True):
+        if t.shape != z.shape or t.dtype != z.dtype or t.device != z.device:
+            raise ValueError(
+                f"out {name} must match z (shape {tuple(z.shape)}, {z.dtype}, {z.device}), got shape "
+                f"{tuple(t.shape)}, {t.dtype}, {t.device}"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"out {name} must be contiguous")
+
+
 def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ...]:
     """The three sigmas as 1-D float64 CPU tensors of one common length: 1, or the batch size.
 
@@ -188,7 +217,7 @@ def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ..
                 f"sigma ({current!r}) must differ from sigma_anchor: the average velocity divides by their "
                 f"difference (sample {sample})"
             )
-    return tuple(torch.tensor(v, dtype=torch.float64) for v in values)
+    return torch.tensor(values, dtype=torch.float64).unbind(0)
 
 
 def _register_triton_for_cuda() -> tuple[str, ...]:
@@ -200,20 +229,15 @@ def _register_triton_for_cuda() -> tuple[str, ...]:
     except ImportError:  # no Triton on this platform
         return ("cpu",)
 
-    def cuda_impl(
-        z: torch.Tensor,
-        v_last: torch.Tensor,
-        z_anchor: torch.Tensor,
-        v_anchor: torch.Tensor,
-        sigma_anchor: torch.Tensor,
-        sigma: torch.Tensor,
-        sigma_next: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        d = (sigma - sigma_anchor).tolist()
-        h = (sigma_next - sigma).tolist()
-        return average_velocity_step_triton(z, v_last, z_anchor, v_anchor, d, h)
+    def launch(*args: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        z, v_last, z_anchor, v_anchor, sigma_anchor, sigma, sigma_next = args
+        d, h = (sigma - sigma_anchor).tolist(), (sigma_next - sigma).tolist()
+        return average_velocity_step_triton(z, v_last, z_anchor, v_anchor, d, h, out=out)
 
-    torch.library.impl("meancache::average_velocity_step", "cuda")(cuda_impl)
+    torch.library.impl("meancache::average_velocity_step", "cuda")(lambda *args: launch(*args))
+    torch.library.impl("meancache::average_velocity_step.out", "cuda")(
+        lambda *args, z_next, u_hat: launch(*args, out=(z_next, u_hat))
+    )
     return ("cpu", "cuda")
 
 
