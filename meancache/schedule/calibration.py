@@ -1,0 +1,247 @@
+r"""Calibration: trajectory-stability costs measured on full-compute runs, the input of :func:`solve_pssp`.
+
+For every edge ``i -> j`` (``i + 2 <= j <= i + max_gap``) and span ``K = 1 .. max_span``, on a reference
+trajectory ``(z_t, v_t)`` where every step was computed:
+
+* ``one-shot`` (the paper's stability deviation): the mean absolute error of the one-shot average-velocity
+  estimate ``u_hat = v_i + (sigma_j - sigma_i) JVP_{(i-k) -> i}`` (``k = min(K, i)``) against the true
+  average velocity ``u = (z_j - z_i) / (sigma_j - sigma_i)``;
+* ``closed-loop``: what the runtime rule really does: compute step ``i``, then skip ``i+1 .. j-1`` with
+  :class:`~meancache.method.estimators.PaperRuleEstimator` (span ``K``, the reference history before
+  ``i``); the cost is the mean absolute error of the realised average velocity
+  ``(z_hat_j - z_i) / (sigma_j - sigma_i)`` against ``u``, i.e. ``mean|z_hat_j - z_j| / |sigma_j - sigma_i|``.
+
+Both are in velocity units. Costs are aggregated over trajectories by their mean (default) or their
+maximum. Memory is bounded: a window of ``max_span + max_gap + 1`` steps, never a whole trajectory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from meancache.method.estimators import HISTORY_DTYPE, PaperRuleEstimator
+from meancache.ops import average_velocity_step
+from meancache.schedule.pssp import solve_pssp
+from meancache.schedule.schedule import Schedule
+
+COST_KINDS = ("one-shot", "closed-loop")
+AGGREGATES = ("mean", "max")
+CALIBRATION_FORMAT_VERSION = 1
+
+
+@dataclass
+class Calibration:
+    """Stability costs of one model setting; ``costs(kind)[i, j, K - 1]`` is ``inf`` where not measured."""
+
+    sigmas: list[float]
+    max_gap: int
+    max_span: int
+    one_shot: np.ndarray
+    closed_loop: np.ndarray
+    trajectories: int
+    aggregate: str = "mean"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def costs(self, kind: str = "closed-loop") -> np.ndarray:
+        if kind not in COST_KINDS:
+            raise ValueError(f"unknown cost kind {kind!r}; available: {list(COST_KINDS)}")
+        return self.one_shot if kind == "one-shot" else self.closed_loop
+
+    def schedule(self, budget: int, kind: str = "closed-loop", gamma: float = 2.0) -> Schedule:
+        """The PSSP schedule for ``budget`` computed steps, with this calibration's provenance."""
+        schedule = solve_pssp(self.costs(kind), budget, gamma=gamma, max_gap=self.max_gap)
+        metadata = {**self.metadata, **schedule.metadata, "cost_kind": kind, "budget": budget}
+        return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write as JSON (unmeasured costs as ``null``)."""
+
+        def as_list(costs: np.ndarray) -> list[Any]:
+            return np.where(np.isfinite(costs), costs, np.nan).tolist()
+
+        data = {
+            "format_version": CALIBRATION_FORMAT_VERSION,
+            "sigmas": self.sigmas,
+            "max_gap": self.max_gap,
+            "max_span": self.max_span,
+            "trajectories": self.trajectories,
+            "aggregate": self.aggregate,
+            "metadata": self.metadata,
+            "one_shot": as_list(self.one_shot),
+            "closed_loop": as_list(self.closed_loop),
+        }
+        text = json.dumps(data).replace("NaN", "null")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Calibration:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{os.fspath(path)!r} is not a calibration JSON file: {e}") from e
+        required = {"format_version", "sigmas", "max_gap", "max_span", "trajectories", "one_shot", "closed_loop"}
+        if not isinstance(data, dict) or not required <= set(data):
+            raise ValueError(f"{os.fspath(path)!r} is not a calibration file (needs keys {sorted(required)})")
+        if data["format_version"] != CALIBRATION_FORMAT_VERSION:
+            raise ValueError(f"calibration format_version {data['format_version']!r} is not supported")
+
+        def as_array(rows: list[Any]) -> np.ndarray:
+            return np.array(rows, dtype=np.float64).reshape(len(data["sigmas"]) - 1, -1, data["max_span"])
+
+        arrays = [np.where(np.isnan(a), np.inf, a) for a in (as_array(data["one_shot"]), as_array(data["closed_loop"]))]
+        return cls(
+            data["sigmas"], data["max_gap"], data["max_span"], *arrays, data["trajectories"],
+            data.get("aggregate", "mean"), data.get("metadata", {}),
+        )  # fmt: skip
+
+
+class StabilityCostAccumulator:
+    """Streams full-compute trajectories step by step and accumulates both cost kinds.
+
+    Call :meth:`add_step` with steps ``0 .. N-1`` of a trajectory in order (latent before the step, and its
+    velocity); a trajectory ends at step ``N - 1`` and the next call with step 0 starts another.
+    """
+
+    def __init__(self, sigmas: Sequence[float], max_gap: int = 8, max_span: int = 5, aggregate: str = "mean") -> None:
+        self.sigmas = [float(s) for s in sigmas]
+        n = len(self.sigmas) - 1
+        if n < 1:
+            raise ValueError(f"sigmas needs at least 2 values (N + 1 for N steps), got {len(self.sigmas)}")
+        if any(b >= a for a, b in itertools.pairwise(self.sigmas)):
+            raise ValueError("sigmas must be strictly decreasing (noise to data)")
+        if not isinstance(max_gap, int) or max_gap < 2:
+            raise ValueError(f"max_gap must be an integer >= 2 (an edge must skip a step), got {max_gap!r}")
+        if not isinstance(max_span, int) or max_span < 1:
+            raise ValueError(f"max_span must be an integer >= 1, got {max_span!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {aggregate!r}; available: {list(AGGREGATES)}")
+        self.num_steps, self.max_gap, self.max_span, self.aggregate = n, max_gap, max_span, aggregate
+        shape = (n, n, max_span)
+        self._totals = {kind: np.zeros(shape) for kind in COST_KINDS}
+        self._measured = np.zeros((n, n), dtype=bool)
+        self._current = {kind: np.zeros(shape) for kind in COST_KINDS}
+        self._window: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=max_span + max_gap + 1)
+        self._next_step = 0
+        self.trajectories = 0
+
+    def add_step(self, step: int, z: torch.Tensor, v: torch.Tensor) -> None:
+        """Add step ``step`` of the current trajectory: ``z`` before the step, ``v`` the velocity it used."""
+        if step != self._next_step:
+            raise RuntimeError(f"trajectory steps must arrive in order: expected step {self._next_step}, got {step}")
+        self._window.append((step, z.detach().to(HISTORY_DTYPE, copy=True), v.detach().to(HISTORY_DTYPE, copy=True)))
+        if step >= self.max_gap:
+            self._edges_from(step - self.max_gap, step)
+        if step == self.num_steps - 1:
+            for start in range(max(0, step - self.max_gap + 1), step - 1):
+                self._edges_from(start, step)
+            self._close_trajectory()
+        else:
+            self._next_step = step + 1
+
+    def result(self, metadata: dict[str, Any] | None = None) -> Calibration:
+        if not self.trajectories:
+            raise RuntimeError("no complete trajectory was added")
+        costs = {}
+        for kind in COST_KINDS:
+            total = self._totals[kind] / (self.trajectories if self.aggregate == "mean" else 1)
+            costs[kind] = np.where(self._measured[..., None], total, np.inf)
+        return Calibration(
+            self.sigmas, self.max_gap, self.max_span, costs["one-shot"], costs["closed-loop"], self.trajectories,
+            self.aggregate, dict(metadata or {}),
+        )  # fmt: skip
+
+    def _get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self._window[0][0]
+        _, z, v = self._window[step - first]
+        return z, v
+
+    def _edges_from(self, start: int, end: int) -> None:
+        """Costs of edges ``start -> j`` for ``j`` in ``start + 2 .. end``, every span."""
+        if end < start + 2:
+            return
+        s = self.sigmas
+        z_i, v_i = self._get(start)
+        targets = range(start + 2, end + 1)
+        for span in range(1, self.max_span + 1):
+            k = min(span, start)
+            one_shot = self._current["one-shot"][start, :, span - 1]
+            for j in targets:
+                z_j = self._get(j)[0]
+                if k == 0:
+                    predicted = z_i + (s[j] - s[start]) * v_i
+                else:
+                    z_r, v_r = self._get(start - k)
+                    predicted, _ = average_velocity_step(z_i, v_i, z_r, v_r, s[start - k], s[start], s[j])
+                one_shot[j] = _velocity_error(predicted, z_j, s[j] - s[start])
+            self._closed_loop(start, end, span, k)
+        self._measured[start, start + 2 : end + 1] = True
+
+    def _closed_loop(self, start: int, end: int, span: int, k: int) -> None:
+        """Run the runtime rule from computed step ``start`` over skipped steps up to ``end``."""
+        s, first = self.sigmas, start - k
+        local = Schedule(end - first + 1, (*range(k + 1), end - first), (1,) * k + (span,))
+        estimator = PaperRuleEstimator(local)
+        for step in range(first, start + 1):
+            z, v = self._get(step)
+            estimator.record(step - first, z, s[step], v)
+        z_i, v_i = self._get(start)
+        z_hat = z_i + (s[start + 1] - s[start]) * v_i
+        closed = self._current["closed-loop"][start, :, span - 1]
+        for m in range(start + 1, end + 1):
+            if m >= start + 2:
+                closed[m] = _velocity_error(z_hat, self._get(m)[0], s[m] - s[start])
+            if m < end:
+                z_hat, _ = estimator.estimate(m - first, z_hat, s[m], s[m + 1])
+
+    def _close_trajectory(self) -> None:
+        for kind in COST_KINDS:
+            if self.aggregate == "mean":
+                self._totals[kind] += self._current[kind]
+            else:
+                np.maximum(self._totals[kind], self._current[kind], out=self._totals[kind])
+            self._current[kind].fill(0.0)
+        self.trajectories += 1
+        self._window.clear()
+        self._next_step = 0
+
+
+def _velocity_error(predicted: torch.Tensor, reference: torch.Tensor, dsigma: float) -> float:
+    """``mean|predicted - reference| / |dsigma|``: a latent error over an interval, in velocity units."""
+    return (predicted - reference).abs().mean().item() / abs(dsigma)
+
+
+def calibrate(
+    velocity_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    latents: Iterable[torch.Tensor],
+    sigmas: Sequence[float] | torch.Tensor,
+    max_gap: int = 8,
+    max_span: int = 5,
+    aggregate: str = "mean",
+    metadata: dict[str, Any] | None = None,
+) -> Calibration:
+    """Run the full-compute Euler trajectory from each initial latent and measure its stability costs."""
+    values = [float(x) for x in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+    accumulator = StabilityCostAccumulator(values, max_gap, max_span, aggregate)
+    start = time.perf_counter()
+    for z in latents:
+        for step in range(accumulator.num_steps):
+            v = velocity_fn(z, values[step])
+            accumulator.add_step(step, z, v)
+            z = z + (values[step + 1] - values[step]) * v
+    return accumulator.result({**(metadata or {}), "calibration_seconds": time.perf_counter() - start})

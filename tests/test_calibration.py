@@ -1,0 +1,143 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache
+from meancache.schedule.calibration import Calibration, StabilityCostAccumulator, calibrate
+from meancache.testing import tiny_inputs, tiny_pipeline
+from tests.reference_loop import ReferenceMeanCache, toy_velocity
+
+N, MAX_GAP, MAX_SPAN = 14, 5, 3
+
+
+def _trajectory(z, sigmas):
+    zs, vs = [], []
+    for i in range(len(sigmas) - 1):
+        v = toy_velocity(z, sigmas[i])
+        zs.append(z)
+        vs.append(v)
+        z = z + (sigmas[i + 1] - sigmas[i]) * v
+    return zs, vs
+
+
+def _expected_costs(zs, vs, sigmas):
+    """Both cost kinds from the whole stored trajectory, written from the definitions."""
+    n = len(zs)
+    one_shot = np.full((n, n, MAX_SPAN), np.inf)
+    closed = np.full((n, n, MAX_SPAN), np.inf)
+    s = sigmas
+    for i in range(n):
+        for j in range(i + 2, min(i + MAX_GAP, n - 1) + 1):
+            u = (zs[j] - zs[i]) / (s[j] - s[i])
+            for K in range(1, MAX_SPAN + 1):
+                k = min(K, i)
+                jvp = 0 if k == 0 else ((zs[i] - zs[i - k]) / (s[i] - s[i - k]) - vs[i - k]) / (s[i] - s[i - k])
+                u_hat = vs[i] + (s[j] - s[i]) * jvp
+                one_shot[i, j, K - 1] = (u_hat - u).abs().mean().item()
+                # closed loop: the reference rule with the reference history, computing i, skipping to j
+                ref = ReferenceMeanCache(s, (*range(i + 1), j), (1,) * i + (K,))
+                z = zs[0]
+                for t in range(j):
+                    v = ref.velocity(t, z if t > i else zs[t], vs[t] if t <= i else None)
+                    z = (zs[t] if t <= i else z) + (s[t + 1] - s[t]) * v
+                closed[i, j, K - 1] = ((z - zs[i]) / (s[j] - s[i]) - u).abs().mean().item()
+    return one_shot, closed
+
+
+def test_costs_match_the_definitions_on_two_trajectories():
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    starts = [torch.randn(3, 7, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    cal = calibrate(toy_velocity, starts, sigmas, max_gap=MAX_GAP, max_span=MAX_SPAN)
+    assert cal.trajectories == 2 and cal.one_shot.shape == (N, N, MAX_SPAN)
+    expected = [_expected_costs(*_trajectory(z, sigmas), sigmas) for z in starts]
+    for got, kind in ((cal.one_shot, 0), (cal.closed_loop, 1)):
+        mean = (expected[0][kind] + expected[1][kind]) / 2
+        assert np.array_equal(np.isfinite(got), np.isfinite(mean))
+        np.testing.assert_allclose(got[np.isfinite(got)], mean[np.isfinite(mean)], rtol=1e-4, atol=1e-6)
+    # span 1 is plain reuse in both kinds, and they agree on the shortest edges
+    np.testing.assert_allclose(np.diagonal(cal.one_shot[:, 2:, 0]), np.diagonal(cal.closed_loop[:, 2:, 0]), rtol=1e-5)
+    # the closed-loop rule is not the one-shot estimate (the paper's cost scores something else)
+    finite = np.isfinite(cal.one_shot[..., 2])
+    assert not np.allclose(cal.one_shot[..., 2][finite], cal.closed_loop[..., 2][finite], rtol=1e-3)
+
+
+def test_max_aggregate_takes_the_worst_trajectory():
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    starts = [torch.randn(2, 5, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    one = [calibrate(toy_velocity, [z], sigmas, MAX_GAP, MAX_SPAN).closed_loop for z in starts]
+    worst = calibrate(toy_velocity, starts, sigmas, MAX_GAP, MAX_SPAN, aggregate="max").closed_loop
+    np.testing.assert_allclose(worst, np.maximum.reduce(one), rtol=1e-6)
+
+
+def test_memory_is_a_bounded_window():
+    sigmas = torch.linspace(1.0, 0.0, 61).tolist()
+    acc = StabilityCostAccumulator(sigmas, max_gap=6, max_span=2)
+    z = torch.randn(4)
+    for i in range(60):
+        v = toy_velocity(z, sigmas[i])
+        acc.add_step(i, z, v)
+        assert len(acc._window) <= 6 + 2 + 1
+        z = z + (sigmas[i + 1] - sigmas[i]) * v
+    assert acc.trajectories == 1
+
+
+def test_save_load_round_trip_and_schedules(tmp_path):
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    cal = calibrate(toy_velocity, [torch.randn(4)], sigmas, MAX_GAP, MAX_SPAN, metadata={"model": "toy"})
+    path = tmp_path / "calibration.json"
+    cal.save(path)
+    loaded = Calibration.load(path)
+    for kind in ("one-shot", "closed-loop"):
+        np.testing.assert_array_equal(loaded.costs(kind), cal.costs(kind))
+    assert loaded.metadata["model"] == "toy" and loaded.sigmas == cal.sigmas and loaded.trajectories == 1
+    schedule = loaded.schedule(6, kind="closed-loop", gamma=2.0)
+    assert schedule.budget == 6 and schedule.num_steps == N
+    assert all(b - a <= MAX_GAP for a, b in itertools.pairwise(schedule.compute_steps))
+    assert schedule.metadata["cost_kind"] == "closed-loop" and schedule.metadata["model"] == "toy"
+
+
+def test_calibrating_a_real_pipeline(tmp_path):
+    pipe = tiny_pipeline("qwen-image")
+    pipe.set_progress_bar_config(disable=True)
+    calls = [{**tiny_inputs("qwen-image", seed=s), "generator": torch.Generator().manual_seed(s)} for s in range(2)]
+    cal = calibrate_pipeline(pipe, calls, num_inference_steps=20, max_gap=6, max_span=4)
+    assert cal.trajectories == 2 and cal.num_steps == 20 and cal.costs().shape == (20, 20, 4)
+    i, j = np.triu_indices(20, k=2)
+    measured = (j - i) <= 6
+    assert np.isfinite(cal.costs()[i[measured], j[measured]]).all()
+    assert np.isinf(cal.costs()[i[~measured], j[~measured]]).all()
+    assert (cal.costs()[np.isfinite(cal.costs())] > 0).all()
+    assert cal.metadata["pipeline"] == "QwenImagePipeline" and cal.metadata["generations"] == 2
+    assert "step" not in pipe.scheduler.__dict__  # the observer is gone
+    cal.save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json").schedule(8).budget == 8
+
+
+def test_bad_calibration_inputs_get_clear_errors(tmp_path):
+    sigmas = torch.linspace(1.0, 0.0, 11).tolist()
+    with pytest.raises(ValueError, match="max_gap must be an integer >= 2"):
+        StabilityCostAccumulator(sigmas, max_gap=1)
+    with pytest.raises(ValueError, match="unknown aggregate 'median'"):
+        StabilityCostAccumulator(sigmas, aggregate="median")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        StabilityCostAccumulator([1.0, 1.0, 0.0])
+    acc = StabilityCostAccumulator(sigmas)
+    with pytest.raises(RuntimeError, match="expected step 0, got 3"):
+        acc.add_step(3, torch.zeros(2), torch.zeros(2))
+    with pytest.raises(RuntimeError, match="no complete trajectory"):
+        acc.result()
+    with pytest.raises(ValueError, match="unknown cost kind 'l2'"):
+        calibrate(toy_velocity, [torch.zeros(2)], sigmas).costs("l2")
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="is not a calibration file"):
+        Calibration.load(tmp_path / "x.json")
+    pipe = tiny_pipeline("flux")
+    with pytest.raises(ValueError, match="calls is empty"):
+        calibrate_pipeline(pipe, [], 10)
+    from meancache import MeanCacheConfig, Schedule
+
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.uniform(10, 5)))
+    with pytest.raises(RuntimeError, match="already wrapped"):
+        calibrate_pipeline(pipe, [tiny_inputs("flux")], 10)
