@@ -24,6 +24,8 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 PipelineKind = Literal["flux", "qwen-image", "hunyuan-video", "sd3"]
 PIPELINE_KINDS: tuple[PipelineKind, ...] = ("flux", "qwen-image", "hunyuan-video", "sd3")
@@ -136,3 +138,30 @@ def generate_latents(pipe: DiffusionPipeline, inputs: dict[str, Any], num_infere
     out = pipe(**inputs, num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed),
                output_type="latent", return_dict=False, **kwargs)  # fmt: skip
     return out[0]
+
+
+def tiny_flux_pipeline_with_text_encoders(seed: int = 0) -> FluxPipeline:
+    """:func:`tiny_pipeline` ``("flux")`` with tiny real tokenizers and text encoders, so it takes text
+    prompts and round-trips through ``save_pretrained`` / ``from_pretrained`` like a real checkpoint.
+
+    The CLIP tokenizer knows single bytes only (no merges); the T5 tokenizer knows a handful of words."""
+    base = tiny_pipeline("flux", seed=seed)
+    torch.manual_seed(seed)
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    clip_vocab = {
+        t: i for i, t in enumerate([*symbols, *(c + "</w>" for c in symbols), "<|startoftext|>", "<|endoftext|>"])
+    }
+    clip_tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    known_words = ["a", "photo", "of", "cat", "dog", "red", "blue"]
+    words = ["<pad>", "</s>", "<unk>", "\u2581", *("\u2581" + w for w in known_words)]
+    t5_tokenizer = T5TokenizerFast(vocab=[(w, -1.0) for w in words], extra_ids=0, model_max_length=512)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        projection_dim=32, max_position_embeddings=77, bos_token_id=clip_vocab["<|startoftext|>"],
+        eos_token_id=clip_vocab["<|endoftext|>"], pad_token_id=1,
+    ))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    return FluxPipeline(
+        scheduler=base.scheduler, vae=base.vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer, transformer=base.transformer,
+    )  # fmt: skip

@@ -43,3 +43,48 @@ def test_psnr_on_known_inputs():
     a = np.zeros((4, 4))
     assert psnr(a, a) == float("inf")
     assert psnr(a + 0.1, a) == pytest.approx(20.0)
+
+
+def test_calibrate_then_schedule_then_run_through_the_installed_command(tmp_path):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from meancache import MeanCacheConfig, Schedule, enable_mean_cache, summary
+    from meancache.testing import tiny_flux_pipeline_with_text_encoders
+
+    model = tmp_path / "tiny flux"  # a path with a space, like a user's folder
+    tiny_flux_pipeline_with_text_encoders().save_pretrained(model)
+    exe = str(Path(sys.executable).with_name("meancache"))
+    calibration = tmp_path / "calibration.json"
+    subprocess.run(
+        [exe, "calibrate", "--model", str(model), "--prompt", "a photo of a cat", "--prompt", "a red dog",
+         "--seeds", "0", "1", "--steps", "16", "--height", "32", "--width", "32", "--max-gap", "5",
+         "--max-span", "3", "--out", str(calibration)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    result = subprocess.run(
+        [exe, "schedule", str(calibration), "--budget", "5", "8", "--gamma", "3", "--out-dir", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert "B=5: computed [0," in result.stdout and "B=8:" in result.stdout
+    schedule = Schedule.load(tmp_path / "s" / "schedule_B5.json")
+    assert schedule.budget == 5 and schedule.num_steps == 16 and schedule.metadata["gamma"] == 3.0
+    assert schedule.metadata["generations"] == 4 and schedule.metadata["cost_kind"] == "closed-loop"
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(schedule))
+    pipe("a photo of a cat", num_inference_steps=16, height=32, width=32, output_type="latent",
+         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert summary(pipe).transformer_calls == 5
+
+
+def test_schedule_command_reports_infeasible_budgets(tmp_path):
+    import numpy as np
+    import torch
+
+    from meancache.schedule.calibration import calibrate
+    from tests.reference_loop import toy_velocity
+
+    calibrate(toy_velocity, [torch.zeros(3)], np.linspace(1, 0, 21), max_gap=4, max_span=2).save(tmp_path / "c.json")
+    with pytest.raises(ValueError, match="needs at least 6 computed steps"):
+        main(["schedule", str(tmp_path / "c.json"), "--budget", "3", "--out-dir", str(tmp_path)])

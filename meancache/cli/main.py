@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from meancache.cli.schedules import add_calibrate_arguments, add_schedule_arguments, run_calibrate, run_schedule
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -23,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (default 50)")
     demo.add_argument("--size", type=_positive_int, default=128, help="image height and width in pixels (default 128)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
+    add_calibrate_arguments(
+        commands.add_parser("calibrate", help="measure stability costs on full-compute generations of a pipeline")
+    )
+    add_schedule_arguments(commands.add_parser("schedule", help="solve PSSP schedules from a calibration file"))
     return parser
 
 
@@ -38,4 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"MeanCache demo: tiny random-weight FluxPipeline, {args.steps} steps, {args.size}x{args.size}, "
               f"on {platform.processor() or platform.machine()} with torch {torch.__version__}")  # fmt: skip
         print(format_rows(run_demo(args.steps, args.size, args.seed)))
+    elif args.command == "calibrate":
+        run_calibrate(args)
+    elif args.command == "schedule":
+        run_schedule(args)
     return 0
