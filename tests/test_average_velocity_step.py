@@ -270,3 +270,42 @@ def test_bad_out_gets_clear_errors():
     inputs[0].requires_grad_()
     with pytest.raises(RuntimeError, match=r"out=\.\.\.\) is not differentiable"):
         average_velocity_step(*inputs, *SIGMAS, out=(torch.empty(2, 3), torch.empty(2, 3)))
+
+
+def test_more_than_2_pow_24_elements():
+    n = 2**24 + 7
+    inputs = [torch.randn(n, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    z_next, u_hat = average_velocity_step(*inputs, *SIGMAS)
+    picks = torch.tensor([0, 2**24 - 1, 2**24, 2**24 + 6])  # around the 2^24 boundary
+    ref_z, ref_u = average_velocity_step_reference(*(t[picks] for t in inputs), *SIGMAS)
+    torch.testing.assert_close(z_next[picks], ref_z)
+    torch.testing.assert_close(u_hat[picks], ref_u)
+
+
+def test_without_the_cpp_build_it_warns_once_and_falls_back():
+    import subprocess
+    import sys
+
+    script = """
+import sys, warnings, importlib.abc
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "meancache._C":
+            raise ImportError("simulated missing build")
+sys.meta_path.insert(0, Hide())
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from meancache.ops import average_velocity_step, average_velocity_step_reference
+    t = [torch.randn(3, 4) for _ in range(4)]
+    for _ in range(3):
+        out = average_velocity_step(*t, 0.9, 0.7, 0.6)
+ref = average_velocity_step_reference(*t, 0.9, 0.7, 0.6)
+assert all(torch.equal(a, b) for a, b in zip(out, ref))
+messages = [str(w.message) for w in caught if "C++ extension is not built" in str(w.message)]
+print(len(messages), messages[0])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, message = result.stdout.strip().split(" ", 1)
+    assert count == "1" and "simulated missing build" in message and "pip install --no-build-isolation" in message
