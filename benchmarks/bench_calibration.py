@@ -7,32 +7,22 @@ both cost kinds (one-shot and closed-loop), max gap 8, spans 1..5, 50 steps. Res
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from benchmarks.helpers import write_results
+from benchmarks.helpers import FLUX_SIZES, flux_pipeline, write_results
 from meancache.integrations.diffusers import calibrate_pipeline
-from meancache.testing import tiny_inputs, tiny_pipeline
+from meancache.testing import tiny_inputs
 
 STEPS = 50
-SIZES = {"tiny": {"width": 16, "size": 32}, "demo": {"width": 64, "size": 128}}
 _timings: dict[str, dict[str, float]] = {}
 
 
-@functools.cache
-def _pipeline(size: str):
-    pipe = tiny_pipeline("flux", width=SIZES[size]["width"])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize("mode", ["plain", "calibrate"])
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", FLUX_SIZES)
 def test_flux(benchmark, size, mode):
-    pipe = _pipeline(size)
-    call = {**tiny_inputs("flux", size=SIZES[size]["size"]), "output_type": "latent"}
+    pipe = flux_pipeline(size)
+    call = {**tiny_inputs("flux", size=FLUX_SIZES[size]["size"]), "output_type": "latent"}
 
     def run():
         with torch.inference_mode():

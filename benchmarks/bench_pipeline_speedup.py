@@ -7,32 +7,22 @@ dominates). Results: ``benchmarks/results/pipeline_speedup.json``, with the rati
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from benchmarks.helpers import write_results
+from benchmarks.helpers import FLUX_SIZES, flux_pipeline, write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
-from meancache.testing import tiny_inputs, tiny_pipeline
+from meancache.testing import tiny_inputs
 
 STEPS = 50
 BUDGETS = (50, 25, 17, 10)  # 50: every step computed, no cache
-SIZES = {"tiny": {"width": 16, "size": 32}, "demo": {"width": 64, "size": 128}}
 _timings: dict[str, dict[int, float]] = {}
 
 
-@functools.cache
-def _pipeline(size: str):
-    pipe = tiny_pipeline("flux", width=SIZES[size]["width"])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", FLUX_SIZES)
 def test_flux_pipeline(benchmark, size, budget):
-    pipe, inputs = _pipeline(size), tiny_inputs("flux", size=SIZES[size]["size"])
+    pipe, inputs = flux_pipeline(size), tiny_inputs("flux", size=FLUX_SIZES[size]["size"])
     if budget < STEPS:
         enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", budget)))
 

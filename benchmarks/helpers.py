@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -13,6 +14,20 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+FLUX_SIZES = {"tiny": {"width": 16, "size": 32}, "demo": {"width": 64, "size": 128}}
+"""Random-weight FLUX architectures: ``tiny`` (the test model: per-step overhead is a visible share) and
+``demo`` (the demo's model, 4096 image tokens: the transformer dominates). ``width`` is the head dim."""
+
+
+@functools.cache
+def flux_pipeline(size: str) -> Any:
+    """The FluxPipeline of ``FLUX_SIZES[size]``, built once per process, progress bar off."""
+    from meancache.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("flux", width=FLUX_SIZES[size]["width"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def machine_info() -> dict[str, Any]:

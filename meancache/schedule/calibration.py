@@ -32,7 +32,7 @@ import torch
 from meancache.method.estimators import HISTORY_DTYPE, PaperRuleEstimator
 from meancache.ops import average_velocity_step
 from meancache.schedule.pssp import solve_pssp
-from meancache.schedule.schedule import Schedule
+from meancache.schedule.schedule import Schedule, load_json_object
 
 COST_KINDS = ("one-shot", "closed-loop")
 AGGREGATES = ("mean", "max")
@@ -90,13 +90,9 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{os.fspath(path)!r} is not a calibration JSON file: {e}") from e
+        data = load_json_object(path, "calibration")
         required = {"format_version", "sigmas", "max_gap", "max_span", "trajectories", "one_shot", "closed_loop"}
-        if not isinstance(data, dict) or not required <= set(data):
+        if not required <= set(data):
             raise ValueError(f"{os.fspath(path)!r} is not a calibration file (needs keys {sorted(required)})")
         if data["format_version"] != CALIBRATION_FORMAT_VERSION:
             raise ValueError(f"calibration format_version {data['format_version']!r} is not supported")

@@ -156,14 +156,19 @@ class Schedule:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Schedule:
         """Read a schedule written by :meth:`save` (or by ``meancache schedule``)."""
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{os.fspath(path)!r} is not a schedule JSON file: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{os.fspath(path)!r} holds a {type(data).__name__}, not a schedule object")
-        return cls.from_dict(data)
+        return cls.from_dict(load_json_object(path, "schedule"))
+
+
+def load_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The JSON object in ``path``, or a ``ValueError`` saying the file is not a ``what`` file."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(path)!r} is not a {what} JSON file: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{os.fspath(path)!r} holds a {type(data).__name__}, not a {what} object")
+    return data
 
 
 def _as_int(value: Any, what: str) -> int:
