@@ -229,3 +229,52 @@ def test_unsupported_schedulers_and_configs_are_refused(pipe_factory):
     finally:
         pipe.scheduler = original
     assert pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
+
+
+def test_budget_alone_uses_the_published_table_for_qwen_image_at_50_steps(pipe_factory):
+    pipe = pipe_factory("qwen-image")
+    enable_mean_cache(pipe, MeanCacheConfig(budget=17))
+    generate_latents(pipe, tiny_inputs("qwen-image"), 50)
+    report = meancache.summary(pipe)
+    assert report.schedule == Schedule.preset("qwen-image", 17) and report.transformer_calls == 34
+    disable_mean_cache(pipe)
+    name_or_path = pipe.transformer.config.get("_name_or_path")
+    pipe.transformer.register_to_config(_name_or_path="Qwen/Qwen-Image-2512")
+    try:
+        enable_mean_cache(pipe, MeanCacheConfig(budget=17))
+        generate_latents(pipe, tiny_inputs("qwen-image"), 50)
+        assert meancache.summary(pipe).schedule == Schedule.preset("qwen-image-2512", 17)
+    finally:
+        pipe.transformer.register_to_config(_name_or_path=name_or_path)
+
+
+@pytest.mark.parametrize(("kind", "steps"), [("flux", 50), ("qwen-image", 28)])
+def test_budget_alone_falls_back_to_uniform_reuse_and_says_so(pipe_factory, caplog, kind, steps):
+    pipe = pipe_factory(kind)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=10))
+    with caplog.at_level("INFO", logger="meancache"):
+        generate_latents(pipe, tiny_inputs(kind), steps)
+    report = meancache.summary(pipe)
+    assert report.schedule.compute_steps == Schedule.uniform(steps, 10).compute_steps
+    assert report.schedule.metadata["source"] == "fallback: uniform, K=1"
+    assert "no published or shipped schedule" in caplog.text and "meancache calibrate" in caplog.text
+
+
+def test_mapping_a_schedule_to_another_step_count_warns_once(pipe_factory, caplog):
+    pipe = pipe_factory("flux")
+    enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
+    with caplog.at_level("WARNING", logger="meancache"):
+        for _ in range(2):
+            generate_latents(pipe, tiny_inputs("flux"), 28)
+    assert caplog.text.count("the schedule was made for 50 steps; this run has 28") == 1
+
+
+def test_config_needs_exactly_one_of_schedule_and_budget():
+    with pytest.raises(ValueError, match="exactly one of schedule= or budget="):
+        MeanCacheConfig()
+    with pytest.raises(ValueError, match="exactly one of schedule= or budget="):
+        MeanCacheConfig(Schedule.uniform(10, 5), budget=5)
+    with pytest.raises(ValueError, match="budget must be an integer >= 2"):
+        MeanCacheConfig(budget=1)
+    config = MeanCacheConfig(budget=12)
+    assert MeanCacheConfig.from_dict(config.to_dict()) == config

@@ -19,6 +19,7 @@ and only the counters shown by :func:`summary` are kept.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -35,8 +36,10 @@ from meancache.config import MeanCacheConfig
 from meancache.method.estimators import PaperRuleEstimator, make_estimator
 from meancache.schedule import Schedule
 from meancache.schedule.calibration import Calibration, StabilityCostAccumulator
+from meancache.schedule.defaults import default_schedule
 
 HOOK_NAME = "mean_cache"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,9 +110,12 @@ class _Run:
 class MeanCacheState:
     """State shared by the transformer hook and the scheduler hook of one pipeline."""
 
-    def __init__(self, config: MeanCacheConfig, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
+    def __init__(self, config: MeanCacheConfig, pipe: DiffusionPipeline) -> None:
         self.config = config
-        self.scheduler = scheduler
+        self.scheduler: FlowMatchEulerDiscreteScheduler = pipe.scheduler
+        self.transformer: torch.nn.Module = pipe.transformer
+        self.pipeline_name = type(pipe).__name__
+        self._mapping_warned: set[int] = set()
         self.run: _Run | None = None
         self.last_summary: MeanCacheSummary | None = None
 
@@ -146,8 +152,24 @@ class MeanCacheState:
         sigmas = [float(s) for s in scheduler.sigmas.tolist()]
         if len(sigmas) != num_steps + 1:
             raise ValueError(f"expected {num_steps + 1} sigmas for {num_steps} steps, the scheduler has {len(sigmas)}")
-        estimator = make_estimator(self.config.estimator, self.config.schedule.for_steps(num_steps))
+        estimator = make_estimator(self.config.estimator, self._schedule_for(num_steps))
         self.run = _Run(sigmas=sigmas, timesteps=scheduler.timesteps, estimator=estimator)
+
+    def _schedule_for(self, num_steps: int) -> Schedule:
+        config = self.config
+        if config.schedule is None:
+            assert config.budget is not None
+            checkpoint = self.transformer.config.get("_name_or_path", "") or ""
+            return default_schedule(self.pipeline_name, checkpoint, num_steps, config.budget)
+        schedule = config.schedule.for_steps(num_steps)
+        if schedule is not config.schedule and num_steps not in self._mapping_warned:
+            self._mapping_warned.add(num_steps)
+            logger.warning(
+                "MeanCache: the schedule was made for %d steps; this run has %d, so its computed steps are mapped "
+                "in sigma space (budget %d kept). Calibrate for %d steps for a schedule made for this run.",
+                config.schedule.num_steps, num_steps, schedule.budget, num_steps,
+            )  # fmt: skip
+        return schedule
 
 
 class MeanCacheHook(ModelHook):
@@ -248,7 +270,7 @@ def enable_mean_cache(pipe: DiffusionPipeline, config: MeanCacheConfig) -> None:
         raise RuntimeError("MeanCache is already enabled on this pipeline; call disable_mean_cache(pipe) first")
     if isinstance(scheduler.__dict__.get("step"), SchedulerStepHook):
         raise RuntimeError("this scheduler is already driven by MeanCache on another pipeline; give each its own")
-    state = MeanCacheState(config, scheduler)
+    state = MeanCacheState(config, pipe)
     step_hook = SchedulerStepHook(state)
     registry.register_hook(MeanCacheHook(state), HOOK_NAME)
     scheduler.step = step_hook

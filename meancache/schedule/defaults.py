@@ -1,0 +1,48 @@
+"""Schedules that pick themselves: ``MeanCacheConfig(budget=B)`` without a schedule.
+
+Resolution, in order:
+
+1. a published table for the model at this step count and budget (``PRESETS``: Qwen-Image, Qwen-Image-2512
+   and Z-Image at 50 steps), recognised by pipeline class and checkpoint name;
+2. otherwise the documented fallback, ``Schedule.uniform(num_steps, budget, span=1)``: evenly spaced
+   computed steps with plain velocity reuse (Euler on the coarse grid), and a log message suggesting
+   ``meancache calibrate`` for a schedule made for this model.
+
+A table is never stretched to another step count here: that would be a schedule made for another run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from meancache.schedule.presets import PRESETS, preset_schedule
+from meancache.schedule.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+_PIPELINE_PRESETS = {"QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image"}
+
+
+def preset_name_for(pipeline: str, checkpoint: str) -> str | None:
+    """The preset family of a pipeline class and checkpoint name (``_name_or_path``), if any."""
+    name = _PIPELINE_PRESETS.get(pipeline)
+    if name == "qwen-image" and "2512" in checkpoint:
+        return "qwen-image-2512"
+    return name
+
+
+def default_schedule(pipeline: str, checkpoint: str, num_steps: int, budget: int) -> Schedule:
+    """The schedule ``MeanCacheConfig(budget=budget)`` runs for this model and step count."""
+    name = preset_name_for(pipeline, checkpoint)
+    if name is not None and num_steps == 50 and budget in PRESETS[name]:
+        return preset_schedule(name, budget)
+    if budget > num_steps:
+        raise ValueError(f"budget {budget} is larger than the {num_steps} steps of this run")
+    logger.info(
+        "MeanCache: no published or shipped schedule for %s (%s) at %d steps and budget %d; using evenly spaced "
+        "computed steps with plain reuse. Run `meancache calibrate` and `meancache schedule` for a schedule made "
+        "for this model.",
+        pipeline, checkpoint or "unnamed checkpoint", num_steps, budget,
+    )  # fmt: skip
+    fallback = Schedule.uniform(num_steps, budget, span=1)
+    return Schedule(fallback.num_steps, fallback.compute_steps, fallback.spans, {"source": "fallback: uniform, K=1"})
