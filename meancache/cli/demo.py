@@ -1,15 +1,21 @@
-"""``meancache demo``: a small FLUX pipeline with and without MeanCache, side by side."""
+"""``meancache demo``: the bundled digits-flux model with and without MeanCache, side by side."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
-from meancache.testing import tiny_inputs, tiny_pipeline
+from meancache.models import class_inputs, load_digits_pipeline
+from meancache.models.digits import classify, digit_classifier
+
+CLASSES = list(range(10))
 
 
 @dataclass(frozen=True)
@@ -19,12 +25,15 @@ class DemoRow:
     seconds: float
     speedup: float
     psnr_db: float
+    ssim: float
+    class_accuracy: float
 
 
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of images with values in [0, 1]: ``10 log10(1 / MSE)``."""
-    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+def image_metrics(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM over a batch of images in [0, 1] of shape (N, H, W) against the reference."""
+    psnr = [peak_signal_noise_ratio(r, i, data_range=1.0) for i, r in zip(images, reference, strict=True)]
+    ssim = [structural_similarity(r, i, data_range=1.0) for i, r in zip(images, reference, strict=True)]
+    return float(np.mean(psnr)), float(np.mean(ssim))
 
 
 def demo_schedules(steps: int) -> dict[str, Schedule]:
@@ -43,34 +52,56 @@ def demo_schedules(steps: int) -> dict[str, Schedule]:
     return schedules
 
 
-def run_demo(steps: int = 50, size: int = 128, seed: int = 0) -> list[DemoRow]:
-    """Generate one image with every step computed, then with each demo schedule; time and compare them."""
-    pipe = tiny_pipeline("flux", seed=seed, width=64)
+def run_demo(steps: int = 50, seed: int = 0, grid_path: Path | None = None) -> list[DemoRow]:
+    """Generate every digit with every step computed, then with each demo schedule; time and compare."""
+    pipe, embeddings = load_digits_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    inputs = tiny_inputs("flux", seed=seed, size=size)
+    inputs = class_inputs(embeddings, CLASSES)
+    classifier = digit_classifier()
 
     def generate() -> tuple[np.ndarray, float]:
         start = time.perf_counter()
         with torch.inference_mode():
             images = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                           output_type="np", return_dict=False)[0]  # fmt: skip
-        return images, time.perf_counter() - start
+        return images[..., 0], time.perf_counter() - start
+
+    def accuracy(images: np.ndarray) -> float:
+        return float((classify(classifier, torch.from_numpy(images)) == torch.tensor(CLASSES)).float().mean())
 
     generate()  # warm-up
     reference, full_seconds = generate()
-    rows = [DemoRow("full (no cache)", steps, full_seconds, 1.0, float("inf"))]
+    rows = [DemoRow("full (no cache)", steps, full_seconds, 1.0, float("inf"), 1.0, accuracy(reference))]
+    grid = [reference]
     for name, schedule in demo_schedules(steps).items():
         enable_mean_cache(pipe, MeanCacheConfig(schedule))
         images, seconds = generate()
         calls = summary(pipe).transformer_calls
         disable_mean_cache(pipe)
-        rows.append(DemoRow(name, calls, seconds, full_seconds / seconds, psnr(images, reference)))
+        psnr, ssim = image_metrics(images, reference)
+        rows.append(DemoRow(name, calls, seconds, full_seconds / seconds, psnr, ssim, accuracy(images)))
+        grid.append(images)
+    if grid_path is not None:
+        save_grid(grid, grid_path)
     return rows
 
 
+def save_grid(rows: list[np.ndarray], path: Path, scale: int = 4) -> None:
+    """One row per method, one column per class, pixels upscaled ``scale`` times."""
+    tiles = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
+    image = Image.fromarray((tiles.clip(0, 1) * 255).round().astype(np.uint8), mode="L")
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
 def format_rows(rows: list[DemoRow]) -> str:
-    header = f"{'method':36s} {'transformer evals':>17s} {'wall s':>8s} {'speedup':>8s} {'PSNR dB':>8s}"
+    header = (
+        f"{'method':36s} {'transformer evals':>17s} {'wall s':>7s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>6s} "
+        f"{'class acc':>9s}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.method:36s} {r.transformer_calls:17d} {r.seconds:8.3f} {r.speedup:7.2f}x {r.psnr_db:8.2f}")
+        lines.append(
+            f"{r.method:36s} {r.transformer_calls:17d} {r.seconds:7.3f} {r.speedup:7.2f}x {r.psnr_db:8.2f} "
+            f"{r.ssim:6.3f} {r.class_accuracy:9.0%}"
+        )
     return "\n".join(lines)

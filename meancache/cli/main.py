@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -21,10 +22,10 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meancache", description="MeanCache: average-velocity caching for diffusers.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run a small FLUX pipeline with and without MeanCache and compare")
+    demo = commands.add_parser("demo", help="the bundled digits model with and without MeanCache, compared")
     demo.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (default 50)")
-    demo.add_argument("--size", type=_positive_int, default=128, help="image height and width in pixels (default 128)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
+    demo.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    demo.add_argument("--out", type=Path, default=Path("meancache_demo.png"), help="PNG grid to write")
     add_calibrate_arguments(
         commands.add_parser("calibrate", help="measure stability costs on full-compute generations of a pipeline")
     )
@@ -37,13 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from meancache.cli.demo import format_rows, run_demo
 
-        if args.size % 16:
-            raise SystemExit(f"meancache demo: --size must be a multiple of 16, got {args.size}")
         if args.steps < 10:
             raise SystemExit(f"meancache demo: --steps must be at least 10 (the smallest budget), got {args.steps}")
-        print(f"MeanCache demo: tiny random-weight FluxPipeline, {args.steps} steps, {args.size}x{args.size}, "
+        print(f"MeanCache demo: bundled digits-flux model (FluxPipeline), digits 0-9, {args.steps} steps, "
               f"on {platform.processor() or platform.machine()} with torch {torch.__version__}")  # fmt: skip
-        print(format_rows(run_demo(args.steps, args.size, args.seed)))
+        print(format_rows(run_demo(args.steps, args.seed, args.out)))
+        print(f"grid (rows: methods in table order; columns: digits 0-9): {args.out}")
     elif args.command == "calibrate":
         run_calibrate(args)
     elif args.command == "schedule":
