@@ -20,13 +20,14 @@ def test_demo_end_to_end_through_the_installed_command(tmp_path):
     )
     lines = result.stdout.splitlines()
     assert "digits-flux" in lines[0] and "12 steps" in lines[0]
-    rows = {line[:36].strip(): line[36:].split() for line in lines[3:8]}
+    rows = {line[:36].strip(): line[36:].split() for line in lines[3:7]}
     assert rows["full (no cache)"][0] == "12"
-    assert rows["MeanCache B=10 (qwen-image table)"][0] == "10"
-    assert rows["plain reuse B=10 (K=1)"][0] == "10"
-    assert float(rows["MeanCache B=10 (qwen-image table)"][3]) > 10  # PSNR against the full run: close, not noise
+    assert rows["MeanCache B=10"][0] == "10"
+    assert rows["plain reuse B=10, same steps (K=1)"][0] == "10"
+    assert rows["plain reuse B=10, uniform (K=1)"][0] == "10"
+    assert float(rows["MeanCache B=10"][3]) > 10  # PSNR against the full run: close, not noise
     with Image.open(grid) as image:
-        assert image.size == (10 * 32 * 4, 3 * 32 * 4)  # rows: full, B=10, plain reuse B=10 (12 steps < 17)
+        assert image.size == (10 * 32 * 4, 4 * 32 * 4)  # rows: full, B=10, two plain-reuse rows (12 steps < 17)
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["demo", "--steps", "5"], "at least 10")])

@@ -238,14 +238,34 @@ def test_budget_alone_uses_the_published_table_for_qwen_image_at_50_steps(pipe_f
     report = meancache.summary(pipe)
     assert report.schedule == Schedule.preset("qwen-image", 17) and report.transformer_calls == 34
     disable_mean_cache(pipe)
-    name_or_path = pipe.transformer.config.get("_name_or_path")
-    pipe.transformer.register_to_config(_name_or_path="Qwen/Qwen-Image-2512")
+    name_or_path = pipe.name_or_path
+    pipe.register_to_config(_name_or_path="Qwen/Qwen-Image-2512")
     try:
         enable_mean_cache(pipe, MeanCacheConfig(budget=17))
         generate_latents(pipe, tiny_inputs("qwen-image"), 50)
         assert meancache.summary(pipe).schedule == Schedule.preset("qwen-image-2512", 17)
     finally:
-        pipe.transformer.register_to_config(_name_or_path=name_or_path)
+        pipe.register_to_config(_name_or_path=name_or_path)
+
+
+def test_budget_alone_prefers_schedules_shipped_in_the_model_folder(tmp_path):
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "model")
+    shipped = Schedule(20, (0, 1, 7, 12, 19), (1, 3, 2, 4), {"source": "calibrated for this model"})
+    (tmp_path / "model" / "meancache_schedules").mkdir()
+    shipped.save(tmp_path / "model" / "meancache_schedules" / "schedule_B5.json")
+    from diffusers import FluxPipeline
+
+    loaded = FluxPipeline.from_pretrained(
+        tmp_path / "model", text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None
+    )
+    loaded.set_progress_bar_config(disable=True)
+    enable_mean_cache(loaded, MeanCacheConfig(budget=5))
+    generate_latents(loaded, tiny_inputs("flux"), 20)
+    assert meancache.summary(loaded).schedule == shipped
+    generate_latents(loaded, tiny_inputs("flux"), 30)  # no shipped schedule for 30 steps: the fallback
+    assert meancache.summary(loaded).schedule.metadata["source"] == "fallback: uniform, K=1"
 
 
 @pytest.mark.parametrize(("kind", "steps"), [("flux", 50), ("qwen-image", 28)])

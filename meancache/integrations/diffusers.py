@@ -113,8 +113,8 @@ class MeanCacheState:
     def __init__(self, config: MeanCacheConfig, pipe: DiffusionPipeline) -> None:
         self.config = config
         self.scheduler: FlowMatchEulerDiscreteScheduler = pipe.scheduler
-        self.transformer: torch.nn.Module = pipe.transformer
         self.pipeline_name = type(pipe).__name__
+        self.checkpoint = pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or ""
         self._mapping_warned: set[int] = set()
         self.run: _Run | None = None
         self.last_summary: MeanCacheSummary | None = None
@@ -159,8 +159,7 @@ class MeanCacheState:
         config = self.config
         if config.schedule is None:
             assert config.budget is not None
-            checkpoint = self.transformer.config.get("_name_or_path", "") or ""
-            return default_schedule(self.pipeline_name, checkpoint, num_steps, config.budget)
+            return default_schedule(self.pipeline_name, self.checkpoint, num_steps, config.budget)
         schedule = config.schedule.for_steps(num_steps)
         if schedule is not config.schedule and num_steps not in self._mapping_warned:
             self._mapping_warned.add(num_steps)

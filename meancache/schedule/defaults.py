@@ -2,9 +2,11 @@
 
 Resolution, in order:
 
-1. a published table for the model at this step count and budget (``PRESETS``: Qwen-Image, Qwen-Image-2512
+1. a schedule shipped with the checkpoint: ``<model folder>/meancache_schedules/*.json`` (what
+   ``meancache schedule --out-dir`` writes) with this step count and budget;
+2. a published table for the model at this step count and budget (``PRESETS``: Qwen-Image, Qwen-Image-2512
    and Z-Image at 50 steps), recognised by pipeline class and checkpoint name;
-2. otherwise the documented fallback, ``Schedule.uniform(num_steps, budget, span=1)``: evenly spaced
+3. otherwise the documented fallback, ``Schedule.uniform(num_steps, budget, span=1)``: evenly spaced
    computed steps with plain velocity reuse (Euler on the coarse grid), and a log message suggesting
    ``meancache calibrate`` for a schedule made for this model.
 
@@ -14,9 +16,12 @@ A table is never stretched to another step count here: that would be a schedule 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from meancache.schedule.presets import PRESETS, preset_schedule
 from meancache.schedule.schedule import Schedule
+
+SHIPPED_SCHEDULES_DIR = "meancache_schedules"
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +37,14 @@ def preset_name_for(pipeline: str, checkpoint: str) -> str | None:
 
 
 def default_schedule(pipeline: str, checkpoint: str, num_steps: int, budget: int) -> Schedule:
-    """The schedule ``MeanCacheConfig(budget=budget)`` runs for this model and step count."""
+    """The schedule ``MeanCacheConfig(budget=budget)`` runs for this model (``checkpoint``: the pipeline's
+    ``name_or_path``, a local folder or a hub id) and step count."""
+    shipped = Path(checkpoint) / SHIPPED_SCHEDULES_DIR if checkpoint else None
+    if shipped is not None and shipped.is_dir():
+        for path in sorted(shipped.glob("*.json")):
+            schedule = Schedule.load(path)
+            if schedule.num_steps == num_steps and schedule.budget == budget:
+                return schedule
     name = preset_name_for(pipeline, checkpoint)
     if name is not None and num_steps == 50 and budget in PRESETS[name]:
         return preset_schedule(name, budget)
