@@ -1,0 +1,78 @@
+"""Final-output quality of schedules at equal budget, on the bundled digits-flux model.
+
+Reference: the full 50-step run of the same pipeline; digits 0-9 x seeds 0, 1, 2 (the shipped calibration
+used seeds 100-102). Rows per budget: PSSP on the shipped calibration with the closed-loop and the one-shot
+(paper's) cost at gamma 1, 2 and 4; the published Qwen-Image table's shape where one exists; uniform
+spacing with plain reuse (K = 1); and the closed-loop gamma-2 steps with plain reuse, which isolates what
+the spans add. Metrics: PSNR and SSIM against the reference (scikit-image), and how often a digit
+classifier recognises the requested class. Results: ``benchmarks/results/schedule_quality_digits.json``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from benchmarks.helpers import write_results
+from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
+from meancache.cli.demo import image_metrics
+from meancache.models import bundled_model_path, class_inputs, load_digits_pipeline
+from meancache.models.digits import classify, digit_classifier
+from meancache.schedule.calibration import Calibration
+
+STEPS = 50
+SEEDS = (0, 1, 2)
+BUDGETS = (8, 10, 13, 17, 25)
+CLASSES = list(range(10))
+
+
+def _schedules(calibration: Calibration, budget: int) -> dict[str, Schedule]:
+    rows = {
+        f"pssp {kind} gamma={gamma:g}": calibration.schedule(budget, kind=kind, gamma=gamma)
+        for kind in ("closed-loop", "one-shot")
+        for gamma in (1.0, 2.0, 4.0)
+    }
+    if budget in (10, 17, 25):
+        rows["qwen-image table shape"] = Schedule.preset("qwen-image", budget)
+    rows["uniform, plain reuse"] = Schedule.uniform(STEPS, budget)
+    steps = rows["pssp closed-loop gamma=2"].compute_steps
+    rows["pssp closed-loop gamma=2 steps, plain reuse"] = Schedule(STEPS, steps, (1,) * (budget - 1))
+    return rows
+
+
+def test_schedule_quality(benchmark):
+    pipe, embeddings = load_digits_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    calibration = Calibration.load(bundled_model_path() / "meancache_calibration.json")
+    classifier = digit_classifier()
+    inputs = class_inputs(embeddings, CLASSES)
+
+    def generate(seed: int) -> np.ndarray:
+        with torch.inference_mode():
+            return pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+                        output_type="np").images[..., 0]  # fmt: skip
+
+    def evaluate() -> list[dict]:
+        references = {seed: generate(seed) for seed in SEEDS}
+        rows = []
+        for budget in BUDGETS:
+            for method, schedule in _schedules(calibration, budget).items():
+                enable_mean_cache(pipe, MeanCacheConfig(schedule))
+                images = {seed: generate(seed) for seed in SEEDS}
+                nfe = summary(pipe).transformer_calls
+                disable_mean_cache(pipe)
+                metrics = [image_metrics(images[s], references[s]) for s in SEEDS]
+                predicted = torch.cat([classify(classifier, torch.from_numpy(images[s])) for s in SEEDS])
+                rows.append({
+                    "method": method, "budget": budget, "nfe": nfe,
+                    "psnr": float(np.mean([m[0] for m in metrics])), "ssim": float(np.mean([m[1] for m in metrics])),
+                    "class_acc": float((predicted == torch.tensor(CLASSES * len(SEEDS))).float().mean()),
+                    "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans),
+                })  # fmt: skip
+        return rows
+
+    rows = benchmark.pedantic(evaluate, rounds=1, iterations=1)
+    write_results("schedule_quality_digits", {
+        "model": "digits-flux", "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES, "rows": rows,
+    })  # fmt: skip
+    assert all(r["nfe"] == r["budget"] for r in rows)  # each schedule ran the transformer exactly B times
