@@ -40,6 +40,34 @@ def _schedules(calibration: Calibration, budget: int) -> dict[str, Schedule]:
     return rows
 
 
+def _max_gap_and_span_study(pipe, embeddings, classifier, generate) -> list[dict]:
+    """Recalibrate with max gap 12 (same seeds as the shipped calibration), then solve closed-loop gamma-2
+    schedules restricted to max gap 6, 8 or 12 and spans 1..1, 1..3 or 1..5."""
+    from meancache.integrations.diffusers import calibrate_pipeline
+    from meancache.models.digits import CALIBRATION_SEEDS
+    from meancache.schedule.pssp import solve_pssp
+
+    calls = [
+        {**class_inputs(embeddings, CLASSES), "generator": torch.Generator().manual_seed(s)} for s in CALIBRATION_SEEDS
+    ]
+    costs = calibrate_pipeline(pipe, calls, STEPS, max_gap=12, max_span=5).costs("closed-loop")
+    references = {seed: generate(seed) for seed in SEEDS}
+    rows = []
+    for budget in (10, 17):
+        for max_gap in (6, 8, 12):
+            for max_span in (1, 3, 5):
+                schedule = solve_pssp(costs[..., :max_span], budget, gamma=2.0, max_gap=max_gap)
+                enable_mean_cache(pipe, MeanCacheConfig(schedule))
+                images = {seed: generate(seed) for seed in SEEDS}
+                disable_mean_cache(pipe)
+                rows.append({
+                    "method": f"pssp closed-loop gamma=2, max_gap={max_gap}, K<={max_span}", "budget": budget,
+                    "nfe": budget, "psnr": float(np.mean([image_metrics(images[s], references[s])[0] for s in SEEDS])),
+                    "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans),
+                })  # fmt: skip
+    return rows
+
+
 def test_schedule_quality(benchmark):
     pipe, embeddings = load_digits_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -72,6 +100,7 @@ def test_schedule_quality(benchmark):
         return rows
 
     rows = benchmark.pedantic(evaluate, rounds=1, iterations=1)
+    rows += _max_gap_and_span_study(pipe, embeddings, classifier, generate)
     write_results("schedule_quality_digits", {
         "model": "digits-flux", "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES, "rows": rows,
     })  # fmt: skip

@@ -110,6 +110,7 @@ def test_calibrating_a_real_pipeline(tmp_path):
     assert np.isinf(cal.costs()[i[~measured], j[~measured]]).all()
     assert (cal.costs()[np.isfinite(cal.costs())] > 0).all()
     assert cal.metadata["pipeline"] == "QwenImagePipeline" and cal.metadata["generations"] == 2
+    assert cal.metadata["generation_settings"] == {"true_cfg_scale": 4.0, "height": 32, "width": 32}
     assert "step" not in pipe.scheduler.__dict__  # the observer is gone
     cal.save(tmp_path / "c.json")
     assert Calibration.load(tmp_path / "c.json").schedule(8).budget == 8

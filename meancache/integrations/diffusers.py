@@ -337,6 +337,7 @@ def calibrate_pipeline(
     pipeline's keyword arguments: prompts or embeddings, seeds via ``generator``, size, guidance, ...)."""
     accumulator: StabilityCostAccumulator | None = None
     count = 0
+    settings: dict[str, Any] = {}
 
     def observer(step: int, z: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor) -> None:
         nonlocal accumulator
@@ -349,6 +350,8 @@ def calibrate_pipeline(
         for kwargs in calls:
             pipe(**{"output_type": "latent", **kwargs, "num_inference_steps": num_inference_steps})
             count += 1
+            if not settings:  # size, guidance, CFG: the plain (non-tensor) arguments of the first call
+                settings = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
     if accumulator is None:
         raise ValueError("calls is empty: nothing was generated to calibrate on")
     first = next(iter(pipe.transformer.parameters()))
@@ -359,6 +362,7 @@ def calibrate_pipeline(
         "scheduler": dict(pipe.scheduler.config),
         "dtype": str(first.dtype),
         "generations": count,
+        "generation_settings": settings,
         "calibration_seconds": time.perf_counter() - start,
         "cost_kinds": ["one-shot", "closed-loop"],
     }
