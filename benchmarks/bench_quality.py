@@ -1,0 +1,146 @@
+"""Quality against speed at equal transformer evaluations, on the bundled digits-flux model.
+
+Reference: the full 50-step Euler run of the same pipeline; digits 0-9 x seeds 0, 1, 2 (the shipped
+calibration used seeds 100-102). Rows per budget B (transformer evaluations):
+
+* MeanCache (the paper's rule) with PSSP schedules from the shipped calibration: closed-loop and one-shot
+  (paper's) costs at gamma 1, 2 and 4 (closed-loop gamma 2 is what ``MeanCacheConfig(budget=B)`` ships);
+* MeanCache on the published Qwen-Image table's shape where one exists (another model's schedule);
+* plain velocity reuse (K = 1): uniform steps, and the closed-loop gamma-2 steps (isolates the spans);
+* fewer steps: B-step sampling with Euler, DPM-Solver++ (2M; it needs FluxPipeline's dynamic shift, here
+  mu = 0.47 for 64 image tokens) and UniPC (flow sigmas);
+* a max-gap x K-set study of closed-loop gamma-2 schedules (B = 10 and 17).
+
+Metrics: PSNR and SSIM against the reference (scikit-image), how often a digit classifier recognises the
+requested class, and wall-clock speedup over the reference (same seeds, same machine).
+Results: ``benchmarks/results/quality_digits-flux.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from benchmarks.helpers import write_results
+from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
+from meancache.cli.demo import image_metrics
+from meancache.models import bundled_model_path, class_inputs, load_digits_pipeline
+from meancache.models.digits import classify, digit_classifier
+from meancache.schedule.calibration import Calibration
+
+STEPS = 50
+SEEDS = (0, 1, 2)
+BUDGETS = (8, 10, 13, 17, 25)
+CLASSES = list(range(10))
+
+
+def _schedules(calibration: Calibration, budget: int) -> dict[str, Schedule]:
+    rows = {
+        f"meancache: pssp {kind} gamma={gamma:g}": calibration.schedule(budget, kind=kind, gamma=gamma)
+        for kind in ("closed-loop", "one-shot")
+        for gamma in (1.0, 2.0, 4.0)
+    }
+    if budget in (10, 17, 25):
+        rows["meancache: qwen-image table shape"] = Schedule.preset("qwen-image", budget)
+    rows["plain reuse: uniform steps"] = Schedule.uniform(STEPS, budget)
+    steps = rows["meancache: pssp closed-loop gamma=2"].compute_steps
+    rows["plain reuse: pssp closed-loop gamma=2 steps"] = Schedule(STEPS, steps, (1,) * (budget - 1))
+    return rows
+
+
+def _max_gap_and_span_study(pipe, embeddings, classifier, generate) -> list[dict]:
+    """Recalibrate with max gap 12 (same seeds as the shipped calibration), then solve closed-loop gamma-2
+    schedules restricted to max gap 6, 8 or 12 and spans 1..1, 1..3 or 1..5."""
+    from meancache.integrations.diffusers import calibrate_pipeline
+    from meancache.models.digits import CALIBRATION_SEEDS
+    from meancache.schedule.pssp import solve_pssp
+
+    calls = [
+        {**class_inputs(embeddings, CLASSES), "generator": torch.Generator().manual_seed(s)} for s in CALIBRATION_SEEDS
+    ]
+    costs = calibrate_pipeline(pipe, calls, STEPS, max_gap=12, max_span=5).costs("closed-loop")
+    references = {seed: generate(seed) for seed in SEEDS}
+    rows = []
+    for budget in (10, 17):
+        for max_gap in (6, 8, 12):
+            for max_span in (1, 3, 5):
+                schedule = solve_pssp(costs[..., :max_span], budget, gamma=2.0, max_gap=max_gap)
+                enable_mean_cache(pipe, MeanCacheConfig(schedule))
+                images = {seed: generate(seed) for seed in SEEDS}
+                disable_mean_cache(pipe)
+                rows.append({
+                    "method": f"study: pssp closed-loop gamma=2, max_gap={max_gap}, K<={max_span}", "budget": budget,
+                    "nfe": budget, "psnr": float(np.mean([image_metrics(images[s], references[s])[0] for s in SEEDS])),
+                    "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans),
+                })  # fmt: skip
+    return rows
+
+
+SOLVERS = {
+    "fewer steps: Euler": None,  # the pipeline's own FlowMatchEulerDiscreteScheduler
+    "fewer steps: DPM-Solver++ 2M": lambda: DPMSolverMultistepScheduler(
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        use_dynamic_shifting=True,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+    ),
+    "fewer steps: UniPC": lambda: UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
+}
+
+
+def test_quality(benchmark):
+    pipe, embeddings = load_digits_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    calibration = Calibration.load(bundled_model_path() / "meancache_calibration.json")
+    classifier = digit_classifier()
+    inputs = class_inputs(embeddings, CLASSES)
+    euler = pipe.scheduler
+
+    def generate(seed: int, steps: int = STEPS) -> np.ndarray:
+        with torch.inference_mode():
+            return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                        output_type="np").images[..., 0]  # fmt: skip
+
+    def run(steps: int = STEPS) -> tuple[dict[int, np.ndarray], float]:
+        start = time.perf_counter()
+        images = {seed: generate(seed, steps) for seed in SEEDS}
+        return images, time.perf_counter() - start
+
+    def row(method: str, budget: int, nfe: int, images: dict, seconds: float, references: dict, full: float) -> dict:
+        metrics = [image_metrics(images[s], references[s]) for s in SEEDS]
+        predicted = torch.cat([classify(classifier, torch.from_numpy(images[s])) for s in SEEDS])
+        return {
+            "method": method, "budget": budget, "nfe": nfe, "speedup_wall": full / seconds,
+            "psnr": float(np.mean([m[0] for m in metrics])), "ssim": float(np.mean([m[1] for m in metrics])),
+            "class_acc": float((predicted == torch.tensor(CLASSES * len(SEEDS))).float().mean()),
+        }  # fmt: skip
+
+    def evaluate() -> list[dict]:
+        run()  # warm-up
+        references, full_seconds = run()
+        rows = [row("full 50 steps (reference)", STEPS, STEPS, references, full_seconds, references, full_seconds)]
+        for budget in BUDGETS:
+            for method, schedule in _schedules(calibration, budget).items():
+                enable_mean_cache(pipe, MeanCacheConfig(schedule))
+                images, seconds = run()
+                nfe = summary(pipe).transformer_calls
+                disable_mean_cache(pipe)
+                rows.append({**row(method, budget, nfe, images, seconds, references, full_seconds),
+                             "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans)})  # fmt: skip
+            for method, make_scheduler in SOLVERS.items():
+                pipe.scheduler = make_scheduler() if make_scheduler else euler
+                images, seconds = run(budget)
+                pipe.scheduler = euler
+                rows.append(row(method, budget, budget, images, seconds, references, full_seconds))
+        return rows
+
+    rows = benchmark.pedantic(evaluate, rounds=1, iterations=1)
+    rows += _max_gap_and_span_study(pipe, embeddings, classifier, generate)
+    write_results("quality_digits-flux", {
+        "model": "digits-flux", "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES, "rows": rows,
+    })  # fmt: skip
+    assert all(r["nfe"] == r["budget"] for r in rows)  # every row ran the transformer exactly B times
