@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 setuptools wheel ninja
+	$(BIN)/pip install --quiet torch==2.13.0 setuptools wheel ninja numpy
 	$(BIN)/pip install --quiet --no-build-isolation --editable ".[test]"
 	touch $(STAMP)
 
