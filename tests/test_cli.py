@@ -94,3 +94,36 @@ def test_schedule_command_reports_infeasible_budgets(tmp_path):
     calibrate(toy_velocity, [torch.zeros(3)], np.linspace(1, 0, 21), max_gap=4, max_span=2).save(tmp_path / "c.json")
     with pytest.raises(ValueError, match="needs at least 6 computed steps"):
         main(["schedule", str(tmp_path / "c.json"), "--budget", "3", "--out-dir", str(tmp_path)])
+
+
+def test_generate_with_the_bundled_model_and_a_budget(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "seven.png"
+    main(["generate", "--model", "digits-flux", "--prompt", "7", "--budget", "10", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "10 computed, 40 reused" in printed and f"wrote {out}" in printed
+    with Image.open(out) as image:
+        assert image.size == (32, 32)
+
+
+def test_generate_with_a_checkpoint_folder_and_a_schedule_file(tmp_path, capsys):
+    from meancache import Schedule
+    from meancache.testing import tiny_flux_pipeline_with_text_encoders
+
+    model = tmp_path / "model"
+    tiny_flux_pipeline_with_text_encoders().save_pretrained(model)
+    Schedule(20, (0, 1, 6, 12, 19), (1, 3, 2, 5)).save(tmp_path / "s.json")
+    out = tmp_path / "out" / "cat.png"
+    main(["generate", "--model", str(model), "--prompt", "a photo of a cat", "--steps", "20", "--height", "32",
+          "--width", "32", "--schedule", str(tmp_path / "s.json"), "--out", str(out)])  # fmt: skip
+    assert "5 computed, 15 reused" in capsys.readouterr().out and out.is_file()
+
+
+def test_generate_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--prompt must be 0-9, got 'cat'"):
+        main(["generate", "--model", "digits-flux", "--prompt", "cat", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "digits-flux", "--prompt", "1", "--budget", "10", "--schedule", "s.json",
+              "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from meancache.cli.generate import add_generate_arguments
 from meancache.cli.schedules import add_calibrate_arguments, add_schedule_arguments, run_calibrate, run_schedule
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("calibrate", help="measure stability costs on full-compute generations of a pipeline")
     )
     add_schedule_arguments(commands.add_parser("schedule", help="solve PSSP schedules from a calibration file"))
+    add_generate_arguments(commands.add_parser("generate", help="generate an image with or without MeanCache"))
     return parser
 
 
@@ -48,4 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_calibrate(args)
     elif args.command == "schedule":
         run_schedule(args)
+    elif args.command == "generate":
+        from meancache.cli.generate import run_generate
+
+        run_generate(args)
     return 0
