@@ -207,7 +207,11 @@ class MeanCacheHook(ModelHook):
                     "is not the velocity the scheduler steps with"
                 )
             tiles = shape[0] // velocity.shape[0]
-            run.placeholder = (run.steps_run, velocity.to(run.output_dtype).repeat(tiles, *[1] * (velocity.dim() - 1)))
+            # One copy (the pipeline must not see the history ring itself); tile only for batched CFG branches.
+            placeholder = velocity.to(run.output_dtype, copy=True)
+            if tiles > 1:
+                placeholder = placeholder.repeat(tiles, *[1] * (velocity.dim() - 1))
+            run.placeholder = (run.steps_run, placeholder)
         return run.placeholder[1]
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -59,13 +59,7 @@ def average_velocity_step(
     _check_out(z, out)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z, v_last, z_anchor, v_anchor)):
         raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
-    ops = cpp_ops()
-    if ops is not None and z.device.type in _FUSED_DEVICES:
-        ops.average_velocity_step.out(z, v_last, z_anchor, v_anchor, *tables, z_next=out[0], u_hat=out[1])
-    else:
-        for target, value in zip(out, _reference(z, v_last, z_anchor, v_anchor, *tables), strict=True):
-            target.copy_(value)
-    return out
+    return _fused(z, v_last, z_anchor, v_anchor, *tables, out=out)
 
 
 def average_velocity_step_reference(
@@ -121,11 +115,20 @@ class AverageVelocityStep(torch.autograd.Function):
         return _fused(*tensor_tangents, *ctx.sigmas)
 
 
-def _fused(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused(
+    *args: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel for the inputs' device (into ``out`` if given), else the PyTorch reference."""
     ops = cpp_ops()
-    if ops is not None and args[0].device.type in _FUSED_DEVICES:
-        return ops.average_velocity_step(*args)
-    return _reference(*args)
+    fused = ops is not None and args[0].device.type in _FUSED_DEVICES
+    if out is None:
+        return ops.average_velocity_step(*args) if fused else _reference(*args)
+    if fused:
+        ops.average_velocity_step.out(*args, z_next=out[0], u_hat=out[1])
+    else:
+        for target, value in zip(out, _reference(*args), strict=True):
+            target.copy_(value)
+    return out
 
 
 def _reference(
