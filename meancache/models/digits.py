@@ -137,19 +137,25 @@ CALIBRATION_SEEDS = (100, 101, 102)  # disjoint from the seeds the demo and benc
 SHIPPED_BUDGETS = (8, 10, 13, 17, 25)
 
 
+def calibration_calls(embeddings: dict[str, torch.Tensor]) -> list[dict]:
+    """The pipeline calls calibration runs on: digits 0-9, one generation per seed of ``CALIBRATION_SEEDS``."""
+    from meancache.models import class_inputs
+
+    return [
+        {**class_inputs(embeddings, list(range(NUM_CLASSES))), "generator": torch.Generator().manual_seed(seed)}
+        for seed in CALIBRATION_SEEDS
+    ]
+
+
 def calibrate_bundle(folder: Path, steps: int = 50) -> None:
     """Calibrate the bundle (digits 0-9 x ``CALIBRATION_SEEDS``) and write ``meancache_calibration.json`` and
     the PSSP schedules (closed-loop cost, gamma 2) that ``MeanCacheConfig(budget=B)`` picks up."""
     from meancache.integrations.diffusers import calibrate_pipeline
-    from meancache.models import class_inputs, load_digits_pipeline
+    from meancache.models import load_digits_pipeline
 
     pipe, embeddings = load_digits_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
-    calls = [
-        {**class_inputs(embeddings, list(range(NUM_CLASSES))), "generator": torch.Generator().manual_seed(seed)}
-        for seed in CALIBRATION_SEEDS
-    ]
-    calibration = calibrate_pipeline(pipe, calls, steps)
+    calibration = calibrate_pipeline(pipe, calibration_calls(embeddings), steps)
     calibration.metadata |= {"model": "digits-flux", "seeds": list(CALIBRATION_SEEDS), "classes": "0-9"}
     calibration.save(folder / "meancache_calibration.json")
     (folder / "meancache_schedules").mkdir(exist_ok=True)
