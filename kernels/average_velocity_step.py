@@ -63,8 +63,8 @@ def average_velocity_step_kernel(
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
-def compile_configs() -> list[tuple[dict[str, str], dict[str, object]]]:
-    """Every (signature, constexprs) the launcher below can produce, for ahead-of-time compile checks.
+def compile_configs() -> list[tuple[dict[str, str], dict[str, object], dict[str, int]]]:
+    """Every (signature, constexprs, options) the launcher below can produce, for ahead-of-time compile checks.
 
     Triton specialises the two sizes to 32- or 64-bit integers by value, so both widths are listed."""
     configs = []
@@ -82,7 +82,8 @@ def compile_configs() -> list[tuple[dict[str, str], dict[str, object]]]:
                     **dict.fromkeys(("PER_SAMPLE", "COMPUTE", "BLOCK"), "constexpr"),
                 }
                 compute_type = tl.float64 if compute == "fp64" else tl.float32
-                configs.append((signature, {"PER_SAMPLE": per_sample, "COMPUTE": compute_type, "BLOCK": BLOCK}))
+                constexprs = {"PER_SAMPLE": per_sample, "COMPUTE": compute_type, "BLOCK": BLOCK}
+                configs.append((signature, constexprs, {"num_warps": NUM_WARPS}))
     return configs
 
 

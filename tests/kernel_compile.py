@@ -9,22 +9,23 @@ import subprocess
 import tempfile
 
 import triton
-from meancache.kernels import average_velocity_step
+from meancache.kernels import average_velocity_step, jvp_attention
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-KERNELS = [(average_velocity_step.average_velocity_step_kernel, average_velocity_step)]
+KERNELS = [
+    (average_velocity_step.average_velocity_step_kernel, average_velocity_step),
+    (jvp_attention.jvp_attention_kernel, jvp_attention),
+]
 TARGET = GPUTarget("cuda", 90, 32)
 
 
 def main() -> None:
     ptxas = get_ptxas(90).path
     for kernel, module in KERNELS:
-        for signature, constexprs in module.compile_configs():
-            compiled = triton.compile(
-                ASTSource(kernel, signature, constexprs), target=TARGET, options={"num_warps": module.NUM_WARPS}
-            )
+        for signature, constexprs, options in module.compile_configs():
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=TARGET, options=options)
             with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
                 f.write(compiled.asm["ptx"])
                 f.flush()
@@ -38,6 +39,7 @@ def main() -> None:
                 "kernel": kernel.__name__, "signature": signature,
                 "constexprs": {k: str(v) for k, v in constexprs.items()},
                 "registers": registers, "spill_bytes": sum(spills), "cubin_bytes": len(compiled.asm["cubin"]),
+                "shared_bytes": compiled.metadata.shared,
             }))  # fmt: skip
 
 

@@ -1,0 +1,105 @@
+import pytest
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention, is_jvp_attention_enabled
+from meancache.testing import tiny_inputs, tiny_pipeline
+
+
+class _FirstCall(ModelHook):
+    """Keeps the keyword arguments of the transformer's first call in a real pipeline run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kwargs = None
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.kwargs is None:
+            self.kwargs = dict(kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def _transformer_and_call(kind):
+    """The tiny pipeline's transformer in float64 and a function of (hidden_states, timestep) calling it with
+    the arguments the pipeline passes (padded prompts for HunyuanVideo, so its masks matter)."""
+    pipe = tiny_pipeline(kind)
+    inputs = tiny_inputs(kind)
+    if kind == "hunyuan-video":
+        inputs["prompt_attention_mask"][:, 4:] = 0
+    if kind == "qwen-image":
+        inputs["prompt_embeds_mask"][:, 5:] = 0
+    capture = _FirstCall()
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry.register_hook(capture, "capture")
+    pipe(**inputs, num_inference_steps=2, output_type="latent")
+    registry.remove_hook("capture", recurse=False)
+    transformer = pipe.transformer.double()
+    kwargs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in capture.kwargs.items()}
+    hidden, timestep = kwargs.pop("hidden_states"), kwargs.pop("timestep")
+    kwargs["return_dict"] = False
+
+    def call(h, t):
+        return transformer(hidden_states=h, timestep=t, **kwargs)[0]
+
+    return transformer, call, (hidden, timestep), (torch.randn_like(hidden), torch.ones_like(timestep))
+
+
+@pytest.mark.parametrize("kind", ("flux", "qwen-image", "hunyuan-video"))
+def test_whole_transformer_jvp_equals_jvp_with_math_sdpa(kind):
+    transformer, call, primals, tangents = _transformer_and_call(kind)
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = torch.func.jvp(call, primals, tangents)
+    with pytest.raises(NotImplementedError, match="forward AD"):  # what users hit without this library
+        torch.func.jvp(call, primals, tangents)
+    enable_jvp_attention(transformer)
+    assert is_jvp_attention_enabled(transformer)
+    ours = torch.func.jvp(call, primals, tangents)
+    torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(primals[0], tangents[0])
+        tangent = torch.autograd.forward_ad.unpack_dual(call(dual, primals[1])).tangent
+    with sdpa_kernel(SDPBackend.MATH):
+        hidden_only = torch.func.jvp(call, primals, (tangents[0], torch.zeros_like(tangents[1])))[1]
+    torch.testing.assert_close(tangent, hidden_only, atol=1e-10, rtol=1e-10)
+    disable_jvp_attention(transformer)
+    assert not is_jvp_attention_enabled(transformer)
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(call, primals, tangents)
+
+
+def test_plain_forward_and_backward_are_unchanged():
+    transformer, call, (hidden, timestep), _ = _transformer_and_call("flux")
+    leaf = hidden.clone().requires_grad_()
+    expected = call(leaf, timestep)
+    expected.square().sum().backward()
+    expected_grad = leaf.grad.clone()
+    enable_jvp_attention(transformer)
+    leaf.grad = None
+    out = call(leaf, timestep)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(leaf.grad, expected_grad, atol=1e-10, rtol=1e-10)
+
+
+def test_other_attention_backends_are_refused():
+    transformer, *_ = _transformer_and_call("flux")
+    transformer.set_attention_backend("flex")
+    with pytest.raises(ValueError, match="'flex'"):
+        enable_jvp_attention(transformer)
+    transformer.reset_attention_backend()
+    enable_jvp_attention(transformer)
+    with pytest.raises(RuntimeError, match="already enabled"):
+        enable_jvp_attention(transformer)
+    disable_jvp_attention(transformer)
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_jvp_attention(transformer)
+
+
+def test_a_forward_that_never_reaches_sdpa_raises():
+    from diffusers.models.attention_dispatch import attention_backend
+
+    transformer, call, primals, _ = _transformer_and_call("flux")
+    enable_jvp_attention(transformer)
+    with torch.no_grad(), attention_backend("flex"), pytest.raises(RuntimeError, match="native attention backend"):
+        call(*primals)
