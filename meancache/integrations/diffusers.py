@@ -11,7 +11,11 @@ Two instance-level pieces share one :class:`MeanCacheState`:
   steps it discards the placeholder-derived value and steps with the estimator's average velocity.
 
 So the estimator works on exactly the velocity the sampler uses, for every pipeline, as the paper's rule
-requires. A generation starts when the scheduler has been reset by ``set_timesteps`` (its ``step_index`` is
+requires. Estimators that need ``dv/dsigma`` (``"exact-jvp"``) get it per CFG branch from a forward-mode
+pass of the transformer (:meth:`MeanCacheHook.forward_with_derivative`); the scheduler hook combines the
+branch derivatives the way the pipeline combined the branches (:func:`guided_derivative`).
+
+A generation starts when the scheduler has been reset by ``set_timesteps`` (its ``step_index`` is
 ``None``) and ends when the pipeline calls ``maybe_free_model_hooks()``; the latents history is freed then,
 and only the counters shown by :func:`summary` are kept.
 """
@@ -33,7 +37,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from meancache.config import MeanCacheConfig
-from meancache.method.estimators import PaperRuleEstimator, make_estimator
+from meancache.integrations.jvp_attention import sdpa_as_jvp_attention
+from meancache.method.estimators import Estimator, make_estimator
 from meancache.schedule import Schedule
 from meancache.schedule.calibration import Calibration, StabilityCostAccumulator
 from meancache.schedule.defaults import default_schedule
@@ -51,6 +56,8 @@ class MeanCacheSummary:
     schedule: Schedule
     transformer_calls: int
     skipped_calls: int
+    derivative_calls: int = 0
+    """Transformer calls run as forward-mode (JVP) passes; included in ``transformer_calls``."""
 
     @property
     def computed_steps(self) -> int:
@@ -76,9 +83,10 @@ class MeanCacheSummary:
         mapped = self.schedule.metadata.get("mapped_from_steps")
         origin = f" (schedule mapped from {mapped} steps)" if mapped else ""
         unfinished = "" if self.steps_run == self.num_steps else f" of {self.num_steps} (interrupted)"
+        jvp = f" ({self.derivative_calls} forward-mode)" if self.derivative_calls else ""
         return (
             f"MeanCache: {self.steps_run} steps{unfinished}{origin}, {self.computed_steps} computed, "
-            f"{self.reused_steps} reused (spans {spans}); transformer calls: {self.transformer_calls} run, "
+            f"{self.reused_steps} reused (spans {spans}); transformer calls: {self.transformer_calls} run{jvp}, "
             f"{self.skipped_calls} skipped; ideal speedup {self.ideal_speedup:.2f}x"
         )
 
@@ -89,10 +97,13 @@ class _Run:
 
     sigmas: list[float]
     timesteps: torch.Tensor
-    estimator: PaperRuleEstimator
+    estimator: Estimator
     steps_run: int = 0
     transformer_calls: int = 0
     skipped_calls: int = 0
+    derivative_calls: int = 0
+    branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
     output_shape: torch.Size | None = None
     output_dtype: torch.dtype | None = None
     placeholder: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
@@ -103,8 +114,9 @@ class _Run:
 
     def summary(self) -> MeanCacheSummary:
         return MeanCacheSummary(
-            len(self.sigmas) - 1, self.steps_run, self.schedule, self.transformer_calls, self.skipped_calls
-        )
+            len(self.sigmas) - 1, self.steps_run, self.schedule, self.transformer_calls, self.skipped_calls,
+            self.derivative_calls,
+        )  # fmt: skip
 
 
 class MeanCacheState:
@@ -183,7 +195,10 @@ class MeanCacheHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         run = self.state.current_run()
         if run.schedule.is_computed(run.steps_run):
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            if run.estimator.needs_derivative(run.steps_run):
+                output = self.forward_with_derivative(module, run, args, kwargs)
+            else:
+                output = self.fn_ref.original_forward(*args, **kwargs)
             sample = output[0] if isinstance(output, tuple) else output.sample
             run.output_shape, run.output_dtype = sample.shape, sample.dtype
             run.transformer_calls += 1
@@ -191,6 +206,44 @@ class MeanCacheHook(ModelHook):
         run.skipped_calls += 1
         placeholder = self._placeholder(run)
         return Transformer2DModelOutput(sample=placeholder) if kwargs.get("return_dict", True) else (placeholder,)
+
+    def forward_with_derivative(
+        self, module: torch.nn.Module, run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """One forward-mode pass: the velocity and its derivative along the trajectory, kept in ``run.branches``.
+
+        Tangents: the velocity the previous step used on ``hidden_states`` (tiled over batched CFG branches;
+        at step 0 the call's own output, one more call), and ``d timestep / d sigma`` on ``timestep``."""
+        hidden, timestep = kwargs.get("hidden_states"), kwargs.get("timestep")
+        if not (isinstance(hidden, torch.Tensor) and isinstance(timestep, torch.Tensor)):
+            raise TypeError(
+                f"the {run.estimator.name!r} estimator needs the transformer called with hidden_states= and "
+                "timestep= tensors; this pipeline passes them differently"
+            )
+
+        def velocity(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            call = {**kwargs, "hidden_states": h, "timestep": t, "return_dict": False}
+            return self.fn_ref.original_forward(*args, **call)[0]
+
+        if run.steps_run == 0:
+            tangent = velocity(hidden, timestep)
+            run.transformer_calls += 1
+        else:
+            last = run.estimator.last_velocity()
+            tiles = hidden.shape[0] // last.shape[0] if last.dim() and hidden.shape[0] % last.shape[0] == 0 else 0
+            if tiles == 0 or last.shape[1:] != hidden.shape[1:]:
+                raise RuntimeError(
+                    f"hidden_states {tuple(hidden.shape)} is not (a batch multiple of) the latents "
+                    f"{tuple(last.shape)}: the derivative along the trajectory needs them to match"
+                )
+            tangent = last.to(hidden.dtype).repeat(tiles, *[1] * (last.dim() - 1))
+        timestep = timestep.contiguous()  # pipelines may pass an expanded (stride-0) batch of timesteps
+        timestep_rate = timestep / run.sigmas[run.steps_run]  # the pipeline passes sigma times a constant
+        with sdpa_as_jvp_attention(module):
+            v, derivative = torch.func.jvp(velocity, (hidden, timestep), (tangent, timestep_rate))
+        run.branches.append((v, derivative))
+        run.derivative_calls += 1
+        return Transformer2DModelOutput(sample=v) if kwargs.get("return_dict", True) else (v,)
 
     @staticmethod
     def _placeholder(run: _Run) -> torch.Tensor:
@@ -240,13 +293,39 @@ class SchedulerStepHook:
             raise RuntimeError(f"the scheduler is at step {scheduler_step} but MeanCache expected step {step}")
         sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]
         if run.schedule.is_computed(step):
-            run.estimator.record(step, sample, sigma, model_output)
+            derivative = guided_derivative(run.branches, model_output) if run.branches else None
+            run.branches.clear()
+            run.estimator.record(step, sample, sigma, model_output, derivative)
         else:
             _, u_hat = run.estimator.estimate(step, sample, sigma, sigma_next)
             model_output = u_hat.to(model_output.dtype)
         output = self.original_step(model_output, timestep, sample, *args, **kwargs)
         run.steps_run += 1
         return output
+
+
+def guided_derivative(branches: list[tuple[torch.Tensor, torch.Tensor]], guided: torch.Tensor) -> torch.Tensor:
+    r"""``d guided / d sigma`` from each transformer call's velocity and derivative.
+
+    Per sample, the guided velocity is written as the least-squares combination of the branch velocities,
+    ``g = sum_b w_b v_b``, and the same weights combine the derivatives, ``dg = sum_b w_b dv_b``. This is
+    exact for linear guidance (one branch, CFG, true CFG); for Qwen-Image's norm rescale, ``g`` is still in
+    the branches' span, but the derivative of the rescale factor itself is left out. Batched CFG calls
+    are split into their latent-sized parts."""
+    batch = guided.shape[0]
+    velocities, derivatives = [], []
+    for v, d in branches:
+        if v.shape[0] % batch or v.shape[1:] != guided.shape[1:]:
+            raise RuntimeError(
+                f"a transformer output of shape {tuple(v.shape)} does not split into latents {tuple(guided.shape)}"
+            )
+        velocities += v.reshape(-1, *guided.shape).unbind(0)
+        derivatives += d.reshape(-1, *guided.shape).unbind(0)
+    v = torch.stack(velocities, 1).reshape(batch, len(velocities), -1).double()  # (B, branches, features)
+    d = torch.stack(derivatives, 1).reshape(batch, len(derivatives), -1).float()
+    g = guided.reshape(batch, -1, 1).double()
+    weights = torch.linalg.pinv(v @ v.transpose(1, 2)) @ (v @ g)  # (B, branches, 1)
+    return (weights.float().transpose(1, 2) @ d).reshape(guided.shape)
 
 
 def enable_mean_cache(pipe: DiffusionPipeline, config: MeanCacheConfig) -> None:

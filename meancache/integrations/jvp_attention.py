@@ -18,6 +18,8 @@ of silently differentiating nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,19 +66,26 @@ def _sdpa_as_attention(
     return attention(query, key, value, attn_mask=attn_mask, scale=scale)
 
 
+@contextmanager
+def sdpa_as_jvp_attention(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module``'s forward calls inside with :class:`SDPAToJVPAttention` active; raise if none of its
+    attention calls reached it."""
+    with SDPAToJVPAttention() as mode:
+        yield
+    if mode.calls == 0:
+        raise RuntimeError(
+            f"JVP attention is on for this {type(module).__name__} but none of its attention calls went through "
+            "scaled_dot_product_attention; select diffusers' native attention backend "
+            "(transformer.reset_attention_backend())"
+        )
+
+
 class JVPAttentionHook(ModelHook):
     """Transformer-root hook: runs each forward with :class:`SDPAToJVPAttention` active."""
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with SDPAToJVPAttention() as mode:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        if mode.calls == 0:
-            raise RuntimeError(
-                f"JVP attention is enabled on this {type(module).__name__} but none of its attention calls went "
-                "through scaled_dot_product_attention; select diffusers' native attention backend "
-                "(transformer.reset_attention_backend())"
-            )
-        return output
+        with sdpa_as_jvp_attention(module):
+            return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def enable_jvp_attention(transformer: torch.nn.Module) -> None:

@@ -1,9 +1,10 @@
 """Velocity estimators for skipped steps.
 
 An estimator follows one generation step by step. On a computed step it is told the velocity the model
-gave (:meth:`PaperRuleEstimator.record`); on a skipped step it supplies the velocity to use and the next
-latent (:meth:`PaperRuleEstimator.estimate`). The framework-free sampler
-(:func:`meancache.method.sampler.sample`) and the diffusers integration drive the same estimators.
+gave (:meth:`Estimator.record`, with ``dv/dsigma`` along the trajectory when :meth:`Estimator.needs_derivative`
+asked for it); on a skipped step it supplies the velocity to use and the next latent
+(:meth:`Estimator.estimate`). The framework-free sampler (:func:`meancache.method.sampler.sample`) and the
+diffusers integration drive the same estimators.
 
 Velocities are the *guided* ones the sampler steps with (after classifier-free guidance and any
 model-specific post-processing); latents and velocities are logged in float32.
@@ -11,12 +12,40 @@ model-specific post-processing); latents and velocities are logged in float32.
 
 from __future__ import annotations
 
+from typing import ClassVar, Protocol
+
 import torch
 
 from meancache.ops import average_velocity_step
 from meancache.schedule import Schedule
 
 HISTORY_DTYPE = torch.float32
+
+
+class Estimator(Protocol):
+    """What the samplers need from an estimator (one instance per generation)."""
+
+    name: ClassVar[str]
+    schedule: Schedule
+
+    def needs_derivative(self, step: int) -> bool:
+        """Whether computed ``step`` must be recorded with ``dv/dsigma`` (a forward-mode pass)."""
+
+    def last_velocity(self) -> torch.Tensor:
+        """The float32 velocity the previous step used."""
+
+    def history_bytes(self) -> int:
+        """Bytes of latents and velocities held."""
+
+    def record(
+        self, step: int, z: torch.Tensor, sigma: float, v: torch.Tensor, derivative: torch.Tensor | None = None
+    ) -> None:
+        """Log computed ``step``: latent before it, noise level, velocity and, if asked for, ``dv/dsigma``."""
+
+    def estimate(
+        self, step: int, z: torch.Tensor, sigma: float, sigma_next: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Skipped ``step``: ``(z_next, u_hat)`` in float32, ``u_hat`` logged as the step's velocity."""
 
 
 class PaperRuleEstimator:
@@ -40,7 +69,7 @@ class PaperRuleEstimator:
     whatever the step count. Estimates are written straight into their slot, with no new memory per step.
     """
 
-    name = "paper"
+    name: ClassVar[str] = "paper"
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule
@@ -65,9 +94,17 @@ class PaperRuleEstimator:
             raise RuntimeError("no step has been logged yet in this generation")
         return self._v[(self._logged - 1) % self._slots]
 
-    def record(self, step: int, z: torch.Tensor, sigma: float, v: torch.Tensor) -> None:
+    def needs_derivative(self, step: int) -> bool:
+        """Never: the rule estimates the derivative from its history."""
+        return False
+
+    def record(
+        self, step: int, z: torch.Tensor, sigma: float, v: torch.Tensor, derivative: torch.Tensor | None = None
+    ) -> None:
         """Log computed ``step``: latent ``z`` before the step, its noise level and the model's velocity."""
-        self._expect(step, computed=True)
+        if derivative is not None:
+            raise ValueError("the paper's rule takes no derivative (needs_derivative is always False)")
+        _check_order(self.schedule, self._logged, step, computed=True)
         slot = self._claim(step, z, sigma)
         self._v[slot].copy_(v.detach())
 
@@ -77,7 +114,7 @@ class PaperRuleEstimator:
         """Skipped ``step``: return ``(z_next, u_hat)`` in float32 and log ``u_hat`` as its velocity.
 
         ``u_hat`` is a view of the history ring, valid until ``max_span`` more steps have been logged."""
-        self._expect(step, computed=False)
+        _check_order(self.schedule, self._logged, step, computed=False)
         k = min(self.schedule.span(step), self._logged)
         anchor, last = (step - k) % self._slots, (step - 1) % self._slots
         slot = self._claim(step, z, sigma)
@@ -104,19 +141,97 @@ class PaperRuleEstimator:
         self._logged += 1
         return slot
 
-    def _expect(self, step: int, computed: bool) -> None:
-        if step != self._logged:
-            raise RuntimeError(f"steps must be logged in order: expected step {self._logged}, got {step}")
-        if self.schedule.is_computed(step) != computed:
-            kind = "computed" if self.schedule.is_computed(step) else "skipped"
-            raise RuntimeError(f"step {step} is {kind} in the schedule")
+
+class ExactJVPEstimator:
+    r"""Average velocities from the model's own derivative along the trajectory (one forward-mode pass).
+
+    At each computed step ``c`` followed by a skipped one, the samplers run the model under forward-mode AD
+    with tangent ``(dz/dsigma, 1)`` on ``(z, sigma)``, ``dz/dsigma`` estimated by the velocity the previous
+    step used (at step 0, by the model's own output), and record ``d_c = dv/dsigma``. A skipped step ``i``
+    then uses the average over ``[sigma_{i+1}, sigma_i]`` of the first-order expansion of ``v`` around
+    ``sigma_c``:
+
+    .. math::
+
+        \hat u_i = v_c + \Big(\frac{\sigma_i + \sigma_{i+1}}{2} - \sigma_c\Big) d_c, \qquad
+        z_{i+1} = z_i + (\sigma_{i+1} - \sigma_i)\,\hat u_i
+
+    Computed steps still step with ``v_c`` alone, so a full budget reproduces the plain sampler. Spans in
+    the schedule are ignored. Holds three float32 latents (``v_c``, ``d_c`` and the last velocity used).
+    """
+
+    name: ClassVar[str] = "exact-jvp"
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self._anchor: tuple[float, torch.Tensor, torch.Tensor | None] | None = None  # sigma_c, v_c, d_c
+        self._last: torch.Tensor | None = None
+        self._logged = 0
+
+    def needs_derivative(self, step: int) -> bool:
+        """Computed steps followed by a skipped step."""
+        return (
+            self.schedule.is_computed(step)
+            and step + 1 < self.schedule.num_steps
+            and not self.schedule.is_computed(step + 1)
+        )
+
+    def last_velocity(self) -> torch.Tensor:
+        if self._last is None:
+            raise RuntimeError("no step has been logged yet in this generation")
+        return self._last
+
+    def history_bytes(self) -> int:
+        tensors = [self._last] if self._last is not None else []
+        if self._anchor is not None:
+            tensors += [t for t in self._anchor[1:] if t is not None]
+        return sum(t.nbytes for t in {id(t): t for t in tensors}.values())
+
+    def record(
+        self, step: int, z: torch.Tensor, sigma: float, v: torch.Tensor, derivative: torch.Tensor | None = None
+    ) -> None:
+        _check_order(self.schedule, self._logged, step, computed=True)
+        if self.needs_derivative(step) and derivative is None:
+            raise ValueError(f"step {step} is followed by a skipped step: record it with its derivative dv/dsigma")
+        if derivative is not None and derivative.shape != v.shape:
+            raise ValueError(f"derivative has shape {tuple(derivative.shape)} but v has {tuple(v.shape)}")
+        v32 = v.detach().to(HISTORY_DTYPE, copy=True)
+        d32 = derivative.detach().to(HISTORY_DTYPE, copy=True) if derivative is not None else None
+        self._anchor = (sigma, v32, d32)
+        self._last = v32
+        self._logged += 1
+
+    def estimate(
+        self, step: int, z: torch.Tensor, sigma: float, sigma_next: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_order(self.schedule, self._logged, step, computed=False)
+        assert self._anchor is not None  # step 0 is always computed
+        sigma_c, v_c, d_c = self._anchor
+        if d_c is None:
+            raise RuntimeError(f"the computed step before step {step} was recorded without its derivative")
+        u_hat = torch.add(v_c, d_c, alpha=0.5 * (sigma + sigma_next) - sigma_c)
+        z_next = torch.add(z.detach().to(HISTORY_DTYPE), u_hat, alpha=sigma_next - sigma)
+        self._last = u_hat
+        self._logged += 1
+        return z_next, u_hat
 
 
-ESTIMATORS: dict[str, type[PaperRuleEstimator]] = {PaperRuleEstimator.name: PaperRuleEstimator}
+def _check_order(schedule: Schedule, logged: int, step: int, computed: bool) -> None:
+    if step != logged:
+        raise RuntimeError(f"steps must be logged in order: expected step {logged}, got {step}")
+    if schedule.is_computed(step) != computed:
+        kind = "computed" if schedule.is_computed(step) else "skipped"
+        raise RuntimeError(f"step {step} is {kind} in the schedule")
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    PaperRuleEstimator.name: PaperRuleEstimator,
+    ExactJVPEstimator.name: ExactJVPEstimator,
+}
 """Estimator name -> class; ``MeanCacheConfig(estimator=...)`` picks one by name."""
 
 
-def make_estimator(name: str, schedule: Schedule) -> PaperRuleEstimator:
+def make_estimator(name: str, schedule: Schedule) -> Estimator:
     """The estimator registered as ``name``, following ``schedule``."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}; available: {sorted(ESTIMATORS)}")
