@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from meancache.ops._checks import check_floating_group
 from meancache.ops._extension import cpp_ops
 
 SigmaLike = float | torch.Tensor
@@ -159,17 +160,10 @@ def _broadcastable(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _check_tensors(z: torch.Tensor, v_last: torch.Tensor, z_anchor: torch.Tensor, v_anchor: torch.Tensor) -> None:
     named = {"z": z, "v_last": v_last, "z_anchor": z_anchor, "v_anchor": v_anchor}
+    check_floating_group(named)
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16, float64), got {t.dtype}")
         if t.shape != z.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but z has shape {tuple(z.shape)}; all must match")
-        if t.device != z.device:
-            raise ValueError(f"{name} is on {t.device} but z is on {z.device}; all must be on one device")
-        if t.dtype != z.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but z has {z.dtype}; all must share one dtype")
 
 
 def _check_out(z: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -38,6 +38,8 @@ import torch
 from torch.autograd import forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 
+from meancache.ops._checks import check_floating_group
+
 CHUNK_ELEMENTS = 1 << 21
 """Scores per temporary in the chunked PyTorch path (8 MB in float32)."""
 
@@ -300,17 +302,10 @@ def _check(
     named = {"q": q, "k": k, "v": v}
     if tangents is not None:
         named |= dict(zip(("q_t", "k_t", "v_t"), tangents, strict=True))
+    check_floating_group(named)
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating (float32, bfloat16, float16, float64), got {t.dtype}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}; q, k, v and tangents must share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all must be on one device")
     (batch, heads, seq_q, head_dim), seq_k = q.shape, k.shape[2]
     for name, t in (("k", k), ("v", v)):
         if t.shape[:2] != (batch, heads):
