@@ -175,12 +175,9 @@ def jvp_attention_triton(
     has_tangent = q_t is not None
     tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     tangents = [t if t.stride(-1) == 1 else t.contiguous() for t in (q_t, k_t, v_t)] if has_tangent else tensors
-    o = torch.empty_like(q)
-    o_t = torch.empty_like(q) if has_tangent else None
+    o = torch.empty_like(tensors[0])  # laid out like q (unit last stride)
+    o_t = torch.empty_like(o) if has_tangent else None
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    if o.stride(-1) != 1:
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        o_t = torch.empty_like(o) if has_tangent else None
     if q.numel() == 0:
         return o.zero_(), o_t.zero_() if o_t is not None else None, lse.fill_(float("-inf"))
     mask_arg = mask if mask is not None else lse

@@ -229,14 +229,7 @@ class MeanCacheHook(ModelHook):
             tangent = velocity(hidden, timestep)
             run.transformer_calls += 1
         else:
-            last = run.estimator.last_velocity()
-            tiles = hidden.shape[0] // last.shape[0] if last.dim() and hidden.shape[0] % last.shape[0] == 0 else 0
-            if tiles == 0 or last.shape[1:] != hidden.shape[1:]:
-                raise RuntimeError(
-                    f"hidden_states {tuple(hidden.shape)} is not (a batch multiple of) the latents "
-                    f"{tuple(last.shape)}: the derivative along the trajectory needs them to match"
-                )
-            tangent = last.to(hidden.dtype).repeat(tiles, *[1] * (last.dim() - 1))
+            tangent = _tiled_over_branches(run.estimator.last_velocity(), hidden.shape, hidden.dtype, "hidden_states")
         timestep = timestep.contiguous()  # pipelines may pass an expanded (stride-0) batch of timesteps
         timestep_rate = timestep / run.sigmas[run.steps_run]  # the pipeline passes sigma times a constant
         with sdpa_as_jvp_attention(module):
@@ -250,26 +243,29 @@ class MeanCacheHook(ModelHook):
         """The previous step's velocity in the transformer's output dtype and shape (tiled over the batch when
         CFG branches are batched into one call). The scheduler hook replaces whatever the pipeline makes of it."""
         if run.placeholder is None or run.placeholder[0] != run.steps_run:
+            assert run.output_shape is not None and run.output_dtype is not None
             velocity = run.estimator.last_velocity()
-            shape = run.output_shape
-            assert shape is not None
-            if velocity.shape[1:] != shape[1:] or shape[0] % velocity.shape[0]:
-                raise RuntimeError(
-                    "MeanCache needs the transformer output to have the latents' shape (or a multiple of their "
-                    f"batch); got {tuple(shape)} for latents {tuple(velocity.shape)}: this pipeline's model output "
-                    "is not the velocity the scheduler steps with"
-                )
-            tiles = shape[0] // velocity.shape[0]
-            # One copy (the pipeline must not see the history ring itself); tile only for batched CFG branches.
-            placeholder = velocity.to(run.output_dtype, copy=True)
-            if tiles > 1:
-                placeholder = placeholder.repeat(tiles, *[1] * (velocity.dim() - 1))
+            placeholder = _tiled_over_branches(velocity, run.output_shape, run.output_dtype, "the transformer output")
             run.placeholder = (run.steps_run, placeholder)
         return run.placeholder[1]
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state.end_run()
         return module
+
+
+def _tiled_over_branches(velocity: torch.Tensor, shape: torch.Size, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A copy of the latent-shaped ``velocity`` in ``dtype``, repeated along the batch to ``shape`` when CFG
+    branches are batched into one transformer call (the pipeline must never see the estimator's own tensors)."""
+    if velocity.shape[1:] != shape[1:] or shape[0] % velocity.shape[0]:
+        raise RuntimeError(
+            f"MeanCache needs {what} to have the latents' shape (or a multiple of their batch); got "
+            f"{tuple(shape)} for latents {tuple(velocity.shape)}: this pipeline's model output is not the velocity "
+            "the scheduler steps with"
+        )
+    copy = velocity.to(dtype, copy=True)
+    tiles = shape[0] // velocity.shape[0]
+    return copy.repeat(tiles, *[1] * (velocity.dim() - 1)) if tiles > 1 else copy
 
 
 class SchedulerStepHook:

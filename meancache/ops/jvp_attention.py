@@ -343,13 +343,11 @@ def _expand_mask(
         raise ValueError(f"attn_mask is on {mask.device} but q is on {device}")
     if mask.dim() == 2 and mask.shape == (batch, seq_k):  # key padding, as diffusers passes it
         mask = mask[:, None, None, :]
-    try:
-        return mask.expand(target) if mask.dim() == 4 else _bad_mask(mask, target)
-    except RuntimeError:
-        return _bad_mask(mask, target)
-
-
-def _bad_mask(mask: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
+    if mask.dim() == 4:
+        try:
+            return mask.expand(target)
+        except RuntimeError:
+            pass
     raise ValueError(
         f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, Sq, Sk) = {target}; "
         f"give a (batch, Sk) key-padding mask or a 4-D mask broadcastable to it"
