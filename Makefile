@@ -25,4 +25,5 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --no-build-isolation --editable ".[test,bench]"
 	$(BIN)/pytest benchmarks --benchmark-enable --benchmark-only

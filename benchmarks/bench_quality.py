@@ -1,57 +1,65 @@
-"""Quality against speed at equal transformer evaluations, on the bundled digits-flux model.
+"""Quality against speed at equal transformer compute, on the bundled digits models.
 
-Reference: the full 50-step Euler run of the same pipeline; digits 0-9 x seeds 0, 1, 2 (the shipped
-calibration used seeds 100-102). Rows per budget B (transformer evaluations):
+For each bundled model (``digits-flux``: FluxPipeline, guidance embedding; ``digits-qwen``:
+QwenImagePipeline, true CFG), the reference is the full 50-step Euler run of the same pipeline, over digits
+0-9 x seeds 0, 1, 2 (the shipped calibrations used seeds 100-102). ``nfe`` counts model evaluations per
+image, a CFG pair counting once (digits-qwen runs two transformer calls per evaluation). Rows per budget
+B (model evaluations):
 
-* MeanCache (the paper's rule) with PSSP schedules from the shipped calibration: closed-loop and one-shot
-  (paper's) costs at gamma 1, 2 and 4 (closed-loop gamma 2 is what ``MeanCacheConfig(budget=B)`` ships);
-* MeanCache on the published Qwen-Image table's shape where one exists (another model's schedule);
-* plain velocity reuse (K = 1): uniform steps, and the closed-loop gamma-2 steps (isolates the spans);
-* fewer steps: B-step sampling with Euler, DPM-Solver++ (2M; it needs FluxPipeline's dynamic shift, here
+* MeanCache (the paper's rule) with the shipped schedule (what ``MeanCacheConfig(budget=B)`` uses: of the
+  calibration's candidate PSSP schedules, the one whose runs on the calibration seeds end closest to the
+  full runs), and with single PSSP solutions: closed-loop and one-shot (paper's) costs at gamma 1, 2, 4;
+* MeanCache on the published Qwen-Image table's shape where one exists (a schedule from another model);
+* plain velocity reuse (K = 1): uniform steps, and the shipped schedule's steps (isolates the spans);
+* fewer steps: B-step sampling with Euler, DPM-Solver++ (2M; it needs the pipelines' dynamic shift, here
   mu = 0.47 for 64 image tokens) and UniPC (flow sigmas);
-* diffusers' own caches, FirstBlockCache (threshold sweep) and TaylorSeer (interval x order sweep, full and
-  lite mode): for each B the best-PSNR setting whose transformer compute is at most B full evaluations.
-  Compute is measured with ``torch.utils.flop_counter`` (transformer FLOPs / one full evaluation's);
-* a max-gap x K-set study of closed-loop gamma-2 schedules (B = 10 and 17);
 * MeanCache with the ``exact-jvp`` estimator (dv/dsigma from a forward-mode pass through the fused JVP
-  attention): on the same closed-loop gamma-2 schedule as the paper's rule (``nfe`` then counts each
-  forward-mode pass at its measured cost in forward-equivalents, so it exceeds B), and at equal compute
-  (the largest schedule whose forward-equivalents fit in B). The cost ratio is measured here, as the
-  median wall time of one forward-mode pass over one plain forward of the transformer.
-
-Not covered: MagCache (needs its own calibration pass) and cache-dit (not installed here).
+  attention): on the same closed-loop gamma-2 schedule (``nfe`` then counts each forward-mode pass at its
+  measured cost in forward-equivalents, so it exceeds B), and at equal compute (the largest schedule whose
+  forward-equivalents fit in B). The cost ratio is measured here: the median wall time of one
+  forward-mode pass over one plain forward of the transformer;
+* block-level peers (:mod:`benchmarks.quality_peers`: diffusers' FirstBlockCache, TaylorSeer and MagCache,
+  cache-dit's DBCache with and without TaylorSeer): for each B and family, the best-PSNR setting whose
+  measured compute is at most B full evaluations.
 
 Metrics: PSNR and SSIM against the reference (scikit-image), how often a digit classifier recognises the
-requested class, and wall-clock speedup over the reference (same seeds, same machine).
-Results: ``benchmarks/results/quality_digits-flux.json``.
+requested class, and wall-clock speedup over the reference (same seeds, same machine, same process).
+Results: ``benchmarks/results/quality_<model>.json`` and the quality-vs-speedup plot ``quality_<model>.png``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FirstBlockCacheConfig, TaylorSeerCacheConfig, UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.helpers import write_results
+from benchmarks.helpers import RESULTS_DIR, write_results
+from benchmarks.quality_peers import block_caches, magcache_ratios
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.cli.demo import image_metrics
 from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention
 from meancache.method.estimators import ExactJVPEstimator
-from meancache.models import bundled_model_path, class_inputs, load_digits_pipeline
-from meancache.models.digits import classify, digit_classifier
+from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
+from meancache.models.digits import CLASSES, classify, digit_classifier
+from meancache.models.train import CALIBRATION_SEEDS
 from meancache.schedule.calibration import Calibration
 
 STEPS = 50
 SEEDS = (0, 1, 2)
 BUDGETS = (8, 10, 13, 17, 25)
-CLASSES = list(range(10))
+SHIPPED = "meancache: shipped schedule (pssp candidates validated on the calibration seeds)"
 
 
-def _schedules(calibration: Calibration, budget: int) -> dict[str, Schedule]:
-    rows = {
+def _schedules(model_name: str, calibration: Calibration, budget: int) -> dict[str, Schedule]:
+    shipped = bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json"
+    rows = {SHIPPED: Schedule.load(shipped)}
+    rows |= {
         f"meancache: pssp {kind} gamma={gamma:g}": calibration.schedule(budget, kind=kind, gamma=gamma)
         for kind in ("closed-loop", "one-shot")
         for gamma in (1.0, 2.0, 4.0)
@@ -59,42 +67,8 @@ def _schedules(calibration: Calibration, budget: int) -> dict[str, Schedule]:
     if budget in (10, 17, 25):
         rows["meancache: qwen-image table shape"] = Schedule.preset("qwen-image", budget)
     rows["plain reuse: uniform steps"] = Schedule.uniform(STEPS, budget)
-    steps = rows["meancache: pssp closed-loop gamma=2"].compute_steps
-    rows["plain reuse: pssp closed-loop gamma=2 steps"] = Schedule(STEPS, steps, (1,) * (budget - 1))
+    rows["plain reuse: shipped schedule's steps"] = Schedule(STEPS, rows[SHIPPED].compute_steps, (1,) * (budget - 1))
     return rows
-
-
-def _max_gap_and_span_study(pipe, embeddings, generate, references: dict) -> list[dict]:
-    """Recalibrate with max gap 12 (same seeds as the shipped calibration), then solve closed-loop gamma-2
-    schedules restricted to max gap 6, 8 or 12 and spans 1..1, 1..3 or 1..5."""
-    from meancache.integrations.diffusers import calibrate_pipeline
-    from meancache.models.digits import calibration_calls
-    from meancache.schedule.pssp import solve_pssp
-
-    costs = calibrate_pipeline(pipe, calibration_calls(embeddings), STEPS, max_gap=12, max_span=5).costs("closed-loop")
-    rows = []
-    for budget in (10, 17):
-        for max_gap in (6, 8, 12):
-            for max_span in (1, 3, 5):
-                schedule = solve_pssp(costs[..., :max_span], budget, gamma=2.0, max_gap=max_gap)
-                enable_mean_cache(pipe, MeanCacheConfig(schedule))
-                images = {seed: generate(seed) for seed in SEEDS}
-                disable_mean_cache(pipe)
-                rows.append({
-                    "method": f"study: pssp closed-loop gamma=2, max_gap={max_gap}, K<={max_span}", "budget": budget,
-                    "nfe": budget, "psnr": float(np.mean([image_metrics(images[s], references[s])[0] for s in SEEDS])),
-                    "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans),
-                })  # fmt: skip
-    return rows
-
-
-DIFFUSERS_CACHES = {
-    **{f"FirstBlockCache threshold={t:g}": FirstBlockCacheConfig(threshold=t)
-       for t in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)},
-    **{f"TaylorSeer interval={k} order={o}{' lite' if lite else ''}": TaylorSeerCacheConfig(
-        cache_interval=k, disable_cache_before_step=1, max_order=o, use_lite_mode=lite)
-       for k in (3, 5, 8) for o in (1, 2) for lite in (False, True)},
-}  # fmt: skip
 
 
 def _jvp_cost_in_forwards(pipe, inputs: dict) -> float:
@@ -142,7 +116,7 @@ def _transformer_flops(pipe, inputs: dict) -> float:
     return float(sum(counter.get_flop_counts()[type(pipe.transformer).__name__].values()))
 
 
-SOLVERS = {
+SOLVERS: dict[str, Callable[[], Any] | None] = {
     "fewer steps: Euler": None,  # the pipeline's own FlowMatchEulerDiscreteScheduler
     "fewer steps: DPM-Solver++ 2M": lambda: DPMSolverMultistepScheduler(
         use_flow_sigmas=True,
@@ -155,12 +129,53 @@ SOLVERS = {
 }
 
 
-def test_quality(benchmark):
-    pipe, embeddings = load_digits_pipeline()
+def family(method: str) -> str:
+    """The series a row of ours belongs to in the plot (peer rows carry their own)."""
+    if method == SHIPPED:
+        return "MeanCache (shipped schedule)"
+    if method.startswith("meancache:"):
+        return "MeanCache (other schedules)"
+    return method
+
+
+def plot_quality(model_name: str, rows: list[dict], sweep: list[dict]) -> None:
+    """PSNR against measured wall-clock speedup, one series per family; peers' full sweeps in light grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    finite = [r for r in sweep if np.isfinite(r["psnr"])]
+    ax.scatter([r["speedup_wall"] for r in finite], [r["psnr"] for r in finite], s=10, color="0.8",
+               label="peer caches, every setting")  # fmt: skip
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if "speedup_wall" in r and np.isfinite(r["psnr"]) and r["nfe"] <= r["budget"]:
+            series.setdefault(family(r["method"]), []).append(r)
+    for name, points in sorted(series.items(), key=lambda kv: not kv[0].startswith("MeanCache (shipped")):
+        points = sorted(points, key=lambda r: r["speedup_wall"])
+        shipped = name.startswith("MeanCache (shipped")
+        style = {"linewidth": 3, "zorder": 3} if shipped else {"linewidth": 1, "linestyle": "--"}
+        ax.plot([p["speedup_wall"] for p in points], [p["psnr"] for p in points], marker="o", label=name, **style)
+    ax.set_xlabel("wall-clock speedup over the full 50-step run (measured, CPU)")
+    ax.set_ylabel("PSNR against the full run (dB)")
+    ax.set_title(f"{model_name}: quality vs speed at equal transformer compute (B = {', '.join(map(str, BUDGETS))})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"quality_{model_name}.png", dpi=120)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
+def test_quality(benchmark, model_name):
+    model = load_digits_model(model_name)
+    pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
-    calibration = Calibration.load(bundled_model_path() / "meancache_calibration.json")
+    calibration = Calibration.load(bundled_model_path(model_name) / "meancache_calibration.json")
     classifier = digit_classifier()
-    inputs = class_inputs(embeddings, CLASSES)
+    inputs = model.inputs(CLASSES)
     euler = pipe.scheduler
 
     def generate(seed: int, steps: int = STEPS) -> np.ndarray:
@@ -173,7 +188,7 @@ def test_quality(benchmark):
         images = {seed: generate(seed, steps) for seed in SEEDS}
         return images, time.perf_counter() - start
 
-    def row(method: str, budget: int, nfe: int, images: dict, seconds: float, references: dict, full: float) -> dict:
+    def row(method: str, budget: int, nfe: float, images: dict, seconds: float, references: dict, full: float) -> dict:
         metrics = [image_metrics(images[s], references[s]) for s in SEEDS]
         predicted = torch.cat([classify(classifier, torch.from_numpy(images[s])) for s in SEEDS])
         return {
@@ -191,10 +206,10 @@ def test_quality(benchmark):
         reference.update(images=references, seconds=full_seconds)
         rows = [row("full 50 steps (reference)", STEPS, STEPS, references, full_seconds, references, full_seconds)]
         for budget in BUDGETS:
-            for method, schedule in _schedules(calibration, budget).items():
+            for method, schedule in _schedules(model_name, calibration, budget).items():
                 enable_mean_cache(pipe, MeanCacheConfig(schedule))
                 images, seconds = run()
-                nfe = summary(pipe).transformer_calls
+                nfe = summary(pipe).computed_steps
                 disable_mean_cache(pipe)
                 rows.append({**row(method, budget, nfe, images, seconds, references, full_seconds),
                              "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans)})  # fmt: skip
@@ -218,35 +233,39 @@ def test_quality(benchmark):
                 rows.append(row(method, budget, budget, images, seconds, references, full_seconds))
         return rows
 
-    def diffusers_cache_rows(references: dict, full_seconds: float) -> tuple[list[dict], list[dict]]:
+    def peer_rows(references: dict, full_seconds: float) -> tuple[list[dict], list[dict]]:
         full_flops = _transformer_flops(pipe, inputs)
-        candidates = []
-        for name, config in DIFFUSERS_CACHES.items():
-            pipe.transformer.enable_cache(config)
+        calls = [{**inputs, "generator": torch.Generator().manual_seed(s)} for s in CALIBRATION_SEEDS]
+        sweep = []
+        for cache in block_caches(STEPS, magcache_ratios(pipe, calls, STEPS)):
+            cache.enable(pipe)
             nfe = STEPS * _transformer_flops(pipe, inputs) / full_flops
             images, seconds = run()
-            pipe.transformer.disable_cache()
-            candidates.append(row(f"diffusers {name}", 0, round(nfe, 1), images, seconds, references, full_seconds))
-        rows = []
-        for family in ("FirstBlockCache", "TaylorSeer"):
+            cache.disable(pipe)
+            sweep.append({**row(cache.method, 0, round(nfe, 1), images, seconds, references, full_seconds),
+                          "family": cache.family})  # fmt: skip
+        best = []
+        for name in dict.fromkeys(r["family"] for r in sweep):
             for budget in BUDGETS:
-                fitting = [c for c in candidates if c["nfe"] <= budget and family in c["method"]]
+                fitting = [r for r in sweep if r["family"] == name and r["nfe"] <= budget]
                 if fitting:
-                    rows.append({**max(fitting, key=lambda c: c["psnr"]), "budget": budget})
-        return rows, candidates
+                    best.append({**max(fitting, key=lambda r: r["psnr"]), "budget": budget})
+        return best, sweep
 
     rows = benchmark.pedantic(evaluate, rounds=1, iterations=1)
-    cache_rows, sweep = diffusers_cache_rows(reference["images"], reference["seconds"])
-    rows += cache_rows
-    rows += _max_gap_and_span_study(pipe, embeddings, generate, reference["images"])
-    write_results("quality_digits-flux", {
-        "model": "digits-flux", "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES, "rows": rows,
-        "diffusers_cache_sweep": sweep, "exact_jvp_cost_in_forwards": jvp_cost,
-    })  # fmt: skip
-    # MeanCache and fewer-steps rows ran the transformer exactly B times; block caches and equal-compute
-    # exact-jvp at most B equivalents
+    best_peers, sweep = peer_rows(reference["images"], reference["seconds"])
+    rows += best_peers
     for r in rows:
-        if r["method"].startswith("diffusers") or "equal compute" in r["method"]:
+        r.setdefault("family", family(r["method"]))
+    write_results(f"quality_{model_name}", {
+        "model": model_name, "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES,
+        "transformer_calls_per_evaluation": 2 if model.recipe.name == "digits-qwen" else 1, "rows": rows,
+        "peer_sweep": sweep, "exact_jvp_cost_in_forwards": jvp_cost,
+    })  # fmt: skip
+    plot_quality(model_name, rows, sweep)
+    # MeanCache and fewer-steps rows ran the model exactly B times; peers and equal-compute exact-jvp at most B
+    for r in rows:
+        if r["method"].startswith(("diffusers", "cache-dit")) or "equal compute" in r["method"]:
             assert r["nfe"] <= r["budget"], r
         elif "same schedule" not in r["method"]:
             assert r["nfe"] == r["budget"], r

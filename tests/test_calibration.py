@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache
-from meancache.schedule.calibration import Calibration, StabilityCostAccumulator, calibrate
+from meancache import Schedule
+from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
+from meancache.schedule.calibration import CANDIDATE_GAMMAS, Calibration, StabilityCostAccumulator, calibrate
+from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
 from tests.reference_loop import ReferenceMeanCache, toy_velocity
 
@@ -98,6 +100,37 @@ def test_save_load_round_trip_and_schedules(tmp_path):
     assert schedule.metadata["cost_kind"] == "closed-loop" and schedule.metadata["model"] == "toy"
 
 
+def test_candidate_schedules_cover_the_solver_grid():
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    cal = calibrate(toy_velocity, [torch.randn(4)], sigmas, MAX_GAP, MAX_SPAN, metadata={"model": "toy"})
+    candidates = cal.candidate_schedules(6)
+    keys = {(c.compute_steps, c.spans) for c in candidates}
+    assert len(keys) == len(candidates)  # no duplicates
+    for gap, span, gamma in itertools.product((3, 4, 5), (3,), CANDIDATE_GAMMAS):
+        solved = solve_pssp(cal.costs()[..., :span], 6, gamma=gamma, max_gap=gap)
+        assert (solved.compute_steps, solved.spans) in keys
+    assert all(c.budget == 6 and c.metadata["model"] == "toy" for c in candidates)
+    assert all(max(b - a for a, b in itertools.pairwise(c.compute_steps)) <= c.metadata["max_gap"] for c in candidates)
+    with pytest.raises(ValueError, match="no schedule with 2 computed steps bridges gaps of at most 5"):
+        cal.candidate_schedules(2)
+
+
+def test_select_schedule_picks_the_candidate_closest_to_the_full_run():
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    calls = [{**tiny_inputs("flux", seed=s), "generator": torch.Generator().manual_seed(s)} for s in range(2)]
+    good = Schedule(12, tuple(range(12)), (1,) * 11)  # everything computed: exact
+    poor = Schedule.uniform(12, 3)
+    chosen = select_schedule(pipe, calls, [poor, good], num_inference_steps=12)
+    assert (chosen.compute_steps, chosen.metadata["validation_candidates"]) == (good.compute_steps, 2)
+    assert chosen.metadata["validation_error"] == 0.0  # the same noise each run: generators are rewound
+    assert "step" not in pipe.scheduler.__dict__  # MeanCache is off again
+    with pytest.raises(ValueError, match=r"candidates for \[20\] steps cannot run with num_inference_steps=12"):
+        select_schedule(pipe, calls, [Schedule.uniform(20, 5)], 12)
+    with pytest.raises(ValueError, match="calls is empty"):
+        select_schedule(pipe, [], [good], 12)
+
+
 def test_calibrating_a_real_pipeline(tmp_path):
     pipe = tiny_pipeline("qwen-image")
     pipe.set_progress_bar_config(disable=True)
@@ -137,7 +170,7 @@ def test_bad_calibration_inputs_get_clear_errors(tmp_path):
     pipe = tiny_pipeline("flux")
     with pytest.raises(ValueError, match="calls is empty"):
         calibrate_pipeline(pipe, [], 10)
-    from meancache import MeanCacheConfig, Schedule
+    from meancache import MeanCacheConfig
 
     enable_mean_cache(pipe, MeanCacheConfig(Schedule.uniform(10, 5)))
     with pytest.raises(RuntimeError, match="already wrapped"):

@@ -96,11 +96,12 @@ def test_schedule_command_reports_infeasible_budgets(tmp_path):
         main(["schedule", str(tmp_path / "c.json"), "--budget", "3", "--out-dir", str(tmp_path)])
 
 
-def test_generate_with_the_bundled_model_and_a_budget(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["digits-flux", "digits-qwen"])
+def test_generate_with_a_bundled_model_and_a_budget(tmp_path, capsys, model):
     from PIL import Image
 
     out = tmp_path / "seven.png"
-    main(["generate", "--model", "digits-flux", "--prompt", "7", "--budget", "10", "--out", str(out)])
+    main(["generate", "--model", model, "--prompt", "7", "--budget", "10", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "10 computed, 40 reused" in printed and f"wrote {out}" in printed
     with Image.open(out) as image:

@@ -12,10 +12,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
-from meancache.models import class_inputs, load_digits_pipeline
-from meancache.models.digits import classify, digit_classifier
-
-CLASSES = list(range(10))
+from meancache.models import load_digits_model
+from meancache.models.digits import CLASSES, classify, digit_classifier
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,10 @@ def run_demo(steps: int = 50, seed: int = 0, grid_path: Path | None = None) -> l
     model's shipped calibrated schedules at 50 steps) and with plain reuse at budget 10; time and compare."""
     if steps < 10:
         raise ValueError(f"the demo needs at least 10 steps (its smallest budget), got {steps}")
-    pipe, embeddings = load_digits_pipeline()
+    model = load_digits_model("digits-flux")
+    pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
-    inputs = class_inputs(embeddings, CLASSES)
+    inputs = model.inputs(CLASSES)
     classifier = digit_classifier()
 
     def generate() -> tuple[np.ndarray, float]:

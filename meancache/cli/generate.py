@@ -1,4 +1,4 @@
-"""``meancache generate``: one image from a checkpoint (a folder, a hub id, or the bundled ``digits-flux``),
+"""``meancache generate``: one image from a checkpoint (a folder, a hub id, or a bundled digits model),
 with MeanCache at a budget or from a schedule file, or without it."""
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import torch
 
 from meancache import MeanCacheConfig, Schedule, enable_mean_cache, summary
 from meancache.cli.schedules import DTYPES
-from meancache.models import BUNDLED_MODELS, class_inputs, load_digits_pipeline
+from meancache.models import BUNDLED_MODELS, load_digits_model
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="pipeline folder, hub id, or 'digits-flux' (bundled)")
-    parser.add_argument("--prompt", required=True, help="text prompt (for digits-flux: the digit, 0-9)")
+    parser.add_argument(
+        "--model", required=True, help=f"pipeline folder, hub id, or a bundled model: {', '.join(BUNDLED_MODELS)}"
+    )
+    parser.add_argument("--prompt", required=True, help="text prompt (for the bundled models: the digit, 0-9)")
     parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default 50)")
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--budget", type=int, help="MeanCache with this many computed steps (schedule picks itself)")
@@ -51,10 +53,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.model in BUNDLED_MODELS:
         if args.prompt not in [str(d) for d in range(10)]:
             raise SystemExit(
-                f"meancache generate: digits-flux draws a digit: --prompt must be 0-9, got {args.prompt!r}"
+                f"meancache generate: {args.model} draws a digit: --prompt must be 0-9, got {args.prompt!r}"
             )
-        pipe, embeddings = load_digits_pipeline(dtype=DTYPES[args.dtype])
-        return pipe.to(args.device), {**class_inputs(embeddings, [int(args.prompt)]), **size}
+        model = load_digits_model(args.model, dtype=DTYPES[args.dtype])
+        return model.pipe.to(args.device), {**model.inputs([int(args.prompt)]), **size}
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)

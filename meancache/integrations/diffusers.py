@@ -26,7 +26,7 @@ import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -446,3 +446,49 @@ def calibrate_pipeline(
         "cost_kinds": ["one-shot", "closed-loop"],
     }
     return accumulator.result(metadata)
+
+
+def select_schedule(
+    pipe: DiffusionPipeline, calls: Sequence[dict[str, Any]], candidates: Sequence[Schedule], num_inference_steps: int
+) -> Schedule:
+    """The candidate whose MeanCache runs of ``calls`` land closest to the full runs' final latents.
+
+    Each call (pipeline keyword arguments, seeds via ``generator``) runs once in full and once per candidate,
+    from the same noise (generators are rewound). The error of a candidate is the mean over calls of
+    ``||z_hat - z|| / ||z||`` on the final latents; it is stored in the returned schedule's metadata
+    (``validation_error``, with ``validation_candidates``). Use calls disjoint from those you evaluate on.
+    """
+    if not calls:
+        raise ValueError("calls is empty: nothing to validate the candidates on")
+    if not candidates:
+        raise ValueError("candidates is empty: nothing to select from")
+    wrong = sorted({c.num_steps for c in candidates} - {num_inference_steps})
+    if wrong:
+        raise ValueError(f"candidates for {wrong} steps cannot run with num_inference_steps={num_inference_steps}")
+    generators = [kwargs.get("generator") for kwargs in calls]
+    states = [g.get_state() if isinstance(g, torch.Generator) else None for g in generators]
+
+    def final_latents() -> list[torch.Tensor]:
+        latents = []
+        for kwargs, generator, state in zip(calls, generators, states, strict=True):
+            if state is not None:
+                generator.set_state(state)
+            with torch.inference_mode():
+                out = pipe(**{**kwargs, "output_type": "latent", "num_inference_steps": num_inference_steps})
+            latents.append(out[0].float() if isinstance(out, tuple) else out.images.float())
+        return latents
+
+    references = final_latents()
+    errors = []
+    for candidate in candidates:
+        enable_mean_cache(pipe, MeanCacheConfig(candidate))
+        try:
+            latents = final_latents()
+        finally:
+            disable_mean_cache(pipe)
+        errors.append(sum(float((z - r).norm() / r.norm()) for z, r in zip(latents, references, strict=True)))
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    chosen = candidates[best]
+    metadata = {**chosen.metadata, "validation_error": errors[best] / len(calls),
+                "validation_candidates": len(candidates)}  # fmt: skip
+    return Schedule(chosen.num_steps, chosen.compute_steps, chosen.spans, metadata)

@@ -1,22 +1,29 @@
 """Models bundled with meancache: diffusers ``save_pretrained`` folders inside the package.
 
-``digits-flux``: a small class-conditional FLUX (real ``FluxPipeline``) trained on scikit-learn's digits;
-see :mod:`meancache.models.digits` for how it was trained and how to reproduce it.
+* ``digits-flux``: a small class-conditional FLUX (real ``FluxPipeline``, guidance embedding);
+* ``digits-qwen``: a small class-conditional Qwen-Image (real ``QwenImagePipeline``, true CFG).
+
+Both were trained on scikit-learn's digits; :mod:`meancache.models.recipes` describes them and
+:mod:`meancache.models.train` reproduces them.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from meancache.models.digits import IMAGE_SIZE
+from meancache.models.recipes import EMBEDDING_ROWS, RECIPES, DigitsRecipe
 
-BUNDLED_MODELS = {"digits-flux": Path(__file__).parent / "digits-flux"}
+BUNDLED_MODELS = {name: Path(__file__).parent / name for name in RECIPES}
 _REQUIRED = (
     "model_index.json",
     "transformer/config.json",
@@ -33,36 +40,47 @@ def bundled_model_path(name: str = "digits-flux") -> Path:
     return BUNDLED_MODELS[name]
 
 
-def load_digits_pipeline(
-    path: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[FluxPipeline, dict[str, torch.Tensor]]:
-    """``FluxPipeline.from_pretrained`` on a digits-flux folder (the bundled one by default), and its class
-    embeddings ``{"prompt_embeds": (11, T, D), "pooled_prompt_embeds": (11, D)}`` (index 10: no class)."""
-    folder = Path(path) if path is not None else bundled_model_path("digits-flux")
+@dataclass(frozen=True)
+class DigitsModel:
+    """A loaded digits model: its pipeline, the learned class embeddings and the recipe it was built from."""
+
+    pipe: DiffusionPipeline
+    embeddings: dict[str, torch.Tensor]
+    recipe: DigitsRecipe
+
+    def inputs(self, classes: list[int]) -> dict[str, Any]:
+        """Pipeline arguments generating ``classes`` (one 32x32 image each, in order; 10 is "no class")."""
+        bad = [c for c in classes if not 0 <= c < EMBEDDING_ROWS]
+        if bad:
+            raise ValueError(f"classes {bad} are out of range: digits 0..9, or 10 for unconditional")
+        return self.recipe.inputs(self.embeddings, torch.tensor(classes))
+
+
+def load_digits_model(model: str | os.PathLike[str] = "digits-flux", dtype: torch.dtype = torch.float32) -> DigitsModel:
+    """``from_pretrained`` on a digits model folder: a bundled model's name (``digits-flux``,
+    ``digits-qwen``) or the path of a folder one was saved to."""
+    folder = BUNDLED_MODELS[model] if isinstance(model, str) and model in BUNDLED_MODELS else Path(model)
     missing = [part for part in _REQUIRED if not (folder / part).exists()]
     if missing:
-        raise FileNotFoundError(f"{str(folder)!r} is not a digits-flux model folder: it lacks {missing}")
+        raise FileNotFoundError(
+            f"{str(folder)!r} is not a digits model folder: it lacks {missing} (bundled: {sorted(BUNDLED_MODELS)})"
+        )
     try:
+        pipeline_class = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        recipes = {r.pipeline_class.__name__: r for r in RECIPES.values()}
+        if pipeline_class not in recipes:
+            raise ValueError(f"it holds a {pipeline_class}; digits models are {sorted(recipes)}")
+        recipe = recipes[pipeline_class]
         # Conditioning comes from the class embeddings, so the pipeline has no text encoders or tokenizers.
-        no_text = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
-        pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, **no_text)
+        components = inspect.signature(recipe.pipeline_class.__init__).parameters
+        no_text = {k: None for k in components if k.startswith(("text_encoder", "tokenizer"))}
+        pipe = recipe.pipeline_class.from_pretrained(folder, dtype=dtype, **no_text)
         embeddings = load_file(folder / "class_embeddings.safetensors")
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise ValueError(f"{str(folder)!r} holds a corrupt digits-flux model: {e}") from e
-    if set(embeddings) != {"prompt_embeds", "pooled_prompt_embeds"}:
-        raise ValueError(f"{str(folder)!r}: class_embeddings.safetensors holds {sorted(embeddings)}")
-    return pipe, {k: v.to(dtype) for k, v in embeddings.items()}
-
-
-def class_inputs(embeddings: dict[str, torch.Tensor], classes: list[int]) -> dict[str, torch.Tensor | int]:
-    """FluxPipeline inputs generating ``classes`` (one 32x32 image each, in order)."""
-    bad = [c for c in classes if not 0 <= c < embeddings["prompt_embeds"].shape[0]]
-    if bad:
-        raise ValueError(f"classes {bad} are out of range: digits 0..9, or 10 for unconditional")
-    index = torch.tensor(classes)
-    return {
-        "prompt_embeds": embeddings["prompt_embeds"][index],
-        "pooled_prompt_embeds": embeddings["pooled_prompt_embeds"][index],
-        "height": IMAGE_SIZE,
-        "width": IMAGE_SIZE,
-    }
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"{str(folder)!r} holds a corrupt digits model: {e}") from e
+    if set(embeddings) != set(recipe.embedding_shapes):
+        raise ValueError(
+            f"{str(folder)!r}: class_embeddings.safetensors holds {sorted(embeddings)}, "
+            f"{recipe.name} needs {sorted(recipe.embedding_shapes)}"
+        )
+    return DigitsModel(pipe, {k: v.to(dtype) for k, v in embeddings.items()}, recipe)

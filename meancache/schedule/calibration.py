@@ -37,6 +37,7 @@ from meancache.schedule.schedule import Schedule, load_json_object
 COST_KINDS = ("one-shot", "closed-loop")
 AGGREGATES = ("mean", "max")
 CALIBRATION_FORMAT_VERSION = 1
+CANDIDATE_GAMMAS = (1.5, 2.0, 3.0)
 
 
 @dataclass
@@ -66,6 +67,28 @@ class Calibration:
         schedule = solve_pssp(self.costs(kind), budget, gamma=gamma, max_gap=self.max_gap)
         metadata = {**self.metadata, **schedule.metadata, "cost_kind": kind, "budget": budget}
         return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
+
+    def candidate_schedules(self, budget: int) -> list[Schedule]:
+        """Closed-loop PSSP schedules for ``budget`` over a small grid of solver settings, for validation
+        (:func:`meancache.integrations.diffusers.select_schedule`): ``gamma`` in ``CANDIDATE_GAMMAS``, the
+        largest span in ``3 .. max_span`` and the largest gap in ``max_gap - 2 .. max_gap``. The costs only
+        approximate the error of a whole run, so the best of these is picked by running them; the grid is
+        small because settings close to the calibration's own give nearly the same schedules."""
+        candidates: dict[tuple[tuple[int, ...], tuple[int, ...]], Schedule] = {}
+        for gap in range(max(2, self.max_gap - 2), self.max_gap + 1):
+            for span in range(min(3, self.max_span), self.max_span + 1):
+                for gamma in CANDIDATE_GAMMAS:
+                    try:
+                        found = solve_pssp(self.closed_loop[..., :span], budget, gamma=gamma, max_gap=gap)
+                    except ValueError:  # this gap cannot bridge the run with this budget
+                        continue
+                    settings = {"cost_kind": "closed-loop", "max_span": span, "budget": budget}
+                    schedule = Schedule(found.num_steps, found.compute_steps, found.spans,
+                                        {**self.metadata, **found.metadata, **settings})  # fmt: skip
+                    candidates.setdefault((schedule.compute_steps, schedule.spans), schedule)
+        if not candidates:
+            raise ValueError(f"no schedule with {budget} computed steps bridges gaps of at most {self.max_gap}")
+        return list(candidates.values())
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as JSON (unmeasured costs as ``null``)."""

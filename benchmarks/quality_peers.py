@@ -1,0 +1,99 @@
+"""The block-level caches the quality benchmark compares against, each as a sweep of settings.
+
+* diffusers' hooks: FirstBlockCache (threshold), TaylorSeer (interval x order, full and lite) and MagCache
+  (threshold x max skipped steps x retention) with magnitude ratios from MagCache's own calibration mode,
+  run on the calibration seeds, never the evaluated ones;
+* cache-dit: DBCache F1B0 (threshold), with and without its TaylorSeer calibrator (order 1 and 2).
+
+These caches skip part of the transformer (or all of it) per step by their own rule, so their compute is
+*measured*, not set: transformer FLOPs with ``torch.utils.flop_counter`` over those of a full run.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is imported
+import cache_dit
+
+
+@dataclass(frozen=True)
+class BlockCache:
+    """One setting of a peer cache: how to switch it on and off on a pipeline."""
+
+    family: str
+    setting: str
+    enable: Callable[[Any], None]
+    disable: Callable[[Any], None]
+
+    @property
+    def method(self) -> str:
+        return f"{self.family} {self.setting}"
+
+
+def _diffusers(family: str, setting: str, config: Any) -> BlockCache:
+    return BlockCache(family, setting, lambda pipe: pipe.transformer.enable_cache(config),
+                      lambda pipe: pipe.transformer.disable_cache())  # fmt: skip
+
+
+def _cache_dit(family: str, setting: str, threshold: float, taylorseer_order: int | None, steps: int) -> BlockCache:
+    def enable(pipe: Any) -> None:
+        calibrator = (
+            cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+        )
+        cache_dit.enable_cache(
+            pipe, cache_config=cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
+            residual_diff_threshold=threshold, max_warmup_steps=2, num_inference_steps=steps),
+            calibrator_config=calibrator,
+        )  # fmt: skip
+
+    return BlockCache(family, setting, enable, cache_dit.disable_cache)
+
+
+def magcache_ratios(pipe: Any, calls: list[dict[str, Any]], steps: int) -> list[float]:
+    """MagCache's own calibration mode on full runs of ``calls``: the per-step residual magnitude ratios it
+    prints at the end of each run (one list per run and CFG branch), averaged."""
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), torch.inference_mode():
+            for kwargs in calls:
+                pipe(**kwargs, num_inference_steps=steps, output_type="latent")
+    finally:
+        pipe.transformer.disable_cache()
+    runs = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[")]
+    if not runs or any(len(r) != steps for r in runs):
+        raise RuntimeError(f"MagCache calibration printed {[len(r) for r in runs]} ratio lists, expected {steps}")
+    return torch.tensor(runs).mean(0).tolist()
+
+
+def block_caches(steps: int, mag_ratios: list[float]) -> Iterator[BlockCache]:
+    """Every peer setting the benchmark sweeps, for ``steps``-step generation."""
+    for t in (0.05, 0.1, 0.2, 0.4, 0.6, 1.0):
+        yield _diffusers("diffusers FirstBlockCache", f"threshold={t:g}", FirstBlockCacheConfig(threshold=t))
+    for k in (3, 5, 8):
+        for order in (1, 2):
+            for lite in (False, True) if order == 2 else (True,):
+                config = TaylorSeerCacheConfig(cache_interval=k, disable_cache_before_step=1, max_order=order,
+                                               use_lite_mode=lite)  # fmt: skip
+                yield _diffusers("diffusers TaylorSeer", f"interval={k} order={order}{' lite' if lite else ''}", config)
+    for t in (0.03, 0.1, 0.3, 1.0):
+        for skips in (3, 6):
+            for retention in (0.04, 0.12):
+                config = MagCacheConfig(threshold=t, max_skip_steps=skips, retention_ratio=retention,
+                                        num_inference_steps=steps, mag_ratios=mag_ratios)  # fmt: skip
+                setting = f"threshold={t:g} max_skip={skips} retention={retention:g}"
+                yield _diffusers("diffusers MagCache", setting, config)
+    for t in (0.1, 0.2, 0.4, 0.8):
+        yield _cache_dit("cache-dit DBCache", f"F1B0 threshold={t:g}", t, None, steps)
+        for order in (1, 2):
+            yield _cache_dit("cache-dit DBCache+TaylorSeer", f"F1B0 threshold={t:g} order={order}", t, order, steps)
