@@ -70,7 +70,8 @@ def magcache_ratios(pipe: Any, calls: list[dict[str, Any]], steps: int) -> list[
                 pipe(**kwargs, num_inference_steps=steps, output_type="latent")
     finally:
         pipe.transformer.disable_cache()
-    runs = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[")]
+    lines = printed.getvalue().splitlines()
+    runs = [ast.literal_eval(line) for line in lines if line.startswith("[") and not line.startswith("[MagCache]")]
     if not runs or any(len(r) != steps for r in runs):
         raise RuntimeError(f"MagCache calibration printed {[len(r) for r in runs]} ratio lists, expected {steps}")
     return torch.tensor(runs).mean(0).tolist()
