@@ -116,16 +116,33 @@ def _transformer_flops(pipe, inputs: dict) -> float:
     return float(sum(counter.get_flop_counts()[type(pipe.transformer).__name__].values()))
 
 
+def _own_flow_sigmas(scheduler_class: type, **config: Any) -> Any:
+    """``scheduler_class(**config)`` stepping on its own flow-sigma schedule. FluxPipeline drops the sigmas it
+    would pass when a scheduler has ``use_flow_sigmas``; QwenImagePipeline always passes them, which
+    DPM-Solver++ cannot take. Both pipelines then run the same solver: the pipeline's sigmas only set the
+    step count."""
+
+    class OwnFlowSigmas(scheduler_class):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, **kwargs):
+            steps = len(sigmas) if sigmas is not None else num_inference_steps
+            super().set_timesteps(steps, device=device, **kwargs)
+
+    return OwnFlowSigmas(**config)
+
+
 SOLVERS: dict[str, Callable[[], Any] | None] = {
     "fewer steps: Euler": None,  # the pipeline's own FlowMatchEulerDiscreteScheduler
-    "fewer steps: DPM-Solver++ 2M": lambda: DPMSolverMultistepScheduler(
+    "fewer steps: DPM-Solver++ 2M": lambda: _own_flow_sigmas(
+        DPMSolverMultistepScheduler,
         use_flow_sigmas=True,
         prediction_type="flow_prediction",
         use_dynamic_shifting=True,
         algorithm_type="dpmsolver++",
         solver_order=2,
     ),
-    "fewer steps: UniPC": lambda: UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
+    "fewer steps: UniPC": lambda: _own_flow_sigmas(
+        UniPCMultistepScheduler, use_flow_sigmas=True, prediction_type="flow_prediction"
+    ),
 }
 
 
@@ -139,7 +156,10 @@ def family(method: str) -> str:
 
 
 def plot_quality(model_name: str, rows: list[dict], sweep: list[dict]) -> None:
-    """PSNR against measured wall-clock speedup, one series per family; peers' full sweeps in light grey."""
+    """PSNR against compute speedup (``STEPS / nfe``), one series per family, peers' full sweeps in grey.
+
+    Compute, not wall time, on the x axis: on these tiny models a whole run takes about a second and wall
+    time varies by tens of percent between runs (the measured speedups are in the JSON)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,20 +167,24 @@ def plot_quality(model_name: str, rows: list[dict], sweep: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 6))
     finite = [r for r in sweep if np.isfinite(r["psnr"])]
-    ax.scatter([r["speedup_wall"] for r in finite], [r["psnr"] for r in finite], s=10, color="0.8",
-               label="peer caches, every setting")  # fmt: skip
+    ax.scatter([STEPS / r["nfe"] for r in finite], [r["psnr"] for r in finite], s=10, color="0.8",
+               label="peer caches, every setting swept")  # fmt: skip
     series: dict[str, list[dict]] = {}
     for r in rows:
-        if "speedup_wall" in r and np.isfinite(r["psnr"]) and r["nfe"] <= r["budget"]:
-            series.setdefault(family(r["method"]), []).append(r)
-    for name, points in sorted(series.items(), key=lambda kv: not kv[0].startswith("MeanCache (shipped")):
-        points = sorted(points, key=lambda r: r["speedup_wall"])
-        shipped = name.startswith("MeanCache (shipped")
-        style = {"linewidth": 3, "zorder": 3} if shipped else {"linewidth": 1, "linestyle": "--"}
-        ax.plot([p["speedup_wall"] for p in points], [p["psnr"] for p in points], marker="o", label=name, **style)
-    ax.set_xlabel("wall-clock speedup over the full 50-step run (measured, CPU)")
-    ax.set_ylabel("PSNR against the full run (dB)")
-    ax.set_title(f"{model_name}: quality vs speed at equal transformer compute (B = {', '.join(map(str, BUDGETS))})")
+        if np.isfinite(r["psnr"]) and r["nfe"] <= r["budget"]:
+            series.setdefault(r["family"], []).append(r)
+    colors = iter(plt.get_cmap("tab20").colors)
+    for name, points in sorted(series.items(), key=lambda kv: kv[0] != family(SHIPPED)):
+        points = sorted(points, key=lambda r: r["nfe"])
+        style = {
+            family(SHIPPED): {"linewidth": 3, "marker": "o", "zorder": 3},
+            family("meancache:"): {"linestyle": "none", "marker": "x"},  # several schedules per budget
+        }.get(name, {"linewidth": 1, "linestyle": "--", "marker": "o"})
+        ax.plot([STEPS / p["nfe"] for p in points], [p["psnr"] for p in points], label=name, color=next(colors),
+                **style)  # fmt: skip
+    ax.set_xlabel(f"speedup in transformer compute ({STEPS} / model evaluations)")
+    ax.set_ylabel(f"PSNR against the full {STEPS}-step run (dB)")
+    ax.set_title(f"{model_name}: quality against compute (MeanCache rows at B = {', '.join(map(str, BUDGETS))})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
