@@ -9,17 +9,19 @@ from meancache.cli.demo import image_metrics
 from meancache.cli.main import main
 
 
-def test_demo_end_to_end_through_the_installed_command(tmp_path):
+@pytest.mark.parametrize(("model", "pipeline"), [("digits-flux", "FluxPipeline"), ("digits-qwen", "QwenImagePipeline")])
+def test_demo_end_to_end_through_the_installed_command(tmp_path, model, pipeline):
     from PIL import Image
 
     exe = Path(sys.executable).with_name("meancache")  # console scripts sit beside the interpreter
     assert exe.is_file(), f"pip install did not create the `meancache` command at {exe}"
     grid = tmp_path / "grid.png"
     result = subprocess.run(
-        [exe, "demo", "--steps", "12", "--out", str(grid)], capture_output=True, text=True, timeout=300, check=True
-    )
+        [exe, "demo", "--steps", "12", "--model", model, "--out", str(grid)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
     lines = result.stdout.splitlines()
-    assert "digits-flux" in lines[0] and "12 steps" in lines[0]
+    assert f"{model} model ({pipeline})" in lines[0] and "12 steps" in lines[0]
     rows = {line[:36].strip(): line[36:].split() for line in lines[3:7]}
     assert rows["full (no cache)"][0] == "12"
     assert rows["MeanCache B=10"][0] == "10"

@@ -268,6 +268,18 @@ def test_budget_alone_prefers_schedules_shipped_in_the_model_folder(tmp_path):
     assert meancache.summary(loaded).schedule.metadata["source"] == "fallback: uniform, K=1"
 
 
+def test_budget_alone_with_a_qwen_image_loaded_from_a_path_object(tmp_path):
+    """from_pretrained(Path) leaves a Path in name_or_path; the preset lookup must still work on it."""
+    from diffusers import QwenImagePipeline
+
+    tiny_pipeline("qwen-image").save_pretrained(tmp_path / "qwen 2512")
+    loaded = QwenImagePipeline.from_pretrained(tmp_path / "qwen 2512", text_encoder=None, tokenizer=None)
+    loaded.set_progress_bar_config(disable=True)
+    enable_mean_cache(loaded, MeanCacheConfig(budget=5))
+    generate_latents(loaded, tiny_inputs("qwen-image"), 20)
+    assert meancache.summary(loaded).schedule.metadata["source"] == "fallback: uniform, K=1"
+
+
 @pytest.mark.parametrize(("kind", "steps"), [("flux", 50), ("qwen-image", 28)])
 def test_budget_alone_falls_back_to_uniform_reuse_and_says_so(pipe_factory, caplog, kind, steps):
     pipe = pipe_factory(kind)

@@ -126,7 +126,7 @@ class MeanCacheState:
         self.config = config
         self.scheduler: FlowMatchEulerDiscreteScheduler = pipe.scheduler
         self.pipeline_name = type(pipe).__name__
-        self.checkpoint = pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or ""
+        self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
         self._mapping_warned: set[int] = set()
         self.run: _Run | None = None
         self.last_summary: MeanCacheSummary | None = None
