@@ -115,10 +115,11 @@ def test_candidate_schedules_cover_the_solver_grid():
         cal.candidate_schedules(2)
 
 
-def test_select_schedule_picks_the_candidate_closest_to_the_full_run():
-    pipe = tiny_pipeline("flux")
+@pytest.mark.parametrize("kind", ["flux", "qwen-image", "hunyuan-video"])
+def test_select_schedule_picks_the_candidate_closest_to_the_full_run(kind):
+    pipe = tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
-    calls = [{**tiny_inputs("flux", seed=s), "generator": torch.Generator().manual_seed(s)} for s in range(2)]
+    calls = [{**tiny_inputs(kind, seed=s), "generator": torch.Generator().manual_seed(s)} for s in range(2)]
     good = Schedule(12, tuple(range(12)), (1,) * 11)  # everything computed: exact
     poor = Schedule.uniform(12, 3)
     chosen = select_schedule(pipe, calls, [poor, good], num_inference_steps=12)
@@ -129,6 +130,8 @@ def test_select_schedule_picks_the_candidate_closest_to_the_full_run():
         select_schedule(pipe, calls, [Schedule.uniform(20, 5)], 12)
     with pytest.raises(ValueError, match="calls is empty"):
         select_schedule(pipe, [], [good], 12)
+    with pytest.raises(ValueError, match=r"calls\[0\] has generator=None: each call needs a torch.Generator"):
+        select_schedule(pipe, [tiny_inputs(kind)], [good], 12)
 
 
 def test_calibrating_a_real_pipeline(tmp_path):

@@ -465,17 +465,26 @@ def select_schedule(
     wrong = sorted({c.num_steps for c in candidates} - {num_inference_steps})
     if wrong:
         raise ValueError(f"candidates for {wrong} steps cannot run with num_inference_steps={num_inference_steps}")
-    generators = [kwargs.get("generator") for kwargs in calls]
-    states = [g.get_state() if isinstance(g, torch.Generator) else None for g in generators]
+    seeded = []  # per call: its generators and their states, to rewind before each run
+    for index, kwargs in enumerate(calls):
+        generator = kwargs.get("generator")
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(
+                f"calls[{index}] has generator={generator!r}: each call needs a torch.Generator (or a list of "
+                "them) so that every candidate starts from the same noise"
+            )
+        seeded.append([(g, g.get_state()) for g in generators])
 
     def final_latents() -> list[torch.Tensor]:
         latents = []
-        for kwargs, generator, state in zip(calls, generators, states, strict=True):
-            if state is not None:
+        for kwargs, states in zip(calls, seeded, strict=True):
+            for generator, state in states:
                 generator.set_state(state)
             with torch.inference_mode():
-                out = pipe(**{**kwargs, "output_type": "latent", "num_inference_steps": num_inference_steps})
-            latents.append(out[0].float() if isinstance(out, tuple) else out.images.float())
+                out = pipe(**{**kwargs, "output_type": "latent", "num_inference_steps": num_inference_steps,
+                              "return_dict": False})  # fmt: skip
+            latents.append(out[0].float())
         return latents
 
     references = final_latents()

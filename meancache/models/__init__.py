@@ -67,16 +67,19 @@ def load_digits_model(model: str | os.PathLike[str] = "digits-flux", dtype: torc
         )
     try:
         pipeline_class = json.loads((folder / "model_index.json").read_text())["_class_name"]
-        recipes = {r.pipeline_class.__name__: r for r in RECIPES.values()}
-        if pipeline_class not in recipes:
-            raise ValueError(f"it holds a {pipeline_class}; digits models are {sorted(recipes)}")
-        recipe = recipes[pipeline_class]
-        # Conditioning comes from the class embeddings, so the pipeline has no text encoders or tokenizers.
-        components = inspect.signature(recipe.pipeline_class.__init__).parameters
-        no_text = {k: None for k in components if k.startswith(("text_encoder", "tokenizer"))}
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{str(folder)!r} holds a corrupt digits model: model_index.json: {e!r}") from e
+    recipes = {r.pipeline_class.__name__: r for r in RECIPES.values()}
+    if pipeline_class not in recipes:
+        raise ValueError(f"{str(folder)!r} holds a {pipeline_class}; digits models are {sorted(recipes)}")
+    recipe = recipes[pipeline_class]
+    # Conditioning comes from the class embeddings, so the pipeline has no text encoders or tokenizers.
+    components = inspect.signature(recipe.pipeline_class.__init__).parameters
+    no_text = {k: None for k in components if k.startswith(("text_encoder", "tokenizer"))}
+    try:
         pipe = recipe.pipeline_class.from_pretrained(folder, dtype=dtype, **no_text)
         embeddings = load_file(folder / "class_embeddings.safetensors")
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"{str(folder)!r} holds a corrupt digits model: {e}") from e
     if set(embeddings) != set(recipe.embedding_shapes):
         raise ValueError(
