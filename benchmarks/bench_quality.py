@@ -47,7 +47,7 @@ from meancache.integrations.jvp_attention import disable_jvp_attention, enable_j
 from meancache.method.estimators import ExactJVPEstimator
 from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES, classify, digit_classifier
-from meancache.models.train import CALIBRATION_SEEDS
+from meancache.models.train import calibration_calls
 from meancache.schedule.calibration import Calibration
 
 STEPS = 50
@@ -233,7 +233,9 @@ def test_quality(benchmark, model_name):
             for method, schedule in _schedules(model_name, calibration, budget).items():
                 enable_mean_cache(pipe, MeanCacheConfig(schedule))
                 images, seconds = run()
-                nfe = summary(pipe).computed_steps
+                report = summary(pipe)
+                nfe = report.computed_steps
+                reference["calls_per_evaluation"] = report.transformer_calls // nfe
                 disable_mean_cache(pipe)
                 rows.append({**row(method, budget, nfe, images, seconds, references, full_seconds),
                              "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans)})  # fmt: skip
@@ -259,9 +261,8 @@ def test_quality(benchmark, model_name):
 
     def peer_rows(references: dict, full_seconds: float) -> tuple[list[dict], list[dict]]:
         full_flops = _transformer_flops(pipe, inputs)
-        calls = [{**inputs, "generator": torch.Generator().manual_seed(s)} for s in CALIBRATION_SEEDS]
         sweep = []
-        for cache in block_caches(STEPS, magcache_ratios(pipe, calls, STEPS)):
+        for cache in block_caches(STEPS, magcache_ratios(pipe, calibration_calls(model), STEPS)):
             cache.enable(pipe)
             nfe = STEPS * _transformer_flops(pipe, inputs) / full_flops
             images, seconds = run()
@@ -283,7 +284,7 @@ def test_quality(benchmark, model_name):
         r.setdefault("family", family(r["method"]))
     write_results(f"quality_{model_name}", {
         "model": model_name, "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES,
-        "transformer_calls_per_evaluation": 2 if model.recipe.name == "digits-qwen" else 1, "rows": rows,
+        "transformer_calls_per_evaluation": reference["calls_per_evaluation"], "rows": rows,
         "peer_sweep": sweep, "exact_jvp_cost_in_forwards": jvp_cost,
     })  # fmt: skip
     plot_quality(model_name, rows, sweep)

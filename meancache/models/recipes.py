@@ -33,6 +33,7 @@ from meancache.models.digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES
 
 TEXT_TOKENS = 4
 TEXT_DIM = 64
+TOKEN_SIDE = IMAGE_SIZE // 4  # both VAEs downsample by 2, then the pipelines pack 2x2 patches: 8x8 tokens
 
 
 class DigitsRecipe(ABC):
@@ -115,8 +116,7 @@ class FluxDigits(DigitsRecipe):
         self, transformer: FluxTransformer2DModel, z: torch.Tensor, sigma: torch.Tensor,
         embeddings: dict[str, torch.Tensor],
     ) -> torch.Tensor:  # fmt: skip
-        side = IMAGE_SIZE // 4  # VAE /2, then 2x2 packing
-        img_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, z.device, z.dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(1, TOKEN_SIDE, TOKEN_SIDE, z.device, z.dtype)
         return transformer(
             hidden_states=z, timestep=sigma, guidance=torch.full_like(sigma, self.guidance),
             pooled_projections=embeddings["pooled_prompt_embeds"], encoder_hidden_states=embeddings["prompt_embeds"],
@@ -175,10 +175,9 @@ class QwenImageDigits(DigitsRecipe):
         self, transformer: QwenImageTransformer2DModel, z: torch.Tensor, sigma: torch.Tensor,
         embeddings: dict[str, torch.Tensor],
     ) -> torch.Tensor:  # fmt: skip
-        side = IMAGE_SIZE // 4  # VAE /2, then 2x2 packing
         return transformer(
             hidden_states=z, timestep=sigma, encoder_hidden_states=embeddings["prompt_embeds"],
-            img_shapes=[[(1, side, side)]] * len(z), return_dict=False,
+            img_shapes=[[(1, TOKEN_SIDE, TOKEN_SIDE)]] * len(z), return_dict=False,
         )[0]  # fmt: skip
 
     def pipeline(self, vae: AutoencoderKLQwenImage, transformer: QwenImageTransformer2DModel) -> QwenImagePipeline:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from safetensors.torch import save_file
 
 from meancache.models.digits import CLASSES, NULL_CLASS, digits_dataset
 from meancache.models.recipes import EMBEDDING_ROWS, RECIPES, DigitsRecipe
+
+if TYPE_CHECKING:
+    from meancache.models import DigitsModel
 
 CALIBRATION_SEEDS = (100, 101, 102)  # disjoint from the seeds the demo and benchmarks evaluate (0, 1, 2)
 SHIPPED_BUDGETS = (8, 10, 13, 17, 25)
@@ -93,6 +97,11 @@ def build_bundle(recipe: DigitsRecipe, out: Path, vae_steps: int, transformer_st
     save_file({k: v.contiguous() for k, v in embeddings.items()}, out / "class_embeddings.safetensors")
 
 
+def calibration_calls(model: DigitsModel) -> list[dict]:
+    """Pipeline calls generating digits 0-9 once per seed of ``CALIBRATION_SEEDS``, with fresh generators."""
+    return [{**model.inputs(CLASSES), "generator": torch.Generator().manual_seed(s)} for s in CALIBRATION_SEEDS]
+
+
 def calibrate_bundle(folder: Path, steps: int = 50) -> None:
     """Calibrate the bundle on digits 0-9 x ``CALIBRATION_SEEDS`` and write ``meancache_calibration.json``
     and, per budget of ``SHIPPED_BUDGETS``, the schedule ``MeanCacheConfig(budget=B)`` picks up: of the
@@ -103,16 +112,12 @@ def calibrate_bundle(folder: Path, steps: int = 50) -> None:
 
     model = load_digits_model(folder)
     model.pipe.set_progress_bar_config(disable=True)
-
-    def calls() -> list[dict]:
-        return [{**model.inputs(CLASSES), "generator": torch.Generator().manual_seed(s)} for s in CALIBRATION_SEEDS]
-
-    calibration = calibrate_pipeline(model.pipe, calls(), steps)
+    calibration = calibrate_pipeline(model.pipe, calibration_calls(model), steps)
     calibration.metadata |= {"model": model.recipe.name, "seeds": list(CALIBRATION_SEEDS), "classes": "0-9"}
     calibration.save(folder / "meancache_calibration.json")
     (folder / "meancache_schedules").mkdir(exist_ok=True)
     for budget in SHIPPED_BUDGETS:
-        schedule = select_schedule(model.pipe, calls(), calibration.candidate_schedules(budget), steps)
+        schedule = select_schedule(model.pipe, calibration_calls(model), calibration.candidate_schedules(budget), steps)
         schedule.save(folder / "meancache_schedules" / f"schedule_B{budget}.json")
         print(f"{model.recipe.name}: B={budget}: {schedule.compute_steps}, spans {schedule.spans}")
 
