@@ -4,7 +4,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
-from meancache.integrations.diffusers import HOOK_NAME
+from meancache.integrations.diffusers import is_mean_cache_enabled
 from meancache.testing import PIPELINE_KINDS, generate_latents, tiny_inputs, tiny_pipeline
 from tests.reference_loop import ReferenceMeanCache
 
@@ -31,7 +31,7 @@ def pipe_factory(pipes):
 
     yield get
     for pipe in used:
-        if pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is not None:
+        if is_mean_cache_enabled(pipe):
             disable_mean_cache(pipe)
 
 
@@ -188,7 +188,8 @@ def test_summary_text(pipe_factory):
     generate_latents(pipe, tiny_inputs("flux"), 50)
     assert str(meancache.summary(pipe)) == (
         "MeanCache: 50 steps, 10 computed, 40 reused (spans K=1: 33, K=2: 1, K=4: 6); "
-        "transformer calls: 10 run, 40 skipped; ideal speedup 5.00x"
+        "transformer calls: 10 run, 40 skipped; ideal speedup 5.00x; "
+        "schedule: MeanCache authors' scripts (UnicomAI/MeanCache), transcribed"
     )
 
 
@@ -228,7 +229,7 @@ def test_unsupported_schedulers_and_configs_are_refused(pipe_factory):
             enable_mean_cache(pipe, MeanCacheConfig(schedule))
     finally:
         pipe.scheduler = original
-    assert pipe.transformer._diffusers_hook.get_hook(HOOK_NAME) is None
+    assert not is_mean_cache_enabled(pipe)
 
 
 def test_budget_alone_uses_the_published_table_for_qwen_image_at_50_steps(pipe_factory):

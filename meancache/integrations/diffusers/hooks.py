@@ -1,0 +1,261 @@
+"""The three instance-level hooks through which MeanCache drives a diffusers pipeline, sharing one
+:class:`~meancache.integrations.diffusers.run.MeanCacheState`:
+
+* :class:`TransformerGate` sits in the transformer's call slot (``module._compiled_call_impl``, the first
+  thing ``torch.nn.Module.__call__`` looks at). On a computed step it calls what it replaced: the eager
+  ``_call_impl`` with every forward hook (diffusers' offloading, context-parallel and casting hooks,
+  accelerate's offload hooks), or the compiled call that ``module.compile()`` put there. On a skipped step
+  it answers every CFG branch with a placeholder of the velocity's shape and dtype and runs nothing. So it is
+  outermost whatever order hooks were added in, and it is never traced by ``torch.compile``: no graph break,
+  no guard on the step counter, no recompile.
+* :class:`SchedulerStepHook`, the scheduler *instance*'s ``step``. It sees the guided, post-CFG velocity
+  (Qwen-Image's norm rescale included): on computed steps it logs it; on skipped steps it discards the
+  placeholder-derived value and steps with the estimator's average velocity.
+* :class:`SetTimestepsHook`, the scheduler instance's ``set_timesteps``: it announces each generation and
+  puts the gate back on the module ``pipe.transformer`` is now (after ``transformer.compile()`` filled the
+  call slot, or ``pipe.transformer = torch.compile(pipe.transformer)`` replaced the module).
+
+So the estimator works on exactly the velocity the sampler uses, for every pipeline, as the paper's rule
+requires. Estimators that need ``dv/dsigma`` (``"exact-jvp"``) get it per CFG branch from a forward-mode
+pass of the transformer (:meth:`TransformerGate.forward_with_derivative`); the scheduler hook combines the
+branch derivatives the way the pipeline combined the branches (:func:`guided_derivative`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch._dynamo.eval_frame import OptimizedModule
+
+from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
+from meancache.integrations.jvp_attention import sdpa_as_jvp_attention
+
+
+class TransformerGate:
+    """``pipe.transformer``'s call while MeanCache is on: runs the transformer on computed steps only."""
+
+    def __init__(self, state: MeanCacheState, module: torch.nn.Module) -> None:
+        self.state = state
+        self.module = module
+        self.inner = module.__dict__.get("_compiled_call_impl")
+        """What the call slot held: ``module.compile()``'s compiled call, or None (the eager ``_call_impl``)."""
+        module._compiled_call_impl = self
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The transformer itself (inside ``torch.compile``'s wrapper, if the pipeline holds one)."""
+        return self.module._orig_mod if isinstance(self.module, OptimizedModule) else self.module
+
+    @property
+    def compiled(self) -> bool:
+        """Whether any of the transformer runs under ``torch.compile`` (whole, or block by block)."""
+        if self.inner is not None or isinstance(self.module, OptimizedModule):
+            return True
+        root = self.transformer
+        return any(m.__dict__.get("_compiled_call_impl") is not None for m in root.modules() if m is not root)
+
+    def remove(self) -> None:
+        """Give the call slot back what it held (if it still holds this gate)."""
+        if self.module.__dict__.get("_compiled_call_impl") is self:
+            if self.inner is None:
+                vars(self.module).pop("_compiled_call_impl")
+            else:
+                self.module._compiled_call_impl = self.inner
+
+    def call_transformer(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.inner or self.module._call_impl)(*args, **kwargs)
+
+    def check_composition(self, run: GenerationRun) -> None:
+        """Refuse what MeanCache cannot run under, before the generation's first call."""
+        refuse_diffusers_cache(self.transformer)
+        if self.compiled and any(run.estimator.needs_derivative(i) for i in range(run.num_steps)):
+            raise RuntimeError(
+                f"the {run.estimator.name!r} estimator runs the transformer in forward mode (torch.func.jvp), "
+                "which torch.compile'd modules do not support; use the default estimator='paper' with a compiled "
+                "transformer, or an uncompiled transformer"
+            )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        run = self.state.run_for_call()
+        if run is None:  # not part of a generation: a direct call
+            return self.call_transformer(*args, **kwargs)
+        if run.schedule.is_computed(run.steps_run):
+            if run.estimator.needs_derivative(run.steps_run):
+                output = self.forward_with_derivative(run, args, kwargs)
+            else:
+                output = self.call_transformer(*args, **kwargs)
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            run.output_shape, run.output_dtype = sample.shape, sample.dtype
+            run.transformer_calls += 1
+            return output
+        run.skipped_calls += 1
+        placeholder = self._placeholder(run)
+        return Transformer2DModelOutput(sample=placeholder) if kwargs.get("return_dict", True) else (placeholder,)
+
+    def forward_with_derivative(self, run: GenerationRun, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One forward-mode pass: the velocity and its derivative along the trajectory, kept in ``run.branches``.
+
+        Tangents: the velocity the previous step used on ``hidden_states`` (tiled over batched CFG branches;
+        at step 0 the call's own output, one more call), and ``d timestep / d sigma`` on ``timestep``."""
+        hidden, timestep = kwargs.get("hidden_states"), kwargs.get("timestep")
+        if not (isinstance(hidden, torch.Tensor) and isinstance(timestep, torch.Tensor)):
+            raise TypeError(
+                f"the {run.estimator.name!r} estimator needs the transformer called with hidden_states= and "
+                "timestep= tensors; this pipeline passes them differently"
+            )
+
+        def velocity(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            call = {**kwargs, "hidden_states": h, "timestep": t, "return_dict": False}
+            return self.call_transformer(*args, **call)[0]
+
+        if run.steps_run == 0:
+            tangent = velocity(hidden, timestep)
+            run.transformer_calls += 1
+        else:
+            tangent = _tiled_over_branches(run.estimator.last_velocity(), hidden.shape, hidden.dtype, "hidden_states")
+        timestep = timestep.contiguous()  # pipelines may pass an expanded (stride-0) batch of timesteps
+        timestep_rate = timestep / run.sigmas[run.steps_run]  # the pipeline passes sigma times a constant
+        with sdpa_as_jvp_attention(self.transformer):
+            v, derivative = torch.func.jvp(velocity, (hidden, timestep), (tangent, timestep_rate))
+        run.branches.append((v, derivative))
+        run.derivative_calls += 1
+        return Transformer2DModelOutput(sample=v) if kwargs.get("return_dict", True) else (v,)
+
+    @staticmethod
+    def _placeholder(run: GenerationRun) -> torch.Tensor:
+        """The previous step's velocity in the transformer's output dtype and shape (tiled over the batch when
+        CFG branches are batched into one call). The scheduler hook replaces whatever the pipeline makes of it."""
+        if run.placeholder is None or run.placeholder[0] != run.steps_run:
+            assert run.output_shape is not None and run.output_dtype is not None
+            velocity = run.estimator.last_velocity()
+            placeholder = _tiled_over_branches(velocity, run.output_shape, run.output_dtype, "the transformer output")
+            run.placeholder = (run.steps_run, placeholder)
+        return run.placeholder[1]
+
+
+def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
+    """MeanCache does not stack with diffusers' own caches: nested inside it, they would count MeanCache's computed
+    steps as their steps (warm-ups, intervals and thresholds would mean something else) and skip some of them."""
+    if getattr(transformer, "is_cache_enabled", False):
+        raise RuntimeError(
+            "a diffusers cache (transformer.enable_cache: FirstBlockCache, TaylorSeer, MagCache, "
+            "PyramidAttentionBroadcast, FasterCache) is on this transformer; it would count MeanCache's computed "
+            "steps as its own steps and skip some of them. Use one of the two: pipe.transformer.disable_cache() "
+            "or disable_mean_cache(pipe)"
+        )
+
+
+def attach_gate(state: MeanCacheState) -> TransformerGate:
+    """Make sure ``state``'s gate is in the call slot of the module ``pipe.transformer`` is now.
+
+    It moves off a module the pipeline no longer calls directly (``torch.compile(pipe.transformer)`` wraps it,
+    and a gate left inside the wrapper would be traced), and re-wraps a call slot that ``module.compile()``
+    filled after MeanCache was enabled."""
+    pipe = state.pipe
+    target = getattr(pipe, "transformer", None) if pipe is not None else None
+    if not isinstance(target, torch.nn.Module):
+        raise TypeError(f"{state.pipeline_name} has no `transformer` module for MeanCache to skip")
+    current = target.__dict__.get("_compiled_call_impl")
+    if isinstance(current, TransformerGate):
+        if current.state is state:
+            return current
+        raise RuntimeError(
+            "this transformer is already driven by MeanCache on another pipeline; disable it there first "
+            "(or give each pipeline its own transformer)"
+        )
+    if state.gate is not None:
+        state.gate.remove()
+    state.gate = TransformerGate(state, target)
+    return state.gate
+
+
+def _tiled_over_branches(velocity: torch.Tensor, shape: torch.Size, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A copy of the latent-shaped ``velocity`` in ``dtype``, repeated along the batch to ``shape`` when CFG
+    branches are batched into one transformer call (the pipeline must never see the estimator's own tensors)."""
+    if velocity.shape[1:] != shape[1:] or shape[0] % velocity.shape[0]:
+        raise RuntimeError(
+            f"MeanCache needs {what} to have the latents' shape (or a multiple of their batch); got "
+            f"{tuple(shape)} for latents {tuple(velocity.shape)}: this pipeline's model output is not the velocity "
+            "the scheduler steps with"
+        )
+    copy = velocity.to(dtype, copy=True)
+    tiles = shape[0] // velocity.shape[0]
+    return copy.repeat(tiles, *[1] * (velocity.dim() - 1)) if tiles > 1 else copy
+
+
+class SchedulerStepHook:
+    """Installed as ``scheduler.step`` on the instance: logs or replaces the guided velocity of each step."""
+
+    def __init__(self, state: MeanCacheState) -> None:
+        self.state = state
+        self.original = state.scheduler.step
+        functools.update_wrapper(self, self.original)  # pipelines inspect the step's signature
+        self._signature = inspect.signature(self.original)
+
+    def __call__(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
+        if bound.arguments.get("per_token_timesteps") is not None:
+            raise ValueError("MeanCache does not support per_token_timesteps (every token must share one sigma)")
+        run = self.state.run_for_call()
+        if run is None:  # a generation that began before MeanCache was enabled
+            return self.original(model_output, timestep, sample, *args, **kwargs)
+        step = run.steps_run
+        scheduler_step = self.state.scheduler.step_index  # None before the first step of a generation
+        if scheduler_step != step and not (step == 0 and scheduler_step is None):
+            raise RuntimeError(f"the scheduler is at step {scheduler_step} but MeanCache expected step {step}")
+        sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]
+        if run.schedule.is_computed(step):
+            derivative = guided_derivative(run.branches, model_output) if run.branches else None
+            run.branches.clear()
+            run.estimator.record(step, sample, sigma, model_output, derivative)
+        else:
+            _, u_hat = run.estimator.estimate(step, sample, sigma, sigma_next)
+            model_output = u_hat.to(model_output.dtype)
+        output = self.original(model_output, timestep, sample, *args, **kwargs)
+        self.state.finish_step(run)
+        return output
+
+
+class SetTimestepsHook:
+    """Installed as ``scheduler.set_timesteps`` on the instance: each call announces a generation."""
+
+    def __init__(self, state: MeanCacheState) -> None:
+        self.state = state
+        self.original = state.scheduler.set_timesteps
+        functools.update_wrapper(self, self.original)  # retrieve_timesteps inspects its parameters
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.original(*args, **kwargs)
+        attach_gate(self.state)
+        self.state.announce_generation()
+        return result
+
+
+def guided_derivative(branches: list[tuple[torch.Tensor, torch.Tensor]], guided: torch.Tensor) -> torch.Tensor:
+    r"""``d guided / d sigma`` from each transformer call's velocity and derivative.
+
+    Per sample, the guided velocity is written as the least-squares combination of the branch velocities,
+    ``g = sum_b w_b v_b``, and the same weights combine the derivatives, ``dg = sum_b w_b dv_b``. This is
+    exact for linear guidance (one branch, CFG, true CFG); for Qwen-Image's norm rescale, ``g`` is still in
+    the branches' span, but the derivative of the rescale factor itself is left out. Batched CFG calls
+    are split into their latent-sized parts."""
+    batch = guided.shape[0]
+    velocities, derivatives = [], []
+    for v, d in branches:
+        if v.shape[0] % batch or v.shape[1:] != guided.shape[1:]:
+            raise RuntimeError(
+                f"a transformer output of shape {tuple(v.shape)} does not split into latents {tuple(guided.shape)}"
+            )
+        velocities += v.reshape(-1, *guided.shape).unbind(0)
+        derivatives += d.reshape(-1, *guided.shape).unbind(0)
+    v = torch.stack(velocities, 1).reshape(batch, len(velocities), -1).double()  # (B, branches, features)
+    d = torch.stack(derivatives, 1).reshape(batch, len(derivatives), -1).float()
+    g = guided.reshape(batch, -1, 1).double()
+    weights = torch.linalg.pinv(v @ v.transpose(1, 2)) @ (v @ g)  # (B, branches, 1)
+    return (weights.float().transpose(1, 2) @ d).reshape(guided.shape)

@@ -1,0 +1,189 @@
+"""The state MeanCache keeps for one pipeline: its settings, the generation in progress, the last summary.
+
+A generation is announced by the scheduler's ``set_timesteps`` (every diffusers pipeline calls it before its
+denoising loop) and starts at the first transformer call or scheduler step after it: its sigmas, schedule and
+estimator are fixed then, outside any compiled region. It ends after the scheduler's last step, which frees
+the estimator's history and keeps only the counters shown by :func:`meancache.summary`. Calls of the
+transformer outside a generation (a direct call, or another pipeline sharing the transformer) are not
+MeanCache's business and run as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+from meancache.config import MeanCacheConfig
+from meancache.method.estimators import Estimator, make_estimator
+from meancache.schedule import Schedule
+from meancache.schedule.defaults import default_schedule
+
+if TYPE_CHECKING:
+    from meancache.integrations.diffusers.hooks import TransformerGate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MeanCacheSummary:
+    """What MeanCache did in one generation."""
+
+    num_steps: int
+    steps_run: int
+    schedule: Schedule
+    transformer_calls: int
+    skipped_calls: int
+    derivative_calls: int = 0
+    """Transformer calls run as forward-mode (JVP) passes; included in ``transformer_calls``."""
+
+    @property
+    def computed_steps(self) -> int:
+        return sum(self.schedule.is_computed(i) for i in range(self.steps_run))
+
+    @property
+    def reused_steps(self) -> int:
+        return self.steps_run - self.computed_steps
+
+    @property
+    def spans_used(self) -> dict[int, int]:
+        """Span ``K`` -> number of skipped steps that used it."""
+        counts = Counter(self.schedule.span(i) for i in range(self.steps_run) if not self.schedule.is_computed(i))
+        return dict(sorted(counts.items()))
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Steps per computed step: the speedup if the transformer were the only cost."""
+        return self.steps_run / max(self.computed_steps, 1)
+
+    def __str__(self) -> str:
+        spans = ", ".join(f"K={k}: {n}" for k, n in self.spans_used.items()) or "none"
+        mapped = self.schedule.metadata.get("mapped_from_steps")
+        origin = f" (schedule mapped from {mapped} steps)" if mapped else ""
+        unfinished = "" if self.steps_run == self.num_steps else f" of {self.num_steps} (interrupted)"
+        jvp = f" ({self.derivative_calls} forward-mode)" if self.derivative_calls else ""
+        source = self.schedule.metadata.get("source")
+        return (
+            f"MeanCache: {self.steps_run} steps{unfinished}{origin}, {self.computed_steps} computed, "
+            f"{self.reused_steps} reused (spans {spans}); transformer calls: {self.transformer_calls} run{jvp}, "
+            f"{self.skipped_calls} skipped; ideal speedup {self.ideal_speedup:.2f}x"
+            + (f"; schedule: {source}" if source else "")
+        )
+
+
+@dataclass
+class GenerationRun:
+    """One generation's state."""
+
+    sigmas: list[float]
+    estimator: Estimator
+    steps_run: int = 0
+    transformer_calls: int = 0
+    skipped_calls: int = 0
+    derivative_calls: int = 0
+    branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
+    output_shape: torch.Size | None = None
+    output_dtype: torch.dtype | None = None
+    placeholder: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.estimator.schedule
+
+    def summary(self) -> MeanCacheSummary:
+        return MeanCacheSummary(
+            self.num_steps, self.steps_run, self.schedule, self.transformer_calls, self.skipped_calls,
+            self.derivative_calls,
+        )  # fmt: skip
+
+
+class MeanCacheState:
+    """State shared by the transformer gate and the scheduler hooks of one pipeline."""
+
+    def __init__(self, config: MeanCacheConfig, pipe: DiffusionPipeline) -> None:
+        self.config = config
+        self._pipe = weakref.ref(pipe)
+        self.scheduler: FlowMatchEulerDiscreteScheduler = pipe.scheduler
+        self.pipeline_name = type(pipe).__name__
+        self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
+        self.gate: TransformerGate | None = None
+        self._mapping_warned: set[int] = set()
+        self._announced = False
+        self.run: GenerationRun | None = None
+        self.last_summary: MeanCacheSummary | None = None
+
+    @property
+    def pipe(self) -> DiffusionPipeline | None:
+        return self._pipe()
+
+    def announce_generation(self) -> None:
+        """The scheduler was given new timesteps: the next transformer call or step starts a generation."""
+        self.end_run()
+        self._announced = True
+
+    def run_for_call(self) -> GenerationRun | None:
+        """The generation a transformer call or scheduler step belongs to, or None outside a generation."""
+        if self._announced:
+            self._announced = False
+            self._start_run()
+        elif self.run is None and (pipe := self.pipe) is not None and pipe.scheduler is not self.scheduler:
+            raise RuntimeError(
+                f"pipe.scheduler was replaced ({type(pipe.scheduler).__name__}) after enable_mean_cache, so MeanCache "
+                "no longer sees the steps; call disable_mean_cache(pipe) and enable_mean_cache again"
+            )
+        return self.run
+
+    def finish_step(self, run: GenerationRun) -> None:
+        run.steps_run += 1
+        if run.steps_run == run.num_steps:
+            self.end_run()
+
+    def end_run(self) -> None:
+        """Free the generation's history, keeping its summary."""
+        if self.run is not None:
+            self.last_summary = self.run.summary()
+        self.run = None
+
+    def _start_run(self) -> None:
+        self.end_run()
+        scheduler = self.scheduler
+        if scheduler.begin_index not in (None, 0):
+            raise ValueError(
+                f"the scheduler starts at step {scheduler.begin_index}, not 0; MeanCache schedules cover whole "
+                "trajectories (image-to-image with strength < 1 is not supported)"
+            )
+        num_steps = len(scheduler.timesteps)
+        sigmas = [float(s) for s in scheduler.sigmas.tolist()]
+        if len(sigmas) != num_steps + 1:
+            raise ValueError(f"expected {num_steps + 1} sigmas for {num_steps} steps, the scheduler has {len(sigmas)}")
+        run = GenerationRun(
+            sigmas=sigmas, estimator=make_estimator(self.config.estimator, self._schedule_for(num_steps))
+        )
+        if self.gate is not None:
+            self.gate.check_composition(run)
+        self.run = run
+
+    def _schedule_for(self, num_steps: int) -> Schedule:
+        config = self.config
+        if config.schedule is None:
+            assert config.budget is not None
+            return default_schedule(self.pipeline_name, self.checkpoint, num_steps, config.budget)
+        schedule = config.schedule.for_steps(num_steps)
+        if schedule is not config.schedule and num_steps not in self._mapping_warned:
+            self._mapping_warned.add(num_steps)
+            logger.warning(
+                "MeanCache: the schedule was made for %d steps; this run has %d, so its computed steps are mapped "
+                "in sigma space (budget %d kept). Calibrate for %d steps for a schedule made for this run.",
+                config.schedule.num_steps, num_steps, schedule.budget, num_steps,
+            )  # fmt: skip
+        return schedule
