@@ -46,9 +46,9 @@ def select_schedule(
         for kwargs, states in zip(calls, seeded, strict=True):
             for generator, state in states:
                 generator.set_state(state)
-            with torch.inference_mode():
-                out = pipe(**{**kwargs, "output_type": "latent", "num_inference_steps": num_inference_steps,
-                              "return_dict": False})  # fmt: skip
+            # the pipeline's own no_grad, not inference_mode: a compiled transformer keeps the graph of plain calls
+            out = pipe(**{**kwargs, "output_type": "latent", "num_inference_steps": num_inference_steps,
+                          "return_dict": False})  # fmt: skip
             latents.append(out[0].float())
         return latents
 
