@@ -138,3 +138,21 @@ def test_exact_jvp_refuses_a_compiled_transformer_with_a_clear_error():
     enable_mean_cache(pipe, MeanCacheConfig(SCHEDULE, estimator="exact-jvp"))
     with pytest.raises(RuntimeError, match=r"'exact-jvp' estimator runs the transformer in forward mode"):
         generate_latents(pipe, tiny_inputs("flux"), 20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_replay_the_computed_steps():
+    """``mode="reduce-overhead"``: the gate runs no device work and makes no host sync before a computed step, so
+    every computed step replays the same CUDA graph; skipped steps never enter it."""
+    pipe = tiny_pipeline("flux").to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in tiny_inputs("flux").items()}
+    enable_mean_cache(pipe, MeanCacheConfig(SCHEDULE))
+    eager = generate_latents(pipe, inputs, 20)
+    counter = CompileCounterWithBackend("inductor")
+    pipe.transformer.compile(fullgraph=True, mode="reduce-overhead", backend=counter)
+    first = generate_latents(pipe, inputs, 20)
+    graphs = counter.frame_count
+    torch.testing.assert_close(first, eager, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(generate_latents(pipe, inputs, 20), first, rtol=0, atol=0)
+    assert counter.frame_count == graphs and meancache.summary(pipe).transformer_calls == SCHEDULE.budget
