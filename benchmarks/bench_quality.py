@@ -20,11 +20,16 @@ B (model evaluations):
   forward-mode pass over one plain forward of the transformer;
 * block-level peers (:mod:`benchmarks.quality_peers`: diffusers' FirstBlockCache, TaylorSeer and MagCache,
   cache-dit's DBCache with and without TaylorSeer): for each B and family, the best-PSNR setting whose
-  measured compute is at most B full evaluations.
+  measured compute is at most B full evaluations. Compute is counted in blocks: a peer that runs its first
+  block on a skipped step is charged for that block (:class:`benchmarks.quality_speed.BlockCounter`).
 
-Metrics: PSNR and SSIM against the reference (scikit-image), how often a digit classifier recognises the
-requested class, and wall-clock speedup over the reference (same seeds, same machine, same process).
-Results: ``benchmarks/results/quality_<model>.json`` and the quality-vs-speedup plot ``quality_<model>.png``.
+Metrics: PSNR and SSIM against the reference (scikit-image), and how often a digit classifier recognises the
+requested class. Measured speed (:func:`benchmarks.quality_speed.median_seconds`): the reference and, per B,
+the shipped MeanCache schedule, uniform plain reuse, the three fewer-steps solvers and each peer family's best
+setting are timed the same way, interleaved, median of 5, denoising loop only, eager and with regional
+compilation; ``speedup_eager`` / ``speedup_compiled`` are over the reference in the same mode.
+Results: ``benchmarks/results/quality_<model>.json``, the quality-vs-compute plot ``quality_<model>.png`` and
+the quality-vs-measured-speedup plot ``quality_<model>_measured.png``.
 """
 
 from __future__ import annotations
@@ -37,10 +42,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.helpers import RESULTS_DIR, write_results
 from benchmarks.quality_peers import block_caches, magcache_ratios
+from benchmarks.quality_speed import BlockCounter, Setup, median_seconds
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.cli.demo import image_metrics
 from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention
@@ -84,7 +89,7 @@ def _jvp_cost_in_forwards(pipe, inputs: dict) -> float:
     def velocity(h, t):
         return pipe.transformer(hidden_states=h, timestep=t, **kwargs)[0]
 
-    def median_seconds(fn) -> float:
+    def median_call_seconds(fn) -> float:
         times = []
         for _ in range(21):
             start = time.perf_counter()
@@ -94,8 +99,10 @@ def _jvp_cost_in_forwards(pipe, inputs: dict) -> float:
 
     enable_jvp_attention(pipe.transformer)
     with torch.no_grad():
-        forward = median_seconds(lambda: velocity(hidden, timestep))
-        jvp = median_seconds(lambda: torch.func.jvp(velocity, (hidden, timestep), (hidden, torch.ones_like(timestep))))
+        forward = median_call_seconds(lambda: velocity(hidden, timestep))
+        jvp = median_call_seconds(
+            lambda: torch.func.jvp(velocity, (hidden, timestep), (hidden, torch.ones_like(timestep)))
+        )
     disable_jvp_attention(pipe.transformer)
     return jvp / forward
 
@@ -106,14 +113,6 @@ def _forward_equivalents(schedule: Schedule, jvp_cost: float) -> float:
     passes = sum(estimator.needs_derivative(i) for i in range(schedule.num_steps))
     extra_tangent_call = 1 if passes and estimator.needs_derivative(0) else 0
     return schedule.budget - passes + passes * jvp_cost + extra_tangent_call
-
-
-def _transformer_flops(pipe, inputs: dict) -> float:
-    with FlopCounterMode(display=False) as counter:
-        pipe(
-            **inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEEDS[0]), output_type="latent"
-        )
-    return float(sum(counter.get_flop_counts()[type(pipe.transformer).__name__].values()))
 
 
 def _own_flow_sigmas(scheduler_class: type, **config: Any) -> Any:
@@ -192,6 +191,38 @@ def plot_quality(model_name: str, rows: list[dict], sweep: list[dict]) -> None:
     plt.close(fig)
 
 
+def plot_measured_speed(model_name: str, rows: list[dict]) -> None:
+    """PSNR against measured wall speedup over the full run, eager (solid) and compiled (dashed, open markers):
+    the Pareto front a user sees, per family of the timed rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if "speedup_eager" in r and np.isfinite(r["psnr"]):
+            series.setdefault(r["family"], []).append(r)
+    colors = iter(plt.get_cmap("tab10").colors)
+    for name, points in sorted(series.items(), key=lambda kv: kv[0] != family(SHIPPED)):
+        color = next(colors)
+        for mode, style in (("eager", {"linestyle": "-"}), ("compiled", {"linestyle": "--", "mfc": "none"})):
+            ordered = sorted((p for p in points if f"speedup_{mode}" in p), key=lambda p: p[f"speedup_{mode}"])
+            ax.plot([p[f"speedup_{mode}"] for p in ordered], [p["psnr"] for p in ordered], marker="o", color=color,
+                    linewidth=3 if name == family(SHIPPED) else 1, label=f"{name} ({mode})", **style)  # fmt: skip
+    ax.set_xlabel(f"measured speedup over the full {STEPS}-step run (denoising loop, median of 5)")
+    ax.set_ylabel(f"PSNR against the full {STEPS}-step run (dB)")
+    ax.set_title(
+        f"{model_name}: quality against measured speed, eager and compiled (B = {', '.join(map(str, BUDGETS))})"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"quality_{model_name}_measured.png", dpi=120)
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
 def test_quality(benchmark, model_name):
     model = load_digits_model(model_name)
@@ -207,38 +238,55 @@ def test_quality(benchmark, model_name):
             return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                         output_type="np").images[..., 0]  # fmt: skip
 
-    def run(steps: int = STEPS) -> tuple[dict[int, np.ndarray], float]:
-        start = time.perf_counter()
-        images = {seed: generate(seed, steps) for seed in SEEDS}
-        return images, time.perf_counter() - start
+    def run(steps: int = STEPS) -> dict[int, np.ndarray]:
+        return {seed: generate(seed, steps) for seed in SEEDS}
 
-    def row(method: str, budget: int, nfe: float, images: dict, seconds: float, references: dict, full: float) -> dict:
+    def row(method: str, budget: int, nfe: float, images: dict, references: dict) -> dict:
         metrics = [image_metrics(images[s], references[s]) for s in SEEDS]
         predicted = torch.cat([classify(classifier, torch.from_numpy(images[s])) for s in SEEDS])
         return {
-            "method": method, "budget": budget, "nfe": nfe, "speedup_wall": full / seconds,
+            "method": method, "budget": budget, "nfe": nfe,
             "psnr": float(np.mean([m[0] for m in metrics])), "ssim": float(np.mean([m[1] for m in metrics])),
             "class_acc": float((predicted == torch.tensor(CLASSES * len(SEEDS))).float().mean()),
         }  # fmt: skip
 
-    reference: dict = {}  # the full 50-step run, measured once inside the timed evaluation
+    def meancache_setup(method: str, schedule: Schedule) -> Setup:
+        return Setup(method, lambda p: enable_mean_cache(p, MeanCacheConfig(schedule)), disable_mean_cache, STEPS,
+                     touches_forward=False)  # fmt: skip
+
+    def solver_setup(method: str, budget: int) -> Setup:
+        make = SOLVERS[method]
+
+        def enable(p: Any) -> None:
+            p.scheduler = make() if make else type(euler).from_config(euler.config)
+
+        def disable(p: Any) -> None:
+            p.scheduler = type(euler).from_config(euler.config)
+
+        return Setup(f"{method} B={budget}", enable, disable, budget, touches_forward=False)
+
+    reference: dict = {}
+    setups: dict[tuple[str, int], Setup] = {}  # (method, budget) -> how to run it, for the rows that get timed
     jvp_cost = _jvp_cost_in_forwards(pipe, inputs)
 
     def evaluate() -> list[dict]:
-        run()  # warm-up
-        references, full_seconds = run()
-        reference.update(images=references, seconds=full_seconds)
-        rows = [row("full 50 steps (reference)", STEPS, STEPS, references, full_seconds, references, full_seconds)]
+        references = run()
+        reference.update(images=references)
+        rows = [row("full 50 steps (reference)", STEPS, STEPS, references, references)]
+        setups["full 50 steps (reference)", STEPS] = Setup("full 50 steps (reference)", lambda p: None,
+                                                           lambda p: None, STEPS, touches_forward=False)  # fmt: skip
         for budget in BUDGETS:
             for method, schedule in _schedules(model_name, calibration, budget).items():
                 enable_mean_cache(pipe, MeanCacheConfig(schedule))
-                images, seconds = run()
+                images = run()
                 report = summary(pipe)
                 nfe = report.computed_steps
                 reference["calls_per_evaluation"] = report.transformer_calls // nfe
                 disable_mean_cache(pipe)
-                rows.append({**row(method, budget, nfe, images, seconds, references, full_seconds),
+                rows.append({**row(method, budget, nfe, images, references),
                              "compute_steps": list(schedule.compute_steps), "spans": list(schedule.spans)})  # fmt: skip
+                if method in (SHIPPED, "plain reuse: uniform steps"):
+                    setups[method, budget] = meancache_setup(f"{method} B={budget}", schedule)
             lowest = -(-(STEPS - 1) // calibration.max_gap) + 1  # fewer computed steps cannot bridge the gaps
             pssp = {b: calibration.schedule(b, kind="closed-loop", gamma=2.0) for b in range(lowest, budget + 1)}
             fitting = [b for b, schedule in pssp.items() if _forward_equivalents(schedule, jvp_cost) <= budget]
@@ -247,50 +295,73 @@ def test_quality(benchmark, model_name):
                 exact_runs["meancache exact-jvp: pssp closed-loop gamma=2 (equal compute)"] = pssp[max(fitting)]
             for method, schedule in exact_runs.items():
                 enable_mean_cache(pipe, MeanCacheConfig(schedule, estimator="exact-jvp"))
-                images, seconds = run()
+                images = run()
                 disable_mean_cache(pipe)
                 nfe = round(_forward_equivalents(schedule, jvp_cost), 2)
-                measured = row(method, budget, nfe, images, seconds, references, full_seconds)
+                measured = row(method, budget, nfe, images, references)
                 rows.append({**measured, "compute_steps": list(schedule.compute_steps), "jvp_cost": jvp_cost})
             for method, make_scheduler in SOLVERS.items():
                 pipe.scheduler = make_scheduler() if make_scheduler else euler
-                images, seconds = run(budget)
+                images = run(budget)
                 pipe.scheduler = euler
-                rows.append(row(method, budget, budget, images, seconds, references, full_seconds))
+                rows.append(row(method, budget, budget, images, references))
+                setups[method, budget] = solver_setup(method, budget)
         return rows
 
-    def peer_rows(references: dict, full_seconds: float) -> tuple[list[dict], list[dict]]:
-        full_flops = _transformer_flops(pipe, inputs)
-        sweep = []
+    def peer_rows(references: dict) -> tuple[list[dict], list[dict]]:
+        sweep, by_method = [], {}
         for cache in block_caches(STEPS, magcache_ratios(pipe, calibration_calls(model), STEPS)):
             cache.enable(pipe)
-            nfe = STEPS * _transformer_flops(pipe, inputs) / full_flops
-            images, seconds = run()
+            with BlockCounter(pipe.transformer) as blocks:
+                images = run()
             cache.disable(pipe)
-            sweep.append({**row(cache.method, 0, round(nfe, 1), images, seconds, references, full_seconds),
+            nfe = round(blocks.evaluations(reference["calls_per_evaluation"], len(SEEDS)), 1)
+            sweep.append({**row(cache.method, 0, nfe, images, references),
                           "family": cache.family})  # fmt: skip
+            by_method[cache.method] = cache
         best = []
         for name in dict.fromkeys(r["family"] for r in sweep):
             for budget in BUDGETS:
                 fitting = [r for r in sweep if r["family"] == name and r["nfe"] <= budget]
                 if fitting:
-                    best.append({**max(fitting, key=lambda r: r["psnr"]), "budget": budget})
+                    chosen = max(fitting, key=lambda r: r["psnr"])
+                    best.append({**chosen, "budget": budget})
+                    cache = by_method[chosen["method"]]
+                    setups[chosen["method"], budget] = Setup(chosen["method"], cache.enable, cache.disable, STEPS,
+                                                             touches_forward=True)  # fmt: skip
         return best, sweep
 
     rows = benchmark.pedantic(evaluate, rounds=1, iterations=1)
-    best_peers, sweep = peer_rows(reference["images"], reference["seconds"])
+    best_peers, sweep = peer_rows(reference["images"])
     rows += best_peers
+    timed = list({setup.method: setup for setup in setups.values()}.values())
+    for mode in ("eager", "compiled"):
+        seconds = median_seconds(timed, lambda: _fresh_pipeline(model_name), inputs, SEEDS[0], mode == "compiled")
+        full = seconds["full 50 steps (reference)"]
+        for (method, budget), setup in setups.items():
+            for r in rows:
+                if r["method"] == method and r["budget"] == budget:
+                    r[f"speedup_{mode}"] = full / seconds[setup.method]
     for r in rows:
         r.setdefault("family", family(r["method"]))
     write_results(f"quality_{model_name}", {
         "model": model_name, "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES,
         "transformer_calls_per_evaluation": reference["calls_per_evaluation"], "rows": rows,
         "peer_sweep": sweep, "exact_jvp_cost_in_forwards": jvp_cost,
+        "timing": "median of 5 interleaved latent-only runs (10 classes, seed 0); eager, and compiled with "
+                  "transformer.compile_repeated_blocks (a model copy per block cache)",
     })  # fmt: skip
     plot_quality(model_name, rows, sweep)
+    plot_measured_speed(model_name, rows)
     # MeanCache and fewer-steps rows ran the model exactly B times; peers and equal-compute exact-jvp at most B
     for r in rows:
         if r["method"].startswith(("diffusers", "cache-dit")) or "equal compute" in r["method"]:
             assert r["nfe"] <= r["budget"], r
         elif "same schedule" not in r["method"]:
             assert r["nfe"] == r["budget"], r
+
+
+def _fresh_pipeline(model_name: str) -> Any:
+    pipe = load_digits_model(model_name).pipe
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,108 @@
+"""Measured cost for the quality benchmark: the blocks a method really runs, and its wall time, eager and
+compiled, every method timed the same way.
+
+* :class:`BlockCounter` counts the transformer's repeated blocks (``transformer._repeated_blocks``) that run,
+  so a cache that computes part of the model per step is charged for that part: its evaluations per image
+  are blocks run / (blocks per model x transformer calls per evaluation).
+* :func:`median_seconds` times setups interleaved: each repeat runs every setup once, in turn, so a drift of
+  the machine's speed touches all of them alike; one timing is one pipeline call that denoises every class
+  of one seed (``output_type="latent"``: the VAE decode is left out). Compiled: each setup gets its own copy
+  of the model with ``compile_repeated_blocks`` (regional compilation, what diffusers documents), switched on
+  once and warmed up until its graphs exist, so no timing includes a compilation. Methods that leave the
+  transformer's forward alone (MeanCache, fewer steps, the reference) share one compiled copy and are switched
+  on and off around each timing, as in eager mode.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A method as the benchmark runs it: switched on and off on a pipeline, at a step count."""
+
+    method: str
+    enable: Callable[[Any], None]
+    disable: Callable[[Any], None]
+    steps: int
+    touches_forward: bool
+    """Whether it changes the transformer's forward (block caches do): then compiled, it needs its own model."""
+
+
+class BlockCounter:
+    """Counts the transformer's repeated blocks that run while active (a forward pre-hook on each)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        names = set(getattr(transformer, "_repeated_blocks", ()))
+        self.blocks = [m for m in transformer.modules() if type(m).__name__ in names]
+        if not self.blocks:
+            raise ValueError(f"{type(transformer).__name__} declares no _repeated_blocks to count")
+        self.count = 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> BlockCounter:
+        self._handles = [b.register_forward_pre_hook(self._seen) for b in self.blocks]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _seen(self, *_: Any) -> None:
+        self.count += 1
+
+    def evaluations(self, calls_per_evaluation: int, generations: int) -> float:
+        """Full model evaluations per generation that the counted blocks add up to."""
+        return self.count / (len(self.blocks) * calls_per_evaluation * generations)
+
+
+def median_seconds(
+    setups: list[Setup], load_pipe: Callable[[], Any], inputs: dict[str, Any], seed: int, compiled: bool
+) -> dict[str, float]:
+    """The median over :data:`REPEATS` interleaved rounds of one latent-only generation per setup."""
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 4 * len(setups)  # one model copy per block cache: graphs per copy
+    shared = load_pipe()
+    if compiled:
+        shared.transformer.compile_repeated_blocks(fullgraph=False)
+    own = {}  # compiled block caches: a model each, switched on for the whole measurement
+    for setup in setups:
+        if compiled and setup.touches_forward:
+            own[setup.method] = load_pipe()
+            own[setup.method].transformer.compile_repeated_blocks(fullgraph=False)
+            setup.enable(own[setup.method])
+
+    def generate(setup: Setup) -> float:
+        pipe = own.get(setup.method, shared)
+        if pipe is shared:
+            setup.enable(pipe)
+        try:
+            start = time.perf_counter()
+            with torch.no_grad():
+                pipe(**inputs, num_inference_steps=setup.steps, generator=torch.Generator().manual_seed(seed),
+                     output_type="latent")  # fmt: skip
+            return time.perf_counter() - start
+        finally:
+            if pipe is shared:
+                setup.disable(pipe)
+
+    for setup in setups:  # warm-up: compiles every graph a setup needs (two runs: hooks may differ on the first)
+        generate(setup)
+        generate(setup)
+    times: dict[str, list[float]] = {setup.method: [] for setup in setups}
+    for _ in range(REPEATS):
+        for setup in setups:
+            times[setup.method].append(generate(setup))
+    for method, pipe in own.items():
+        next(s for s in setups if s.method == method).disable(pipe)
+    torch._dynamo.reset()
+    return {method: statistics.median(values) for method, values in times.items()}
