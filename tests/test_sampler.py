@@ -78,7 +78,7 @@ def test_history_memory_is_bounded_by_the_largest_span(num_steps):
         peak = max(peak, estimator.history_bytes())
         assert estimator.history_size <= schedule.max_span
     assert schedule.max_span == 5
-    assert peak == 2 * (5 + 1) * latent_bytes  # a ring of max_span + 1 latents and velocities
+    assert peak == (2 * (5 + 1) + 1) * latent_bytes  # a ring of max_span + 1 latents and velocities, and z_{i+1}
 
 
 def test_estimator_refuses_out_of_order_steps():

@@ -66,7 +66,8 @@ class PaperRuleEstimator:
 
     The rule never reads further back than ``schedule.max_span`` steps, so the history is a preallocated
     float32 ring of ``max_span + 1`` latents and velocities (slot ``i mod (max_span + 1)`` holds step ``i``),
-    whatever the step count. Estimates are written straight into their slot, with no new memory per step.
+    whatever the step count, plus one latent for ``z_{i+1}``. Estimates are written straight into their slot,
+    with no new memory per step.
     """
 
     name: ClassVar[str] = "paper"
@@ -76,6 +77,7 @@ class PaperRuleEstimator:
         self._slots = schedule.max_span + 1
         self._z: torch.Tensor | None = None  # (slots, *latent shape), float32
         self._v: torch.Tensor | None = None
+        self._z_next: torch.Tensor | None = None  # the latest estimate's z_{i+1}
         self._sigma = [0.0] * self._slots
         self._logged = 0  # steps logged so far; the next step to log
 
@@ -86,7 +88,9 @@ class PaperRuleEstimator:
 
     def history_bytes(self) -> int:
         """Bytes held by the history ring."""
-        return 0 if self._z is None or self._v is None else self._z.nbytes + self._v.nbytes
+        if self._z is None or self._v is None or self._z_next is None:
+            return 0
+        return self._z.nbytes + self._v.nbytes + self._z_next.nbytes
 
     def last_velocity(self) -> torch.Tensor:
         """The float32 velocity the previous step used (a view of the history: read it before the next step)."""
@@ -113,17 +117,17 @@ class PaperRuleEstimator:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Skipped ``step``: return ``(z_next, u_hat)`` in float32 and log ``u_hat`` as its velocity.
 
-        ``u_hat`` is a view of the history ring, valid until ``max_span`` more steps have been logged."""
+        ``u_hat`` is a view of the history ring, valid until ``max_span`` more steps have been logged;
+        ``z_next`` lives in the estimator too, valid until the next ``estimate`` (which may take it as ``z``)."""
         _check_order(self.schedule, self._logged, step, computed=False)
         k = min(self.schedule.span(step), self._logged)
         anchor, last = (step - k) % self._slots, (step - 1) % self._slots
         slot = self._claim(step, z, sigma)
-        z_next = torch.empty_like(self._z[slot])
         average_velocity_step(
             self._z[slot], self._v[last], self._z[anchor], self._v[anchor], self._sigma[anchor], sigma, sigma_next,
-            out=(z_next, self._v[slot]),
+            out=(self._z_next, self._v[slot]),
         )  # fmt: skip
-        return z_next, self._v[slot]
+        return self._z_next, self._v[slot]
 
     def _claim(self, step: int, z: torch.Tensor, sigma: float) -> int:
         """Copy ``z`` (float32) and ``sigma`` into ``step``'s ring slot, allocating the ring on first use."""
@@ -131,6 +135,7 @@ class PaperRuleEstimator:
             shape = (self._slots, *z.shape)
             self._z = torch.empty(shape, dtype=HISTORY_DTYPE, device=z.device)
             self._v = torch.empty(shape, dtype=HISTORY_DTYPE, device=z.device)
+            self._z_next = torch.empty(z.shape, dtype=HISTORY_DTYPE, device=z.device)
         elif z.shape != self._z.shape[1:]:
             raise ValueError(
                 f"latents changed shape within a generation: {tuple(self._z.shape[1:])} -> {tuple(z.shape)}"
