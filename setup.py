@@ -12,7 +12,9 @@ setup(
         CppExtension(
             "meancache._C",
             sources=["csrc/average_velocity_step.cpp"],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+            # -fopenmp at compile time only: at::parallel_for's OpenMP region then runs on torch's own
+            # (bundled) OpenMP runtime, which the undefined GOMP symbols resolve to when torch is loaded.
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
