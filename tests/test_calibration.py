@@ -154,7 +154,7 @@ def test_calibrating_a_real_pipeline(tmp_path):
 
 def test_bad_calibration_inputs_get_clear_errors(tmp_path):
     sigmas = torch.linspace(1.0, 0.0, 11).tolist()
-    with pytest.raises(ValueError, match="max_gap must be an integer >= 2"):
+    with pytest.raises(ValueError, match=r"max_gap \(an edge must skip a step\) must be an integer >= 2, got 1"):
         StabilityCostAccumulator(sigmas, max_gap=1)
     with pytest.raises(ValueError, match="unknown aggregate 'median'"):
         StabilityCostAccumulator(sigmas, aggregate="median")

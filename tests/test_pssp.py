@@ -32,7 +32,7 @@ def _worst(costs, path):
 @st.composite
 def instances(draw):
     n = draw(st.integers(3, 12))
-    kmax = draw(st.integers(1, 4))
+    kmax = draw(st.integers(1, min(4, n)))  # spans K <= N
     budget = draw(st.integers(2, n))
     max_gap = draw(st.integers(max(1, math.ceil((n - 1) / (budget - 1))), n - 1))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -99,6 +99,8 @@ def test_the_schedule_is_usable():
     [
         ({"costs": np.ones((5, 4, 2))}, r"shape \(N, N, Kmax\)"),
         ({"costs": np.ones((5, 5))}, r"shape \(N, N, Kmax\)"),
+        ({"costs": np.ones((5, 5, 6))}, r"spans up to Kmax = 6, but a 5-step schedule allows at most 5"),
+        ({"gamma": float("nan")}, "gamma must be a finite number >= 1"),
         ({"budget": 1}, r"budget must be an integer in \[2, 5\]"),
         ({"budget": 6}, r"budget must be an integer in \[2, 5\]"),
         ({"gamma": 0.5}, "gamma must be a finite number >= 1"),

@@ -31,7 +31,7 @@ def solve_pssp(costs: Any, budget: int, gamma: float = 2.0, max_gap: int | None 
     """The optimal ``budget``-node schedule for ``costs`` of shape ``(N, N, Kmax)`` (see the module docstring).
 
     Entries with ``j <= i + 1`` are ignored; ``inf`` forbids an edge; ``max_gap`` (default: none) bounds
-    ``j - i``. Spans are the argmin ``K`` of each edge (1 on unit edges).
+    ``j - i``; ``Kmax <= N`` (as :class:`Schedule` requires of spans). Spans are the argmin ``K`` of each edge (1 on unit edges).
     """
     table = np.asarray(costs, dtype=np.float64)
     if table.ndim != 3 or table.shape[0] != table.shape[1] or table.shape[2] < 1:
@@ -39,6 +39,8 @@ def solve_pssp(costs: Any, budget: int, gamma: float = 2.0, max_gap: int | None 
     n = table.shape[0]
     if n < 1:
         raise ValueError("costs describe no steps (N = 0)")
+    if table.shape[2] > n:
+        raise ValueError(f"costs have spans up to Kmax = {table.shape[2]}, but a {n}-step schedule allows at most {n}")
     lowest = min(2, n)
     if isinstance(budget, bool) or not isinstance(budget, int) or not lowest <= budget <= n:
         raise ValueError(f"budget must be an integer in [{lowest}, {n}] for {n} steps, got {budget!r}")
