@@ -72,4 +72,3 @@ def velocity_and_derivative(
     return torch.func.jvp(
         velocity_fn, (z, sigma_tensor), (tangent.to(z.dtype).reshape(z.shape), torch.ones_like(sigma_tensor))
     )
-

@@ -31,7 +31,8 @@ def solve_pssp(costs: Any, budget: int, gamma: float = 2.0, max_gap: int | None 
     """The optimal ``budget``-node schedule for ``costs`` of shape ``(N, N, Kmax)`` (see the module docstring).
 
     Entries with ``j <= i + 1`` are ignored; ``inf`` forbids an edge; ``max_gap`` (default: none) bounds
-    ``j - i``; ``Kmax <= N`` (as :class:`Schedule` requires of spans). Spans are the argmin ``K`` of each edge (1 on unit edges).
+    ``j - i``; ``Kmax <= N`` (as :class:`Schedule` requires of spans). Spans are the argmin ``K`` of each edge
+    (1 on unit edges).
     """
     table = np.asarray(costs, dtype=np.float64)
     if table.ndim != 3 or table.shape[0] != table.shape[1] or table.shape[2] < 1:
