@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
@@ -54,6 +55,12 @@ class DigitsModel:
         if bad:
             raise ValueError(f"classes {bad} are out of range: digits 0..9, or 10 for unconditional")
         return self.recipe.inputs(self.embeddings, torch.tensor(classes))
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Images ``(N, 32, 32)`` in [0, 1] from the packed latents of a run with ``output_type="latent"``: what
+        the same run with ``output_type="np"`` returns (one channel), so a run can be timed without its decode."""
+        images = self.recipe.decode(self.pipe.vae, latents.to(self.pipe.vae.dtype))
+        return self.pipe.image_processor.postprocess(images, output_type="np")[..., 0]
 
 
 def is_digits_model(model: str | os.PathLike[str]) -> bool:
