@@ -147,3 +147,18 @@ def test_uniform():
     assert schedule.budget == 10 and schedule.compute_steps[-1] == 49 and set(schedule.spans) == {3}
     with pytest.raises(ValueError, match=r"budget must be an integer in \[2, 50\]"):
         Schedule.uniform(50, 51)
+
+
+def test_a_corrupt_shipped_schedule_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    """Item 12 of issue #15: one bad file in <model>/meancache_schedules/ no longer breaks every budget."""
+    from meancache.schedule.defaults import SHIPPED_SCHEDULES_DIR, default_schedule
+
+    shipped = tmp_path / SHIPPED_SCHEDULES_DIR
+    shipped.mkdir()
+    (shipped / "a_corrupt.json").write_text('{"num_steps": 20, "compute_steps": [0, 19], "spans": [99]}')
+    Schedule(20, (0, 5, 12, 19), (2, 1, 3), {"source": "shipped"}).save(shipped / "b.json")
+    with caplog.at_level("WARNING", logger="meancache.schedule.defaults"):
+        schedule = default_schedule("FluxPipeline", str(tmp_path), 20, 4)
+    assert schedule.metadata["source"] == "shipped"
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "a_corrupt.json" in record.getMessage() and "spans must be in [1, 20]" in record.getMessage()
