@@ -227,3 +227,10 @@ def test_no_keys_or_head_dim_zero_match_sdpa(seq_k, head_dim):
     q, k, v = (t.requires_grad_() for t in inputs[:3])
     attention(q, k, v).sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_a_numpy_scale_is_accepted():
+    import numpy as np
+
+    inputs = _inputs(1, 2, 5, 7, 8)
+    torch.testing.assert_close(jvp_attention(*inputs, scale=np.float32(0.25)), jvp_attention(*inputs, scale=0.25))

@@ -140,3 +140,9 @@ def test_every_budget_for_50_steps_is_fast():
     schedules = [solve_pssp(costs, b, gamma=2.0, max_gap=49) for b in range(2, 51)]
     assert [s.budget for s in schedules] == list(range(2, 51))
     assert time.perf_counter() - start < 30  # a sanity bound only; benchmarks/ measures the time
+
+
+def test_numpy_scalars_are_accepted_as_gamma():
+    costs = np.random.default_rng(0).uniform(size=(8, 8, 2))
+    schedule = solve_pssp(costs, 4, gamma=np.float32(2.0))
+    assert schedule == solve_pssp(costs, 4, gamma=2.0) and type(schedule.metadata["gamma"]) is float

@@ -33,6 +33,7 @@ giving zero gradient.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -328,7 +329,7 @@ def _check(
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but must match {tuple(primal.shape)}")
     if scale is None:  # with head_dim 0 the scores are all 0 whatever the scale (and the outputs empty)
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None (1/sqrt(head_dim)), got {scale!r}")
     return _expand_mask(attn_mask, batch, heads, seq_q, seq_k, q.device), float(scale)
 

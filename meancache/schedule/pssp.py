@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -45,8 +46,9 @@ def solve_pssp(costs: Any, budget: int, gamma: float = 2.0, max_gap: int | None 
     lowest = min(2, n)
     if isinstance(budget, bool) or not isinstance(budget, int) or not lowest <= budget <= n:
         raise ValueError(f"budget must be an integer in [{lowest}, {n}] for {n} steps, got {budget!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma >= 1):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (math.isfinite(gamma) and gamma >= 1):
         raise ValueError(f"gamma must be a finite number >= 1 (1: budgeted shortest path), got {gamma!r}")
+    gamma = float(gamma)  # numpy scalars too; the metadata stays JSON
     if max_gap is None:
         max_gap = max(n - 1, 1)
     if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
