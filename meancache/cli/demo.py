@@ -16,7 +16,10 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.models import load_digits_model
 from meancache.models.digits import CLASSES, classify, digit_classifier
+from meancache.validation import MAX_STEPS, check_int
 
+MIN_STEPS = 10
+"""The demo's smallest budget."""
 REPEATS = 3
 """Timed runs per method, interleaved (every method once per round); the table shows their median."""
 
@@ -58,8 +61,7 @@ def run_demo(
 
     Each method's denoising loop runs ``repeats`` times, the methods interleaved so that a slow moment of
     the machine hits them alike, and its median time is reported; the VAE decode is timed apart."""
-    if steps < 10:
-        raise ValueError(f"the demo needs at least 10 steps (its smallest budget), got {steps}")
+    check_int(steps, "steps (the demo's smallest budget is 10)", MIN_STEPS, MAX_STEPS)
     model = load_digits_model(model_name)
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)

@@ -29,9 +29,6 @@ from meancache.cli.schedules import (
 from meancache.models.recipes import RECIPES
 from meancache.validation import MAX_STEPS, check_int
 
-DEMO_MIN_STEPS = 10
-"""The demo's smallest budget."""
-
 ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 """What the library raises for inputs it refuses or work that fails; anything else is a bug and tracebacks."""
 
@@ -54,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_demo_arguments(args: argparse.Namespace) -> None:
     """``--steps`` in [10, MAX_STEPS] and ``--out`` a writable image path."""
-    check_int(args.steps, "--steps (the demo's smallest budget is 10)", DEMO_MIN_STEPS, MAX_STEPS)
+    from meancache.cli.demo import MIN_STEPS
+
+    check_int(args.steps, "--steps (the demo's smallest budget is 10)", MIN_STEPS, MAX_STEPS)
     check_output_file(args.out, "--out", image=True)
 
 
