@@ -61,7 +61,7 @@ def run_demo(
 
     Each method's denoising loop runs ``repeats`` times, the methods interleaved so that a slow moment of
     the machine hits them alike, and its median time is reported; the VAE decode is timed apart."""
-    check_int(steps, "steps (the demo's smallest budget is 10)", MIN_STEPS, MAX_STEPS)
+    check_int(steps, f"steps (the demo's smallest budget is {MIN_STEPS})", MIN_STEPS, MAX_STEPS)
     model = load_digits_model(model_name)
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)

@@ -53,7 +53,7 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
     """``--steps`` in [10, MAX_STEPS] and ``--out`` a writable image path."""
     from meancache.cli.demo import MIN_STEPS
 
-    check_int(args.steps, "--steps (the demo's smallest budget is 10)", MIN_STEPS, MAX_STEPS)
+    check_int(args.steps, f"--steps (the demo's smallest budget is {MIN_STEPS})", MIN_STEPS, MAX_STEPS)
     check_output_file(args.out, "--out", image=True)
 
 
@@ -63,7 +63,6 @@ def run_demo_command(args: argparse.Namespace) -> None:
     from meancache.cli.demo import format_result, run_demo
 
     disable_progress_bar()  # the bundled model loads in a blink: no "Loading pipeline components" bar
-
     pipeline = RECIPES[args.model].pipeline_class.__name__
     print(f"MeanCache demo: bundled {args.model} model ({pipeline}), digits 0-9, {args.steps} steps, "
           f"on {platform.processor() or platform.machine()} with torch {torch.__version__}", flush=True)  # fmt: skip
