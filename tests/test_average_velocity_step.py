@@ -218,7 +218,7 @@ def test_bad_tensors_get_clear_errors(change, error, message):
             r"must differ from sigma_anchor.*\(sample 1\)",
         ),
         ((0.6, torch.tensor(5), 0.2), TypeError, "sigma must be a floating tensor"),
-        (("0.6", 0.5, 0.2), TypeError, "sigma_anchor must be a float or a tensor, got str"),
+        (("0.6", 0.5, 0.2), TypeError, "sigma_anchor must be a real number or a tensor, got str"),
         ((0.6, torch.tensor(0.5, requires_grad=True), 0.2), ValueError, "sigma requires grad"),
     ],
 )
@@ -309,3 +309,47 @@ print(len(messages), messages[0])
     assert result.returncode == 0, result.stderr[-2000:]
     count, message = result.stdout.strip().split(" ", 1)
     assert count == "1" and "simulated missing build" in message and "pip install --no-build-isolation" in message
+
+
+def test_out_overlapping_another_output_or_z_is_refused():
+    """Item 15 of issue #15: these aliasings used to return silently wrong results."""
+    inputs = _inputs((4, 8), torch.float32)
+    o = torch.empty(4, 8)
+    with pytest.raises(ValueError, match="out z_next shares memory with the output u_hat"):
+        average_velocity_step(*inputs, *SIGMAS, out=(o, o))
+    with pytest.raises(ValueError, match=r"out u_hat shares memory with the input z.*u_hat over exactly v_anchor"):
+        average_velocity_step(*inputs, *SIGMAS, out=(o, inputs[0]))
+    flat = torch.randn(33)
+    v_last, shifted = flat[:32].view(4, 8), flat[1:].view(4, 8)  # the same memory, one element apart
+    with pytest.raises(ValueError, match="out u_hat shares memory with the input v_last"):
+        average_velocity_step(inputs[0], v_last, *inputs[2:], *SIGMAS, out=(o, shifted))
+
+
+def test_out_in_place_over_the_same_elements_is_exact():
+    inputs = _inputs((4, 8), torch.float32)
+    expected = average_velocity_step_reference(*inputs, *SIGMAS)
+    u_hat = torch.empty(4, 8)
+    average_velocity_step(*inputs, *SIGMAS, out=(inputs[0], u_hat))  # z_next over z
+    torch.testing.assert_close(inputs[0], expected[0])
+    torch.testing.assert_close(u_hat, expected[1])
+
+
+def test_numpy_scalar_sigmas_are_accepted():
+    import numpy as np
+
+    inputs = _inputs((2, 3), torch.float32)
+    expected = average_velocity_step(*inputs, *(float(np.float32(s)) for s in SIGMAS))
+    for kind in (np.float32, np.float64):
+        result = average_velocity_step(*inputs, *(kind(s) for s in SIGMAS))
+        for out, ref in zip(result, expected, strict=True):
+            torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("op", [average_velocity_step, average_velocity_step_reference])
+def test_an_empty_batch_gives_empty_outputs(op):
+    """Item 17 of issue #15: per-sample sigmas of an empty batch are empty too."""
+    z = torch.empty(0, 4)
+    empty = torch.empty(0)
+    for sigmas in ((empty, empty, empty), (empty, 0.5, 0.2), SIGMAS):
+        z_next, u_hat = op(z, z, z, z, *sigmas)
+        assert z_next.shape == u_hat.shape == (0, 4)

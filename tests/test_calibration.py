@@ -1,4 +1,6 @@
 import itertools
+import json
+import re
 
 import numpy as np
 import pytest
@@ -154,7 +156,7 @@ def test_calibrating_a_real_pipeline(tmp_path):
 
 def test_bad_calibration_inputs_get_clear_errors(tmp_path):
     sigmas = torch.linspace(1.0, 0.0, 11).tolist()
-    with pytest.raises(ValueError, match="max_gap must be an integer >= 2"):
+    with pytest.raises(ValueError, match=r"max_gap \(an edge must skip a step\) must be an integer >= 2, got 1"):
         StabilityCostAccumulator(sigmas, max_gap=1)
     with pytest.raises(ValueError, match="unknown aggregate 'median'"):
         StabilityCostAccumulator(sigmas, aggregate="median")
@@ -178,3 +180,36 @@ def test_bad_calibration_inputs_get_clear_errors(tmp_path):
     enable_mean_cache(pipe, MeanCacheConfig(Schedule.uniform(10, 5)))
     with pytest.raises(RuntimeError, match="already wrapped"):
         calibrate_pipeline(pipe, [tiny_inputs("flux")], 10)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"sigmas": [1.0, 0.0]}, ValueError, r"max_span must be an integer in \[1, 1\], got 2"),  # too few sigmas
+        ({"sigmas": [1.0]}, ValueError, r"sigmas needs 2 to 10001 values \(N \+ 1 for N steps\), got 1"),
+        ({"max_span": 1}, ValueError, r"one_shot must be an array of shape \(N, N, max_span\) = \(10, 10, 1\)"),
+        ({"max_gap": "8"}, TypeError, r"max_gap must be an integer >= 2, got '8' \(str\)"),
+        ({"closed_loop": [[["0.5"]]]}, TypeError, r"closed_loop costs must be numbers or null, got '0.5' \(str\)"),
+        ({"one_shot": [[1.0], [1.0, 2.0]]}, ValueError, r"one_shot must be a regular \(N, N, max_span\) nesting"),
+        ({"one_shot": -1}, TypeError, r"one_shot must be nested lists of costs, got int"),
+        ({"metadata": "x"}, TypeError, r"metadata must be a dict \(a JSON object\), got 'x'"),
+        ({"aggregate": "median"}, ValueError, r"unknown aggregate 'median'"),
+        ({"trajectories": 0}, ValueError, r"trajectories must be an integer >= 1, got 0"),
+        ({"sigmas": [1.0, float("nan"), *np.linspace(0.8, 0, 9)]}, ValueError, r"sigmas\[1\] must be finite, got nan"),
+    ],
+)
+def test_load_refuses_bad_calibration_files_naming_them(tmp_path, changes, error, message):
+    """Items 5 and 6 of issue #15 (a NaN sigma used to give a schedule silently)."""
+    path = tmp_path / "c.json"
+    calibrate(toy_velocity, [torch.zeros(2)], np.linspace(1.0, 0.0, 11), max_gap=3, max_span=2).save(path)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **changes}))
+    with pytest.raises(error, match=re.escape(f"{str(path)!r} is not a valid calibration: ") + message):
+        Calibration.load(path)
+
+
+def test_nan_sigmas_are_refused_when_calibrating():
+    with pytest.raises(ValueError, match=r"sigmas\[2\] must be finite, got nan"):
+        StabilityCostAccumulator([1.0, 0.5, float("nan"), 0.0])
+    with pytest.raises(ValueError, match=r"strictly decreasing .* sigmas\[2\] = 0.5 follows 0.5"):
+        calibrate(toy_velocity, [torch.zeros(2)], [1.0, 0.5, 0.5, 0.0])

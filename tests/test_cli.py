@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,39 +10,40 @@ from meancache.cli.demo import image_metrics
 from meancache.cli.main import main
 
 
-@pytest.mark.parametrize(("model", "pipeline"), [("digits-flux", "FluxPipeline"), ("digits-qwen", "QwenImagePipeline")])
-def test_demo_end_to_end_through_the_installed_command(tmp_path, model, pipeline):
+def test_demo_end_to_end_through_the_installed_command(tmp_path):
+    """What `make demo` runs, at 12 steps: a table, a labelled grid, and nothing on stderr (no warnings)."""
     from PIL import Image
 
     exe = Path(sys.executable).with_name("meancache")  # console scripts sit beside the interpreter
     assert exe.is_file(), f"pip install did not create the `meancache` command at {exe}"
     grid = tmp_path / "grid.png"
     result = subprocess.run(
-        [exe, "demo", "--steps", "12", "--model", model, "--out", str(grid)],
-        capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
+        [exe, "demo", "--steps", "12", "--out", str(grid)], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert f"{model} model ({pipeline})" in lines[0] and "12 steps" in lines[0]
+    assert "digits-flux model (FluxPipeline)" in lines[0] and "12 steps" in lines[0]
     rows = {line[:36].strip(): line[36:].split() for line in lines[3:7]}
     assert rows["full (no cache)"][0] == "12"
     assert rows["MeanCache B=10"][0] == "10"
     assert rows["plain reuse B=10, same steps (K=1)"][0] == "10"
     assert rows["plain reuse B=10, uniform (K=1)"][0] == "10"
     assert float(rows["MeanCache B=10"][3]) > 10  # PSNR against the full run: close, not noise
+    assert lines[7].startswith("loop s: median of 3 interleaved runs") and "VAE decode" in lines[7]
     with Image.open(grid) as image:
-        assert image.size == (10 * 32 * 4, 4 * 32 * 4)  # rows: full, B=10, two plain-reuse rows (12 steps < 17)
+        # rows: full, B=10, two plain-reuse rows (12 steps < 17); a left gutter of labels
+        assert image.height == 4 * 32 * 4 and image.width > 10 * 32 * 4
+        gutter = np.asarray(image)[:, : image.width - 10 * 32 * 4]
+        assert (gutter < 128).any(axis=1).reshape(4, -1).any(axis=1).all()  # dark text beside every row
 
 
-@pytest.mark.parametrize(("argv", "message"), [(["demo", "--steps", "5"], "at least 10")])
-def test_demo_rejects_bad_arguments(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(argv)
+def test_demo_with_the_true_cfg_model(tmp_path):
+    from meancache.cli.demo import run_demo
 
-
-def test_demo_rejects_non_positive_steps(capsys):
-    with pytest.raises(SystemExit):
-        main(["demo", "--steps", "0"])
-    assert "must be a positive integer, got 0" in capsys.readouterr().err
+    result = run_demo(12, grid_path=tmp_path / "grid.png", model_name="digits-qwen", repeats=1)
+    rows = {row.method: row for row in result.rows}
+    assert [row.model_evaluations for row in result.rows] == [12, 10, 10, 10]  # a CFG pair counts once
+    assert rows["MeanCache B=10"].psnr_db > 10 and result.decode_seconds > 0 and (tmp_path / "grid.png").is_file()
 
 
 def test_image_metrics_on_known_inputs():
@@ -89,18 +91,6 @@ def test_calibrate_then_schedule_then_run_through_the_installed_command(tmp_path
     assert summary(pipe).transformer_calls == 5
 
 
-def test_schedule_command_reports_infeasible_budgets(tmp_path):
-    import numpy as np
-    import torch
-
-    from meancache.schedule.calibration import calibrate
-    from tests.reference_loop import toy_velocity
-
-    calibrate(toy_velocity, [torch.zeros(3)], np.linspace(1, 0, 21), max_gap=4, max_span=2).save(tmp_path / "c.json")
-    with pytest.raises(ValueError, match="needs at least 6 computed steps"):
-        main(["schedule", str(tmp_path / "c.json"), "--budget", "3", "--out-dir", str(tmp_path)])
-
-
 @pytest.mark.parametrize("model", ["digits-flux", "digits-qwen"])
 def test_generate_with_a_bundled_model_and_a_budget(tmp_path, capsys, model):
     from PIL import Image
@@ -126,10 +116,194 @@ def test_generate_with_a_checkpoint_folder_and_a_schedule_file(tmp_path, capsys)
     assert "5 computed, 15 reused" in capsys.readouterr().out and out.is_file()
 
 
-def test_generate_rejects_bad_arguments(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--prompt must be 0-9, got 'cat'"):
-        main(["generate", "--model", "digits-flux", "--prompt", "cat", "--out", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit):
+def test_generate_rejects_mutually_exclusive_arguments_through_argparse(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--model", "digits-flux", "--prompt", "1", "--budget", "10", "--schedule", "s.json",
               "--out", str(tmp_path / "x.png")])  # fmt: skip
-    assert "not allowed with argument" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def _calibration_file(path, **changes):
+    """A small valid calibration file (20 steps, spans 1..2), with ``changes`` applied to its JSON."""
+    import json
+
+    import torch
+
+    from meancache.schedule.calibration import calibrate
+    from tests.reference_loop import toy_velocity
+
+    calibrate(toy_velocity, [torch.zeros(3)], np.linspace(1, 0, 21), max_gap=4, max_span=2).save(path)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **changes}).replace('"NAN"', "NaN"))
+    return path
+
+
+def _run(argv, capsys):
+    """``main(argv)``'s exit code and stderr; no traceback may reach the user."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails a test that loads a pipeline: bad arguments must be refused before any work starts."""
+
+    def refuse(*args):
+        raise AssertionError("a pipeline was loaded for bad arguments")
+
+    monkeypatch.setattr("meancache.cli.generate.load_pipeline", refuse)
+    monkeypatch.setattr("meancache.cli.schedules.load_pipeline", refuse)
+
+
+GENERATE = ["generate", "--model", "digits-flux", "--prompt", "7"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "0"], r"--budget \(computed steps of --steps 50\) must be an integer in \[2, 50\], got 0"),
+        (["--budget", "100", "--steps", "6"], r"--budget \(computed steps of --steps 6\) must be .*\[2, 6\], got 100"),
+        (["--steps", "0"], r"--steps must be an integer in \[1, 10000\], got 0"),  # item 3
+        (["--steps", "-1"], r"--steps must be an integer in \[1, 10000\], got -1"),
+        (["--schedule", "{tmp}/missing.json"], r"No such file or directory: '.*missing\.json'"),
+        (["--schedule", "{tmp}/truncated.json"], r"truncated\.json' is not a schedule JSON file"),
+        (["--schedule", "{tmp}/b10.json", "--steps", "6"], r"budget 10 \(made for 50 steps\) cannot run 6 steps"),
+        (["--device", "bogus"], r"--device 'bogus' is not a torch device name"),
+        (["--height", "0"], r"--height must be an integer >= 1, got 0"),
+        (["--prompt", "cat"], r"digits-flux draws a digit: --prompt must be 0-9, got 'cat'"),
+        (["--out", "{tmp}/image"], r"--out '.*image' needs an image file extension .*got 'none'"),  # item 2
+        (["--out", "{tmp}/folder.png"], r"--out '.*folder\.png' is a directory"),
+        (["--out", "{tmp}/b10.json/x.png"], r"--out '.*x\.png' cannot be created: '.*b10\.json' is not a directory"),
+    ],
+)
+def test_generate_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, no_loading, args, message):
+    """Items 1-3 of issue #15: exit code 2, `meancache generate: error: ...`, no traceback, nothing loaded."""
+    from meancache import Schedule
+
+    (tmp_path / "truncated.json").write_text('{"num_steps": 50, "compute_')
+    Schedule.preset("qwen-image", 10).save(tmp_path / "b10.json")
+    (tmp_path / "folder.png").mkdir()
+    argv = [*GENERATE, "--out", str(tmp_path / "x.png"), *(a.format(tmp=tmp_path) for a in args)]
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.startswith("meancache generate: error: ")
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b10.json", "folder.png", "truncated.json"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sigmas": [1.0, 0.5]}, r"max_span must be an integer in \[1, 1\], got 2"),  # item 5: too few sigmas
+        ({"max_span": 3}, r"one_shot must be an array of shape \(N, N, max_span\) = \(20, 20, 3\), got \(20, 20, 2\)"),
+        ({"one_shot": "x"}, r"one_shot must be nested lists of costs, got str"),
+        ({"closed_loop": [[["1.0"]]]}, r"closed_loop costs must be numbers or null, got '1.0' \(str\)"),
+        ({"metadata": "x"}, r"metadata must be a dict \(a JSON object\), got 'x'"),
+        ({"sigmas": [1.0, "NAN", *np.linspace(0.9, 0, 19).tolist()]}, r"sigmas\[1\] must be finite, got nan"),  # 6
+        ({"sigmas": np.linspace(0, 1, 21).tolist()}, r"strictly decreasing .* sigmas\[1\] = 0.05 follows 0.0"),
+    ],
+)
+def test_schedule_refuses_bad_calibration_files_and_creates_nothing(tmp_path, capsys, changes, message):
+    """Items 5-7 of issue #15: the file is named, exit code 2, and --out-dir is not created."""
+    calibration = _calibration_file(tmp_path / "c.json", **changes)
+    code, err = _run(["schedule", calibration, "--budget", "8", "--out-dir", tmp_path / "out"], capsys)
+    assert code == 2 and err.startswith(f"meancache schedule: error: {str(calibration)!r} is not a valid calibration")
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "1"], r"budget must be an integer in \[2, 20\] for 20 steps, got 1"),
+        (["--budget", "8", "3"], r"no schedule with 3 computed steps .* needs at least 6 computed steps"),
+        (["--budget", "8", "--gamma", "nan"], r"gamma must be a finite number >= 1 .*got nan"),
+        (["--budget", "8", "--out-dir", "{tmp}/c.json"], r"--out-dir '.*c\.json' exists and is not a directory"),
+    ],
+)
+def test_schedule_refuses_bad_budgets_and_creates_nothing(tmp_path, capsys, args, message):
+    calibration = _calibration_file(tmp_path / "c.json")
+    argv = ["schedule", calibration, "--out-dir", tmp_path / "out", *(a.format(tmp=tmp_path) for a in args)]
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.startswith("meancache schedule: error: ") and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+
+def test_schedule_refuses_a_missing_or_undecodable_file(tmp_path, capsys):
+    code, err = _run(["schedule", tmp_path / "none.json", "--budget", "8", "--out-dir", tmp_path / "out"], capsys)
+    assert code == 2 and "No such file or directory" in err and "none.json" in err
+    (tmp_path / "latin1.json").write_bytes(b'{"sigmas": "\xe9"}')
+    code, err = _run(["schedule", tmp_path / "latin1.json", "--budget", "8", "--out-dir", tmp_path / "out"], capsys)
+    assert code == 2 and "latin1.json' is not a calibration JSON file" in err and "utf-8" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.json"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "a cat"], r"digits-flux draws a digit: --prompt must be 0-9, got 'a cat'"),
+        (["--prompt", "1", "--steps", "4"], r"--max-span must be an integer in \[1, 4\], got 5"),
+        (["--prompt", "1", "--select", "1"], r"--select \(computed steps of --steps 50\) must be .*got 1"),
+        (["--prompt", "1", "--max-gap", "1"], r"--max-gap must be an integer >= 2, got 1"),
+        (["--prompt", "1", "--out", "{tmp}"], r"--out '.*' is a directory"),
+    ],
+)
+def test_calibrate_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, no_loading, args, message):
+    argv = ["calibrate", "--model", "digits-flux", "--out", tmp_path / "c.json"]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.startswith("meancache calibrate: error: ") and re.search(message, err), err
+
+
+@pytest.mark.parametrize("where", ["name", "folder"])
+def test_calibrate_a_bundled_model_by_name_or_folder(tmp_path, capsys, where):
+    """Item 4 of issue #15: the digits models calibrate with digits as prompts."""
+    import shutil
+
+    from meancache.models import bundled_model_path
+    from meancache.schedule.calibration import Calibration
+
+    model = "digits-flux"
+    if where == "folder":
+        model = str(shutil.copytree(bundled_model_path(model), tmp_path / "my digits"))
+    out = tmp_path / "c.json"
+    argv = ["calibrate", "--model", model, "--prompt", "3", "--steps", "8", "--max-gap", "3", "--max-span", "2",
+            "--out", out]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    calibration = Calibration.load(out)
+    assert calibration.num_steps == 8 and calibration.trajectories == 1
+
+
+def test_runtime_failures_exit_1_with_the_message(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _run(["generate", "--model", tmp_path / "empty", "--prompt", "a cat", "--out", tmp_path / "x.png"],
+                     capsys)  # fmt: skip
+    assert code == 1 and err.startswith("meancache generate: error: ") and "model_index.json" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--steps", "5"], r"--steps \(the demo's smallest budget is 10\) must be an integer in \[10, 10000\]"),
+        (["demo", "--steps", "0"], r"must be an integer in \[10, 10000\], got 0"),
+        (["demo", "--out", "grid.txt"], r"--out 'grid.txt' needs an image file extension .*got '.txt'"),
+    ],
+)
+def test_demo_rejects_bad_arguments(capsys, argv, message):
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.startswith("meancache demo: error: ") and re.search(message, err), err
+
+
+def test_the_installed_command_prints_errors_without_a_traceback(tmp_path):
+    exe = str(Path(sys.executable).with_name("meancache"))
+    for argv, code, message in [
+        ([*GENERATE, "--budget", "0", "--out", str(tmp_path / "x.png")], 2, "meancache generate: error: --budget"),
+        (["generate", "--model", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "x.png")], 1,
+         "meancache generate: error: "),
+    ]:  # fmt: skip
+        result = subprocess.run([exe, *argv], capture_output=True, text=True, timeout=120)
+        assert result.returncode == code and result.stderr.startswith(message), result.stderr
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -214,3 +214,23 @@ def test_torch_compile_traces_the_op():
     compiled = torch.compile(lambda *t: op(*t, None, 0.3), fullgraph=True, backend="eager")
     o, o_t, _ = compiled(q, k, v, q_t, k_t, v_t)
     torch.testing.assert_close((o, o_t), jvp_attention(q, k, v, q_t, k_t, v_t, scale=0.3))
+
+
+@pytest.mark.parametrize(("seq_k", "head_dim"), [(0, 8), (5, 0), (0, 0)])
+def test_no_keys_or_head_dim_zero_match_sdpa(seq_k, head_dim):
+    """Item 16 of issue #15: no keys give zero outputs and tangents, head dim 0 empty ones, as math SDPA does."""
+    inputs = _inputs(2, 3, 4, seq_k, head_dim)
+    o, o_t = jvp_attention(*inputs)
+    ref_o, ref_t = _sdpa_jvp(*inputs)
+    assert o.shape == o_t.shape == ref_o.shape == (2, 3, 4, head_dim)
+    torch.testing.assert_close((o, o_t), (ref_o, ref_t))
+    q, k, v = (t.requires_grad_() for t in inputs[:3])
+    attention(q, k, v).sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_a_numpy_scale_is_accepted():
+    import numpy as np
+
+    inputs = _inputs(1, 2, 5, 7, 8)
+    torch.testing.assert_close(jvp_attention(*inputs, scale=np.float32(0.25)), jvp_attention(*inputs, scale=0.25))

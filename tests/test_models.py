@@ -94,6 +94,32 @@ def test_missing_or_corrupt_model_folders_get_clear_errors(tmp_path):
         bundled_model_path("sd")
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{not json", r"transformer/config.json' is not a config JSON file"),
+        ("[]", r"transformer/config.json' holds a list, not a config object"),
+        ('{"_class_name": "FluxTransformer2DModel", "num_layers": "x"}', "holds a corrupt digits model: .*integer"),
+    ],
+)
+def test_a_bad_transformer_config_is_named(tmp_path, config, message):
+    """Item 20 of issue #15."""
+    folder = tmp_path / "broken"
+    shutil.copytree(bundled_model_path(), folder)
+    (folder / "transformer" / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=message):
+        load_digits_model(folder)
+
+
+def test_bad_model_and_dtype_arguments_are_named():
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype .*got 'float32'"):
+        load_digits_model(dtype="float32")
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype .*got torch.int64"):
+        load_digits_model(dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"model must be a bundled model name \(digits-flux, digits-qwen\) .*got None"):
+        load_digits_model(None)
+
+
 def test_a_folder_of_another_pipeline_is_refused(tmp_path):
     folder = tmp_path / "sd3"
     shutil.copytree(bundled_model_path(), folder)

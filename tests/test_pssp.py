@@ -32,7 +32,7 @@ def _worst(costs, path):
 @st.composite
 def instances(draw):
     n = draw(st.integers(3, 12))
-    kmax = draw(st.integers(1, 4))
+    kmax = draw(st.integers(1, min(4, n)))  # spans K <= N
     budget = draw(st.integers(2, n))
     max_gap = draw(st.integers(max(1, math.ceil((n - 1) / (budget - 1))), n - 1))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -99,6 +99,8 @@ def test_the_schedule_is_usable():
     [
         ({"costs": np.ones((5, 4, 2))}, r"shape \(N, N, Kmax\)"),
         ({"costs": np.ones((5, 5))}, r"shape \(N, N, Kmax\)"),
+        ({"costs": np.ones((5, 5, 6))}, r"spans up to Kmax = 6, but a 5-step schedule allows at most 5"),
+        ({"gamma": float("nan")}, "gamma must be a finite number >= 1"),
         ({"budget": 1}, r"budget must be an integer in \[2, 5\]"),
         ({"budget": 6}, r"budget must be an integer in \[2, 5\]"),
         ({"gamma": 0.5}, "gamma must be a finite number >= 1"),
@@ -138,3 +140,9 @@ def test_every_budget_for_50_steps_is_fast():
     schedules = [solve_pssp(costs, b, gamma=2.0, max_gap=49) for b in range(2, 51)]
     assert [s.budget for s in schedules] == list(range(2, 51))
     assert time.perf_counter() - start < 30  # a sanity bound only; benchmarks/ measures the time
+
+
+def test_numpy_scalars_are_accepted_as_gamma():
+    costs = np.random.default_rng(0).uniform(size=(8, 8, 2))
+    schedule = solve_pssp(costs, 4, gamma=np.float32(2.0))
+    assert schedule == solve_pssp(costs, 4, gamma=2.0) and type(schedule.metadata["gamma"]) is float

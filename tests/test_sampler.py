@@ -94,8 +94,10 @@ def test_bad_sampler_inputs_get_clear_errors():
     schedule = Schedule.uniform(4, 2)
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample(toy_velocity, torch.zeros(2), [1.0, 0.5, 0.5, 0.2, 0.0], schedule)
-    with pytest.raises(ValueError, match="at least 2 values"):
+    with pytest.raises(ValueError, match=r"sigmas needs 2 to 10001 values \(N \+ 1 for N steps\), got 1"):
         sample(toy_velocity, torch.zeros(2), [1.0], schedule)
+    with pytest.raises(ValueError, match=r"sigmas\[2\] must be finite, got nan"):
+        sample(toy_velocity, torch.zeros(2), [1.0, 0.5, float("nan"), 0.2, 0.0], schedule)
     with pytest.raises(ValueError, match=r"returned shape \(3,\) for latents of shape \(2,\)"):
         sample(lambda z, s: torch.zeros(3), torch.zeros(2), _sigmas(4), schedule)
     with pytest.raises(ValueError, match="unknown estimator 'exact'"):

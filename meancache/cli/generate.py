@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from meancache import MeanCacheConfig, Schedule, enable_mean_cache, summary
-from meancache.cli.schedules import DTYPES
-from meancache.models import BUNDLED_MODELS, load_digits_model
+from meancache.cli.arguments import check_device, check_output_file, check_prompts
+from meancache.cli.pipelines import DTYPES, load_pipeline
+from meancache.models import BUNDLED_MODELS
+from meancache.validation import MAX_STEPS, check_int
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,32 +33,35 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="image file to write (PNG, JPEG, ...)")
 
 
+def check_generate_arguments(args: argparse.Namespace) -> None:
+    """``--steps`` in [1, MAX_STEPS], ``--budget`` in [2, steps], ``--schedule`` a valid schedule that can run
+    ``--steps`` (loaded here: ``args.schedule`` becomes the ``Schedule``), positive sizes, the device, the
+    prompt for a digits model and ``--out`` (a writable image path)."""
+    check_int(args.steps, "--steps", 1, MAX_STEPS)
+    if args.budget is not None:
+        check_int(args.budget, f"--budget (computed steps of --steps {args.steps})", 2, args.steps)
+    if args.schedule is not None:
+        args.schedule = Schedule.load(args.schedule)
+        args.schedule.for_steps(args.steps)
+    for flag, size in (("--height", args.height), ("--width", args.width)):
+        if size is not None:
+            check_int(size, flag, 1)
+    check_device(args.device)
+    check_prompts(args.model, [args.prompt])
+    check_output_file(args.out, "--out", image=True)
+
+
 def run_generate(args: argparse.Namespace) -> None:
-    pipe, inputs = _load(args)
-    if args.budget is not None or args.schedule is not None:
-        schedule = Schedule.load(args.schedule) if args.schedule is not None else None
-        enable_mean_cache(pipe, MeanCacheConfig(schedule=schedule, budget=args.budget))
+    pipe, prompt_inputs = load_pipeline(args.model, args.dtype, args.device)
+    cached = args.budget is not None or args.schedule is not None
+    if cached:
+        enable_mean_cache(pipe, MeanCacheConfig(schedule=args.schedule, budget=args.budget))
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     start = time.perf_counter()
-    image = pipe(**inputs, num_inference_steps=args.steps,
+    image = pipe(**prompt_inputs(args.prompt), **size, num_inference_steps=args.steps,
                  generator=torch.Generator(args.device).manual_seed(args.seed)).images[0]  # fmt: skip
     seconds = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
-    cached = args.budget is not None or args.schedule is not None
     print(summary(pipe) if cached else f"no cache: {args.steps} steps, every step computed")
     print(f"wrote {args.out} in {seconds:.2f} s")
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
-    if args.model in BUNDLED_MODELS:
-        if args.prompt not in [str(d) for d in range(10)]:
-            raise SystemExit(
-                f"meancache generate: {args.model} draws a digit: --prompt must be 0-9, got {args.prompt!r}"
-            )
-        model = load_digits_model(args.model, dtype=DTYPES[args.dtype])
-        return model.pipe.to(args.device), {**model.inputs([int(args.prompt)]), **size}
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
-    return pipe, {"prompt": args.prompt, **size}

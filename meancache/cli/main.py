@@ -1,31 +1,43 @@
-"""The ``meancache`` command."""
+"""The ``meancache`` command.
+
+Exit codes: 0 on success; 2 for usage errors, reported before any work starts (argparse's own, and every
+check of the arguments and of the files they name: ranges, devices, output paths, schedule and calibration
+files); 1 when the work itself fails (a model that does not load, a generation that raises). Both print
+``meancache <command>: error: <message>`` on stderr, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import platform
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from meancache.cli.generate import add_generate_arguments
-from meancache.cli.schedules import add_calibrate_arguments, add_schedule_arguments, run_calibrate, run_schedule
+from meancache.cli.arguments import check_output_file
+from meancache.cli.generate import add_generate_arguments, check_generate_arguments, run_generate
+from meancache.cli.schedules import (
+    add_calibrate_arguments,
+    add_schedule_arguments,
+    check_calibrate_arguments,
+    check_schedule_arguments,
+    run_calibrate,
+    run_schedule,
+)
 from meancache.models.recipes import RECIPES
+from meancache.validation import MAX_STEPS, check_int
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+"""What the library raises for inputs it refuses or work that fails; anything else is a bug and tracebacks."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meancache", description="MeanCache: average-velocity caching for diffusers.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="a bundled digits model with and without MeanCache, compared")
-    demo.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (default 50)")
+    demo.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     demo.add_argument("--out", type=Path, default=Path("meancache_demo.png"), help="PNG grid to write")
     demo.add_argument("--model", choices=sorted(RECIPES), default="digits-flux", help="bundled model")
@@ -37,24 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_demo_arguments(args: argparse.Namespace) -> None:
+    """``--steps`` in [10, MAX_STEPS] and ``--out`` a writable image path."""
+    from meancache.cli.demo import MIN_STEPS
+
+    check_int(args.steps, f"--steps (the demo's smallest budget is {MIN_STEPS})", MIN_STEPS, MAX_STEPS)
+    check_output_file(args.out, "--out", image=True)
+
+
+def run_demo_command(args: argparse.Namespace) -> None:
+    from diffusers.utils.logging import disable_progress_bar
+
+    from meancache.cli.demo import format_result, run_demo
+
+    disable_progress_bar()  # the bundled model loads in a blink: no "Loading pipeline components" bar
+    pipeline = RECIPES[args.model].pipeline_class.__name__
+    print(f"MeanCache demo: bundled {args.model} model ({pipeline}), digits 0-9, {args.steps} steps, "
+          f"on {platform.processor() or platform.machine()} with torch {torch.__version__}", flush=True)  # fmt: skip
+    print(format_result(run_demo(args.steps, args.seed, args.out, args.model)))
+    print(f"grid (rows: methods in table order, labelled; columns: digits 0-9): {args.out}")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.Namespace], None]]] = {
+    "demo": (check_demo_arguments, run_demo_command),
+    "calibrate": (check_calibrate_arguments, run_calibrate),
+    "schedule": (check_schedule_arguments, run_schedule),
+    "generate": (check_generate_arguments, run_generate),
+}
+"""Command -> (check of its arguments, the work)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from meancache.cli.demo import format_rows, run_demo
-
-        if args.steps < 10:
-            raise SystemExit(f"meancache demo: --steps must be at least 10 (the smallest budget), got {args.steps}")
-        pipeline = RECIPES[args.model].pipeline_class.__name__
-        print(f"MeanCache demo: bundled {args.model} model ({pipeline}), digits 0-9, {args.steps} steps, "
-              f"on {platform.processor() or platform.machine()} with torch {torch.__version__}")  # fmt: skip
-        print(format_rows(run_demo(args.steps, args.seed, args.out, args.model)))
-        print(f"grid (rows: methods in table order; columns: digits 0-9): {args.out}")
-    elif args.command == "calibrate":
-        run_calibrate(args)
-    elif args.command == "schedule":
-        run_schedule(args)
-    elif args.command == "generate":
-        from meancache.cli.generate import run_generate
-
-        run_generate(args)
+    check, run = COMMANDS[args.command]
+    for step, code in ((check, 2), (run, 1)):
+        try:
+            step(args)
+        except ERRORS as e:
+            print(f"meancache {args.command}: error: {e}", file=sys.stderr)
+            return code
     return 0

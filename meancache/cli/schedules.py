@@ -7,15 +7,21 @@ from pathlib import Path
 
 import torch
 
+from meancache.cli.arguments import check_device, check_output_dir, check_output_file, check_prompts
+from meancache.cli.pipelines import DTYPES, load_pipeline
+from meancache.models import BUNDLED_MODELS
 from meancache.schedule import Schedule
 from meancache.schedule.calibration import AGGREGATES, COST_KINDS, Calibration
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from meancache.validation import MAX_STEPS, check_int
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="diffusers pipeline folder (or hub id) for from_pretrained")
-    parser.add_argument("--prompt", action="append", required=True, help="a calibration prompt; repeat for more")
+    parser.add_argument(
+        "--model", required=True, help=f"pipeline folder, hub id, or a bundled model: {', '.join(BUNDLED_MODELS)}"
+    )
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="a calibration prompt (bundled models: a digit); repeat"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds per prompt (default: 0)")
     parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default 50)")
     parser.add_argument("--height", type=int, help="image height (default: the pipeline's)")
@@ -41,20 +47,36 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for schedule_B<budget>.json files")
 
 
+def check_calibrate_arguments(args: argparse.Namespace) -> None:
+    """``--steps`` in [1, MAX_STEPS], ``--max-gap >= 2``, ``--max-span`` in [1, steps], each ``--select``
+    budget in [2, steps], positive sizes, the device, the prompts for a digits model, and ``--out`` (a
+    writable file path; selected schedules go beside it)."""
+    check_int(args.steps, "--steps", 1, MAX_STEPS)
+    check_int(args.max_gap, "--max-gap", 2)
+    check_int(args.max_span, "--max-span", 1, args.steps)
+    for budget in args.select or ():
+        check_int(budget, f"--select (computed steps of --steps {args.steps})", 2, args.steps)
+    for flag, size in (("--height", args.height), ("--width", args.width)):
+        if size is not None:
+            check_int(size, flag, 1)
+    check_device(args.device)
+    check_prompts(args.model, args.prompt)
+    check_output_file(args.out, "--out")
+
+
 def run_calibrate(args: argparse.Namespace) -> None:
-    from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
     from meancache.integrations.diffusers import calibrate_pipeline, select_schedule
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype]).to(args.device)
+    pipe, prompt_inputs = load_pipeline(args.model, args.dtype, args.device)
     pipe.set_progress_bar_config(leave=False)
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     jobs = [(prompt, seed) for prompt in args.prompt for seed in args.seeds]
 
     def calls(progress: str) -> list[dict]:
         return [
-            {"prompt": prompt, "generator": torch.Generator(args.device).manual_seed(seed), **size}
+            {**prompt_inputs(prompt), "generator": torch.Generator(args.device).manual_seed(seed), **size}
             for prompt, seed in tqdm(jobs, desc=progress, unit="generation")
         ]
 
@@ -77,12 +99,18 @@ def run_calibrate(args: argparse.Namespace) -> None:
         _write_schedule(schedule, args.out.parent / f"schedule_B{budget}.json")
 
 
-def run_schedule(args: argparse.Namespace) -> None:
+def check_schedule_arguments(args: argparse.Namespace) -> None:
+    """Loads the calibration file and solves every ``--budget`` with ``--cost`` and ``--gamma`` (the solver
+    checks them; ``args.schedules`` holds the results), and checks ``--out-dir``: nothing is written yet."""
     calibration = Calibration.load(args.calibration)
+    args.schedules = [calibration.schedule(budget, kind=args.cost, gamma=args.gamma) for budget in args.budget]
+    check_output_dir(args.out_dir, "--out-dir")
+
+
+def run_schedule(args: argparse.Namespace) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for budget in args.budget:
-        _write_schedule(calibration.schedule(budget, kind=args.cost, gamma=args.gamma),
-                        args.out_dir / f"schedule_B{budget}.json")  # fmt: skip
+    for schedule in args.schedules:
+        _write_schedule(schedule, args.out_dir / f"schedule_B{schedule.budget}.json")
 
 
 def _write_schedule(schedule: Schedule, path: Path) -> None:

@@ -6,13 +6,13 @@ integration drives the same estimators step by step.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 
 from meancache.method.estimators import make_estimator
 from meancache.schedule import Schedule
+from meancache.validation import check_sigmas
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -38,7 +38,7 @@ def sample(
     and must be forward-differentiable (for a diffusers transformer:
     :func:`meancache.integrations.jvp_attention.enable_jvp_attention`).
     """
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = check_sigmas(sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)
     num_steps = len(sigma_values) - 1
     cache = make_estimator(estimator, schedule.for_steps(num_steps))
     z = latents
@@ -72,12 +72,3 @@ def velocity_and_derivative(
     return torch.func.jvp(
         velocity_fn, (z, sigma_tensor), (tangent.to(z.dtype).reshape(z.shape), torch.ones_like(sigma_tensor))
     )
-
-
-def _sigma_list(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
-    values = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
-    if len(values) < 2:
-        raise ValueError(f"sigmas needs at least 2 values (N + 1 for N steps), got {len(values)}")
-    if any(b >= a for a, b in itertools.pairwise(values)):
-        raise ValueError(f"sigmas must be strictly decreasing (noise to data), got {values}")
-    return values

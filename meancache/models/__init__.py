@@ -10,18 +10,19 @@ Both were trained on scikit-learn's digits; :mod:`meancache.models.recipes` desc
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from meancache.models.recipes import EMBEDDING_ROWS, RECIPES, DigitsRecipe
+from meancache.validation import load_json_object
 
 BUNDLED_MODELS = {name: Path(__file__).parent / name for name in RECIPES}
 _REQUIRED = (
@@ -55,10 +56,31 @@ class DigitsModel:
             raise ValueError(f"classes {bad} are out of range: digits 0..9, or 10 for unconditional")
         return self.recipe.inputs(self.embeddings, torch.tensor(classes))
 
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Images ``(N, 32, 32)`` in [0, 1] from the packed latents of a run with ``output_type="latent"``: what
+        the same run with ``output_type="np"`` returns (one channel), so a run can be timed without its decode."""
+        images = self.recipe.decode(self.pipe.vae, latents.to(self.pipe.vae.dtype))
+        return self.pipe.image_processor.postprocess(images, output_type="np")[..., 0]
+
+
+def is_digits_model(model: str | os.PathLike[str]) -> bool:
+    """Whether ``model`` names a bundled digits model or a folder holding one (its class embeddings file)."""
+    return str(model) in BUNDLED_MODELS or (Path(model) / "class_embeddings.safetensors").is_file()
+
 
 def load_digits_model(model: str | os.PathLike[str] = "digits-flux", dtype: torch.dtype = torch.float32) -> DigitsModel:
     """``from_pretrained`` on a digits model folder: a bundled model's name (``digits-flux``,
-    ``digits-qwen``) or the path of a folder one was saved to."""
+    ``digits-qwen``) or the path of a folder one was saved to.
+
+    Checks that ``model`` is a name or a path, ``dtype`` a floating ``torch.dtype``, the folder holds every
+    part of a digits model with JSON-object configs, of a known pipeline class, and embeddings of its shape;
+    a folder that fails to load raises a ``ValueError`` naming it."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be a bundled model name ({', '.join(BUNDLED_MODELS)}) or a folder path, got {model!r}"
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32, torch.bfloat16), got {dtype!r}")
     folder = BUNDLED_MODELS[model] if isinstance(model, str) and model in BUNDLED_MODELS else Path(model)
     missing = [part for part in _REQUIRED if not (folder / part).exists()]
     if missing:
@@ -66,9 +88,10 @@ def load_digits_model(model: str | os.PathLike[str] = "digits-flux", dtype: torc
             f"{str(folder)!r} is not a digits model folder: it lacks {missing} (bundled: {sorted(BUNDLED_MODELS)})"
         )
     try:
-        pipeline_class = json.loads((folder / "model_index.json").read_text())["_class_name"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{str(folder)!r} holds a corrupt digits model: model_index.json: {e!r}") from e
+        configs = {part: load_json_object(folder / part, "config") for part in _REQUIRED if part.endswith(".json")}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{str(folder)!r} holds a corrupt digits model: {e}") from e
+    pipeline_class = configs["model_index.json"].get("_class_name")
     recipes = {r.pipeline_class.__name__: r for r in RECIPES.values()}
     if pipeline_class not in recipes:
         raise ValueError(f"{str(folder)!r} holds a {pipeline_class}; digits models are {sorted(recipes)}")
@@ -79,7 +102,7 @@ def load_digits_model(model: str | os.PathLike[str] = "digits-flux", dtype: torc
     try:
         pipe = recipe.pipeline_class.from_pretrained(folder, dtype=dtype, **no_text)
         embeddings = load_file(folder / "class_embeddings.safetensors")
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"{str(folder)!r} holds a corrupt digits model: {e}") from e
     if set(embeddings) != set(recipe.embedding_shapes):
         raise ValueError(

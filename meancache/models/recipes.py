@@ -33,7 +33,8 @@ from meancache.models.digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES
 
 TEXT_TOKENS = 4
 TEXT_DIM = 64
-TOKEN_SIDE = IMAGE_SIZE // 4  # both VAEs downsample by 2, then the pipelines pack 2x2 patches: 8x8 tokens
+VAE_SCALE_FACTOR = 2  # both VAEs downsample by 2 ...
+TOKEN_SIDE = IMAGE_SIZE // (2 * VAE_SCALE_FACTOR)  # ... then the pipelines pack 2x2 patches: 8x8 tokens
 
 
 class DigitsRecipe(ABC):
@@ -60,6 +61,11 @@ class DigitsRecipe(ABC):
     @abstractmethod
     def pack(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the normalised token sequences ``(N, tokens, channels)`` the pipeline denoises."""
+
+    @abstractmethod
+    def decode(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`pack` and the VAE decode, as the pipeline does after its last step: packed
+        latents -> images ``(N, 1, 32, 32)`` in [-1, 1] (before the pipeline's post-processing)."""
 
     @abstractmethod
     def velocity(
@@ -111,6 +117,10 @@ class FluxDigits(DigitsRecipe):
     def pack(self, vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
         z = (latents - vae.config.shift_factor) * vae.config.scaling_factor
         return FluxPipeline._pack_latents(z, *z.shape)
+
+    def decode(self, vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+        latents = FluxPipeline._unpack_latents(z, IMAGE_SIZE, IMAGE_SIZE, VAE_SCALE_FACTOR)
+        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
 
     def velocity(
         self, transformer: FluxTransformer2DModel, z: torch.Tensor, sigma: torch.Tensor,
@@ -170,6 +180,12 @@ class QwenImageDigits(DigitsRecipe):
         mean, std = torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
         z = ((latents - mean) / std)[:, :, 0]
         return QwenImagePipeline._pack_latents(z, *z.shape)
+
+    def decode(self, vae: AutoencoderKLQwenImage, z: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, 1)
+        mean, std = torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
+        latents = QwenImagePipeline._unpack_latents(z, IMAGE_SIZE, IMAGE_SIZE, VAE_SCALE_FACTOR).to(vae.dtype)
+        return vae.decode(latents * std.to(latents) + mean.to(latents), return_dict=False)[0][:, :, 0]
 
     def velocity(
         self, transformer: QwenImageTransformer2DModel, z: torch.Tensor, sigma: torch.Tensor,

@@ -19,3 +19,47 @@ def check_floating_group(named: dict[str, torch.Tensor]) -> None:
             )
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; all must share one dtype")
+
+
+def check_no_overlap(
+    outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], in_place: frozenset[tuple[str, str]]
+) -> None:
+    """No output shares memory with another output or with an input, except an ``(output, input)`` pair listed
+    in ``in_place`` that is exactly the same elements (same address, shape and strides): the in-place writes
+    the kernel supports. Overlaps are judged by address ranges, so interleaved views count as overlapping."""
+    named_outputs = list(outputs.items())
+    for index, (out_name, out) in enumerate(named_outputs):
+        others = [(name, t) for name, t in named_outputs[index + 1 :]] + list(inputs.items())
+        for name, t in others:
+            if not _ranges_overlap(out, t):
+                continue
+            if (out_name, name) in in_place and _same_elements(out, t):
+                continue
+            kind = "output" if name in outputs else "input"
+            raise ValueError(
+                f"out {out_name} shares memory with the {kind} {name}; the kernel would read values it already "
+                f"overwrote. Give outputs their own memory (allowed in place: {_describe(in_place, out_name)})"
+            )
+
+
+def _ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a_start, a_end = _byte_range(a)
+    b_start, b_end = _byte_range(b)
+    return a_start < b_end and b_start < a_end
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` byte addresses a non-empty tensor touches."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _describe(in_place: frozenset[tuple[str, str]], output: str) -> str:
+    names = sorted(name for out, name in in_place if out == output)
+    return f"{output} over exactly {' or '.join(names)}" if names else f"nothing for {output}"

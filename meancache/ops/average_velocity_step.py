@@ -28,14 +28,20 @@ derivative is the same fused op applied to the tangents, and the backward pass i
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 
-from meancache.ops._checks import check_floating_group
+from meancache.ops._checks import check_floating_group, check_no_overlap
 from meancache.ops._extension import cpp_ops
 
 SigmaLike = float | torch.Tensor
+_IN_PLACE = frozenset(
+    {("z_next", name) for name in ("z", "v_last", "z_anchor", "v_anchor")}
+    | {("u_hat", name) for name in ("v_last", "z_anchor", "v_anchor")}
+)
+"""``(output, input)`` pairs the kernels may write in place (every element is read before it is written)."""
 
 
 def average_velocity_step(
@@ -52,12 +58,19 @@ def average_velocity_step(
     """Return ``(z_next, u_hat)``; see the module docstring for the equations.
 
     ``out=(z_next, u_hat)``: contiguous tensors of ``z``'s shape, dtype and device to write into and return
-    (no new memory, so no first-touch page zeroing; not differentiable)."""
+    (no new memory, so no first-touch page zeroing; not differentiable). They must not share memory with each
+    other or with the inputs, except in place over exactly the same elements: ``z_next`` over any input,
+    ``u_hat`` over ``v_last``, ``z_anchor`` or ``v_anchor`` (not ``z``, which the kernel reads again after
+    writing ``u_hat``)."""
     _check_tensors(z, v_last, z_anchor, v_anchor)
     tables = _sigma_tables(z, sigma_anchor, sigma, sigma_next)
     if out is None:
         return AverageVelocityStep.apply(z, v_last, z_anchor, v_anchor, *tables)
     _check_out(z, out)
+    check_no_overlap(
+        {"z_next": out[0], "u_hat": out[1]}, {"z": z, "v_last": v_last, "z_anchor": z_anchor, "v_anchor": v_anchor},
+        _IN_PLACE,
+    )  # fmt: skip
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z, v_last, z_anchor, v_anchor)):
         raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
     return _fused(z, v_last, z_anchor, v_anchor, *tables, out=out)
@@ -199,14 +212,16 @@ def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ..
                     f"({batch} for z of shape {tuple(z.shape)}), got shape {tuple(value.shape)}"
                 )
             values.append(value.detach().reshape(-1).to(device="cpu", dtype=torch.float64).tolist())
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # Python and numpy scalars
             values.append([float(value)])
         else:
-            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+            raise TypeError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
         bad = [v for v in values[-1] if not math.isfinite(v)]
         if bad:
             raise ValueError(f"{name} must be finite, got {bad[0]!r}")
-    length = max(len(v) for v in values)
+    length = batch if any(len(v) != 1 for v in values) else 1
+    if length == 0:  # an empty batch: no element reads a sigma, but the kernels need one value per table
+        return tuple(torch.tensor([value], dtype=torch.float64) for value in (0.0, 1.0, 2.0))
     values = [v * length if len(v) == 1 else v for v in values]
     for sample, (anchor, current) in enumerate(zip(values[0], values[1], strict=True)):
         if anchor == current:

@@ -20,7 +20,8 @@ inputs).
 
 Layout ``(batch, heads, seq, head_dim)`` as in ``scaled_dot_product_attention``; query and key lengths may
 differ; the mask is boolean (True = attend), ``(B, Sk)`` key padding or anything broadcastable to
-``(B, H, Sq, Sk)``; rows with no allowed key give 0 (like PyTorch's math backend).
+``(B, H, Sq, Sk)``; rows with no allowed key give 0 (like PyTorch's math backend), so do all rows when there
+are no keys (``Sk = 0``), and head dim 0 gives empty outputs, as SDPA does.
 
 Autograd: ``o`` has an ordinary backward (chunked recomputation from the saved row log-sum-exp, the same
 ``O(Sq x chunk)`` memory). The tangent output is not differentiable (MeanFlow/sCM targets are
@@ -32,6 +33,7 @@ giving zero gradient.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -189,7 +191,7 @@ def _register_triton_for_cuda() -> None:
 
     @_jvp_attention_op.register_kernel("cuda")
     def _(q, k, v, q_t, k_t, v_t, mask, scale):
-        if q.dtype not in SUPPORTED_DTYPES or q.shape[-1] > MAX_HEAD_DIM:
+        if q.dtype not in SUPPORTED_DTYPES or not 0 < q.shape[-1] <= MAX_HEAD_DIM or k.shape[2] == 0:
             o, o_t, lse = _chunked(q, k, v, q_t, k_t, v_t, mask, scale)
         else:
             o, o_t, lse = jvp_attention_triton(q, k, v, q_t, k_t, v_t, mask, scale)
@@ -230,6 +232,10 @@ def _chunked(
     has_tangent = q_t is not None
     if has_tangent:
         k_tt, v_tm = k_t.to(math_dtype).transpose(-1, -2), v_t.to(math_dtype)
+    if k.shape[2] == 0:  # no keys: every row is fully masked, which gives 0 (as SDPA does), lse = -inf
+        o = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=_lse_dtype(dtype), device=q.device)
+        return o, torch.zeros_like(o) if has_tangent else None, lse
     o = torch.empty(q.shape, dtype=dtype, device=q.device)
     o_t = torch.empty_like(o) if has_tangent else None
     lse = torch.empty(q.shape[:3], dtype=_lse_dtype(dtype), device=q.device)
@@ -321,9 +327,9 @@ def _check(
         for name, t, primal in zip(("q_t", "k_t", "v_t"), tangents, (q, k, v), strict=True):
             if t.shape != primal.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but must match {tuple(primal.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if scale is None:  # with head_dim 0 the scores are all 0 whatever the scale (and the outputs empty)
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None (1/sqrt(head_dim)), got {scale!r}")
     return _expand_mask(attn_mask, batch, heads, seq_q, seq_k, q.device), float(scale)
 

@@ -17,7 +17,6 @@ maximum. Memory is bounded: a window of ``max_span + max_gap + 1`` steps, never 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -32,7 +31,8 @@ import torch
 from meancache.method.estimators import HISTORY_DTYPE, PaperRuleEstimator
 from meancache.ops import average_velocity_step
 from meancache.schedule.pssp import solve_pssp
-from meancache.schedule.schedule import Schedule, load_json_object
+from meancache.schedule.schedule import Schedule
+from meancache.validation import check_int, check_metadata, check_sigmas, load_json_object
 
 COST_KINDS = ("one-shot", "closed-loop")
 AGGREGATES = ("mean", "max")
@@ -42,7 +42,11 @@ CANDIDATE_GAMMAS = (1.5, 2.0, 3.0)
 
 @dataclass
 class Calibration:
-    """Stability costs of one model setting; ``costs(kind)[i, j, K - 1]`` is ``inf`` where not measured."""
+    """Stability costs of one model setting; ``costs(kind)[i, j, K - 1]`` is ``inf`` where not measured.
+
+    Checked on construction: finite, strictly decreasing ``sigmas`` (``N + 1`` of them, ``N <= MAX_STEPS``),
+    ``max_gap >= 2``, ``1 <= max_span <= N``, ``trajectories >= 1``, a known ``aggregate``, ``metadata`` a dict,
+    and both cost arrays of shape ``(N, N, max_span)`` with no negative or NaN entries."""
 
     sigmas: list[float]
     max_gap: int
@@ -52,6 +56,23 @@ class Calibration:
     trajectories: int
     aggregate: str = "mean"
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sigmas = check_sigmas(self.sigmas)
+        n = len(self.sigmas) - 1
+        self.max_gap = check_int(self.max_gap, "max_gap", 2)
+        self.max_span = check_int(self.max_span, "max_span", 1, n)
+        self.trajectories = check_int(self.trajectories, "trajectories", 1)
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {self.aggregate!r}; available: {list(AGGREGATES)}")
+        self.metadata = check_metadata(self.metadata)
+        for name, costs in (("one_shot", self.one_shot), ("closed_loop", self.closed_loop)):
+            if not isinstance(costs, np.ndarray) or costs.shape != (n, n, self.max_span):
+                shape = costs.shape if isinstance(costs, np.ndarray) else type(costs).__name__
+                expected = (n, n, self.max_span)
+                raise ValueError(f"{name} must be an array of shape (N, N, max_span) = {expected}, got {shape}")
+            if np.isnan(costs).any() or (costs < 0).any():
+                raise ValueError(f"{name} costs must be >= 0 (inf where not measured), got NaN or negative entries")
 
     @property
     def num_steps(self) -> int:
@@ -113,21 +134,41 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
+        """Read a file written by :meth:`save`; every check of the constructor applies, costs must be numbers
+        or ``null`` (not measured), and an error names the file."""
         data = load_json_object(path, "calibration")
         required = {"format_version", "sigmas", "max_gap", "max_span", "trajectories", "one_shot", "closed_loop"}
         if not required <= set(data):
             raise ValueError(f"{os.fspath(path)!r} is not a calibration file (needs keys {sorted(required)})")
         if data["format_version"] != CALIBRATION_FORMAT_VERSION:
             raise ValueError(f"calibration format_version {data['format_version']!r} is not supported")
+        try:
+            return cls(
+                data["sigmas"], data["max_gap"], data["max_span"], _cost_array(data["one_shot"], "one_shot"),
+                _cost_array(data["closed_loop"], "closed_loop"), data["trajectories"],
+                data.get("aggregate", "mean"), data.get("metadata", {}),
+            )  # fmt: skip
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{os.fspath(path)!r} is not a valid calibration: {e}") from e
 
-        def as_array(rows: list[Any]) -> np.ndarray:
-            return np.array(rows, dtype=np.float64).reshape(len(data["sigmas"]) - 1, -1, data["max_span"])
 
-        arrays = [np.where(np.isnan(a), np.inf, a) for a in (as_array(data["one_shot"]), as_array(data["closed_loop"]))]
-        return cls(
-            data["sigmas"], data["max_gap"], data["max_span"], *arrays, data["trajectories"],
-            data.get("aggregate", "mean"), data.get("metadata", {}),
-        )  # fmt: skip
+def _cost_array(rows: Any, name: str) -> np.ndarray:
+    """Nested JSON lists of costs as a float array, ``null`` (not measured) as ``inf``; anything but numbers,
+    ``null`` and lists (strings, booleans, objects) is refused rather than converted."""
+    if not isinstance(rows, list):
+        raise TypeError(f"{name} must be nested lists of costs, got {type(rows).__name__}")
+    pending = [rows]
+    while pending:
+        for item in pending.pop():
+            if isinstance(item, list):
+                pending.append(item)
+            elif item is not None and (isinstance(item, bool) or not isinstance(item, (int, float))):
+                raise TypeError(f"{name} costs must be numbers or null, got {item!r} ({type(item).__name__})")
+    try:
+        array = np.array(rows, dtype=np.float64)  # None -> nan
+    except ValueError as e:  # ragged nesting
+        raise ValueError(f"{name} must be a regular (N, N, max_span) nesting of lists: {e}") from e
+    return np.where(np.isnan(array), np.inf, array)
 
 
 class StabilityCostAccumulator:
@@ -138,16 +179,10 @@ class StabilityCostAccumulator:
     """
 
     def __init__(self, sigmas: Sequence[float], max_gap: int = 8, max_span: int = 5, aggregate: str = "mean") -> None:
-        self.sigmas = [float(s) for s in sigmas]
+        self.sigmas = check_sigmas(sigmas)
         n = len(self.sigmas) - 1
-        if n < 1:
-            raise ValueError(f"sigmas needs at least 2 values (N + 1 for N steps), got {len(self.sigmas)}")
-        if any(b >= a for a, b in itertools.pairwise(self.sigmas)):
-            raise ValueError("sigmas must be strictly decreasing (noise to data)")
-        if not isinstance(max_gap, int) or max_gap < 2:
-            raise ValueError(f"max_gap must be an integer >= 2 (an edge must skip a step), got {max_gap!r}")
-        if not isinstance(max_span, int) or max_span < 1:
-            raise ValueError(f"max_span must be an integer >= 1, got {max_span!r}")
+        max_gap = check_int(max_gap, "max_gap (an edge must skip a step)", 2)
+        max_span = check_int(max_span, "max_span", 1, n)
         if aggregate not in AGGREGATES:
             raise ValueError(f"unknown aggregate {aggregate!r}; available: {list(AGGREGATES)}")
         self.num_steps, self.max_gap, self.max_span, self.aggregate = n, max_gap, max_span, aggregate
@@ -214,7 +249,8 @@ class StabilityCostAccumulator:
     def _closed_loop(self, start: int, end: int, span: int, k: int) -> None:
         """Run the runtime rule from computed step ``start`` over skipped steps up to ``end``."""
         s, first = self.sigmas, start - k
-        local = Schedule(end - first + 1, (*range(k + 1), end - first), (1,) * k + (span,))
+        steps = end - first + 1  # the rule never looks back further than step 0, so the span is capped there
+        local = Schedule(steps, (*range(k + 1), end - first), (1,) * k + (min(span, steps),))
         estimator = PaperRuleEstimator(local)
         for step in range(first, start + 1):
             z, v = self._get(step)
@@ -255,7 +291,7 @@ def calibrate(
     metadata: dict[str, Any] | None = None,
 ) -> Calibration:
     """Run the full-compute Euler trajectory from each initial latent and measure its stability costs."""
-    values = [float(x) for x in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+    values = check_sigmas(sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)
     accumulator = StabilityCostAccumulator(values, max_gap, max_span, aggregate)
     start = time.perf_counter()
     for z in latents:

@@ -38,11 +38,18 @@ def preset_name_for(pipeline: str, checkpoint: str) -> str | None:
 
 def default_schedule(pipeline: str, checkpoint: str, num_steps: int, budget: int) -> Schedule:
     """The schedule ``MeanCacheConfig(budget=budget)`` runs for this model (``checkpoint``: the pipeline's
-    ``name_or_path``, a local folder or a hub id) and step count."""
+    ``name_or_path``, a local folder or a hub id) and step count.
+
+    A shipped schedule file that cannot be read or is invalid is skipped with a logged warning naming the file
+    and the reason, so one corrupt file does not break the budgets the other files (or the fallbacks) serve."""
     shipped = Path(checkpoint) / SHIPPED_SCHEDULES_DIR if checkpoint else None
     if shipped is not None and shipped.is_dir():
         for path in sorted(shipped.glob("*.json")):
-            schedule = Schedule.load(path)
+            try:
+                schedule = Schedule.load(path)
+            except (OSError, TypeError, ValueError) as e:
+                logger.warning("MeanCache: skipping the unreadable shipped schedule %s: %s", path, e)
+                continue
             if schedule.num_steps == num_steps and schedule.budget == budget:
                 return schedule
     name = preset_name_for(pipeline, checkpoint)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ def solve_pssp(costs: Any, budget: int, gamma: float = 2.0, max_gap: int | None 
     """The optimal ``budget``-node schedule for ``costs`` of shape ``(N, N, Kmax)`` (see the module docstring).
 
     Entries with ``j <= i + 1`` are ignored; ``inf`` forbids an edge; ``max_gap`` (default: none) bounds
-    ``j - i``. Spans are the argmin ``K`` of each edge (1 on unit edges).
+    ``j - i``; ``Kmax <= N`` (as :class:`Schedule` requires of spans). Spans are the argmin ``K`` of each edge
+    (1 on unit edges).
     """
     table = np.asarray(costs, dtype=np.float64)
     if table.ndim != 3 or table.shape[0] != table.shape[1] or table.shape[2] < 1:
@@ -39,11 +41,14 @@ def solve_pssp(costs: Any, budget: int, gamma: float = 2.0, max_gap: int | None 
     n = table.shape[0]
     if n < 1:
         raise ValueError("costs describe no steps (N = 0)")
+    if table.shape[2] > n:
+        raise ValueError(f"costs have spans up to Kmax = {table.shape[2]}, but a {n}-step schedule allows at most {n}")
     lowest = min(2, n)
     if isinstance(budget, bool) or not isinstance(budget, int) or not lowest <= budget <= n:
         raise ValueError(f"budget must be an integer in [{lowest}, {n}] for {n} steps, got {budget!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma >= 1):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (math.isfinite(gamma) and gamma >= 1):
         raise ValueError(f"gamma must be a finite number >= 1 (1: budgeted shortest path), got {gamma!r}")
+    gamma = float(gamma)  # numpy scalars too; the metadata stays JSON
     if max_gap is None:
         max_gap = max(n - 1, 1)
     if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:

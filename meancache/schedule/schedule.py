@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from meancache.validation import MAX_STEPS, check_int, check_metadata, load_json_object
 
 SCHEDULE_FORMAT_VERSION = 1
 
@@ -45,12 +46,13 @@ class Schedule:
     _step_spans: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        compute_steps = tuple(_as_int(s, "compute_steps") for s in self.compute_steps)
-        spans = tuple(_as_int(k, "spans") for k in self.spans)
+        num_steps = check_int(self.num_steps, "num_steps", 1, MAX_STEPS)
+        compute_steps = _int_tuple(self.compute_steps, "compute_steps")
+        spans = _int_tuple(self.spans, "spans")
         object.__setattr__(self, "compute_steps", compute_steps)
         object.__setattr__(self, "spans", spans)
-        object.__setattr__(self, "metadata", dict(self.metadata))
-        _validate(self.num_steps, compute_steps, spans)
+        object.__setattr__(self, "metadata", check_metadata(self.metadata))
+        _validate(num_steps, compute_steps, spans)
         step_spans = [0] * self.num_steps
         for j, (start, end) in enumerate(itertools.pairwise(compute_steps)):
             for step in range(start + 1, end):
@@ -83,12 +85,8 @@ class Schedule:
     @classmethod
     def uniform(cls, num_steps: int, budget: int, span: int = 1) -> Schedule:
         """``budget`` computed steps spread evenly over ``num_steps`` (0 and ``N - 1`` included), one span."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-        if not isinstance(budget, int) or not (min(2, num_steps) <= budget <= num_steps):
-            raise ValueError(
-                f"budget must be an integer in [{min(2, num_steps)}, {num_steps}] for {num_steps} steps, got {budget!r}"
-            )
+        num_steps = check_int(num_steps, "num_steps", 1, MAX_STEPS)
+        budget = check_int(budget, "budget", min(2, num_steps), num_steps)
         if budget == 1:
             return cls(num_steps, (0,), ())
         steps = tuple(round(j * (num_steps - 1) / (budget - 1)) for j in range(budget))
@@ -105,13 +103,16 @@ class Schedule:
         """This schedule on a ``num_steps``-step sampler: itself, or mapped in sigma space (module docstring)."""
         if num_steps == self.num_steps:
             return self
-        if not isinstance(num_steps, int) or num_steps < self.budget:
+        if self.budget == 1:
+            raise ValueError(
+                f"a 1-step schedule cannot be mapped to {num_steps!r} steps: its only computed step cannot be both "
+                "the first and the last of a longer run"
+            )
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not self.budget <= num_steps <= MAX_STEPS:
             raise ValueError(
                 f"a schedule with budget {self.budget} (made for {self.num_steps} steps) cannot run "
-                f"{num_steps!r} steps: the step count must be an integer >= {self.budget}"
+                f"{num_steps!r} steps: the step count must be an integer in [{self.budget}, {MAX_STEPS}]"
             )
-        if self.budget == 1:
-            return Schedule(num_steps, (0,), (), self.metadata)
         scale = (num_steps - 1) / (self.num_steps - 1)
         mapped = [round(c * scale) for c in self.compute_steps]
         for j in range(1, len(mapped)):  # keep them distinct, pushing right...
@@ -142,7 +143,7 @@ class Schedule:
             raise ValueError(
                 f"schedule format_version {version!r} is not supported (expected {SCHEDULE_FORMAT_VERSION})"
             )
-        schedule = cls(data["num_steps"], tuple(data["compute_steps"]), tuple(data["spans"]), data.get("metadata", {}))
+        schedule = cls(data["num_steps"], data["compute_steps"], data["spans"], data.get("metadata", {}))
         if "budget" in data and data["budget"] != schedule.budget:
             raise ValueError(f"schedule says budget {data['budget']!r} but lists {schedule.budget} computed steps")
         return schedule
@@ -155,31 +156,28 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Schedule:
-        """Read a schedule written by :meth:`save` (or by ``meancache schedule``)."""
-        return cls.from_dict(load_json_object(path, "schedule"))
-
-
-def load_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
-    """The JSON object in ``path``, or a ``ValueError`` saying the file is not a ``what`` file."""
-    with open(path, encoding="utf-8") as f:
+        """Read a schedule written by :meth:`save` (or by ``meancache schedule``); every check of the
+        constructor and :meth:`from_dict` applies, and an error names the file."""
+        data = load_json_object(path, "schedule")
         try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.fspath(path)!r} is not a {what} JSON file: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{os.fspath(path)!r} holds a {type(data).__name__}, not a {what} object")
-    return data
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{os.fspath(path)!r} is not a valid schedule: {e}") from e
 
 
-def _as_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{what} must hold integers, got {value!r} ({type(value).__name__})")
-    return operator.index(value)
+def _int_tuple(values: Any, name: str) -> tuple[int, ...]:
+    """``values``, a sequence of integers (lists, tuples, ranges; not a string), as a tuple of ints."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of integers, got {values!r} ({type(values).__name__})")
+    for value in values:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must hold integers, got {value!r} ({type(value).__name__})")
+    return tuple(int(v) for v in values)
 
 
 def _validate(num_steps: int, compute_steps: Sequence[int], spans: Sequence[int]) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    """Steps 0 and ``N - 1`` computed, computed steps strictly increasing and in range, one span per interval,
+    each in ``[1, num_steps]`` (a span reaches back at most to step 0: larger ones only inflate the history)."""
     if not compute_steps:
         raise ValueError("compute_steps is empty: step 0 must be computed")
     if compute_steps[0] != 0:
@@ -199,6 +197,8 @@ def _validate(num_steps: int, compute_steps: Sequence[int], spans: Sequence[int]
             f"spans needs one entry per interval between computed steps: {len(compute_steps) - 1} for "
             f"{len(compute_steps)} computed steps, got {len(spans)}"
         )
-    bad_spans = [k for k in spans if k < 1]
+    bad_spans = [k for k in spans if not 1 <= k <= num_steps]
     if bad_spans:
-        raise ValueError(f"spans must be >= 1 (K = 1 is plain velocity reuse), got {bad_spans}")
+        raise ValueError(
+            f"spans must be in [1, {num_steps}] for {num_steps} steps (K = 1 is plain velocity reuse), got {bad_spans}"
+        )
