@@ -26,14 +26,20 @@ def check_no_overlap(
 ) -> None:
     """No output shares memory with another output or with an input, except an ``(output, input)`` pair listed
     in ``in_place`` that is exactly the same elements (same address, shape and strides): the in-place writes
-    the kernel supports. Overlaps are judged by address ranges, so interleaved views count as overlapping."""
-    named_outputs = list(outputs.items())
-    for index, (out_name, out) in enumerate(named_outputs):
-        others = [(name, t) for name, t in named_outputs[index + 1 :]] + list(inputs.items())
-        for name, t in others:
-            if not _ranges_overlap(out, t):
+    the kernel supports. Overlaps are judged by address ranges, so interleaved views count as overlapping.
+    All tensors are on one device (checked before)."""
+    tensors = {**inputs, **outputs}
+    ranges = {name: _byte_range(t) for name, t in tensors.items() if t.numel()}
+    names = list(outputs)
+    for index, out_name in enumerate(names):
+        if out_name not in ranges:
+            continue
+        start, end = ranges[out_name]
+        for name in (*names[index + 1 :], *inputs):
+            other = ranges.get(name)
+            if other is None or not (start < other[1] and other[0] < end):
                 continue
-            if (out_name, name) in in_place and _same_elements(out, t):
+            if (out_name, name) in in_place and _same_elements(outputs[out_name], tensors[name]):
                 continue
             kind = "output" if name in outputs else "input"
             raise ValueError(
@@ -42,18 +48,13 @@ def check_no_overlap(
             )
 
 
-def _ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    a_start, a_end = _byte_range(a)
-    b_start, b_end = _byte_range(b)
-    return a_start < b_end and b_start < a_end
-
-
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     """``[first, last + 1)`` byte addresses a non-empty tensor touches."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
     extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+    return start, start + (extent + 1) * t.element_size()
 
 
 def _same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:

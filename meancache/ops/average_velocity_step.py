@@ -201,7 +201,9 @@ def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ..
     batch = z.shape[0] if z.dim() else 1
     values: list[list[float]] = []
     for name, value in zip(names, sigmas, strict=True):
-        if isinstance(value, torch.Tensor):
+        if type(value) is float:  # the common case first: an ABC isinstance check costs a microsecond
+            values.append([value])
+        elif isinstance(value, torch.Tensor):
             if value.requires_grad:
                 raise ValueError(f"{name} requires grad, but sigmas are constants of the step (not differentiated)")
             if not value.is_floating_point():
