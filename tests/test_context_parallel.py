@@ -125,7 +125,8 @@ def test_every_rank_resolves_the_same_schedule(ranks, single_process):
 @pytest.mark.parametrize("order", ORDERS[1:])
 def test_skipped_steps_run_no_block_and_no_collective(ranks, order):
     """On each rank MeanCache runs B x blocks block calls, and the parallel split/gather (with its collectives)
-    only on the B computed steps: exactly B / N of the uncached parallel run's collectives."""
+    only on the B computed steps: exactly B / N of the uncached parallel run's all-to-alls and all-gathers. The
+    one other collective is the rank check of the schedule at the start of the generation."""
     for rank in ranks:
         assert rank["uncached"]["blocks"] == {"transformer_blocks": STEPS, "single_transformer_blocks": STEPS}
         assert rank[order]["blocks"] == {"transformer_blocks": BUDGET, "single_transformer_blocks": BUDGET}
@@ -133,6 +134,8 @@ def test_skipped_steps_run_no_block_and_no_collective(ranks, order):
         assert set(CP_COLLECTIVES) <= set(uncached), uncached
         for name in CP_COLLECTIVES:
             assert cached.get(name, 0) * STEPS == uncached[name] * BUDGET, (name, cached, uncached)
+        assert set(uncached) == set(CP_COLLECTIVES), uncached
+        assert set(cached) > set(CP_COLLECTIVES), cached  # plus the schedule check's all-gather, once per generation
 
 
 @pytest.mark.parametrize("order", ORDERS)
