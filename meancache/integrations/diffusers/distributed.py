@@ -41,7 +41,9 @@ def check_same_schedule_on_all_ranks(schedule: Schedule, transformer: torch.nn.M
     generate independently, as in data parallelism, may hold different schedules). Otherwise every rank of the
     default group must call it at the start of the same generation, as MeanCache does: it all-gathers one
     fingerprint per rank (:func:`schedule_fingerprint`), and only when they differ, the schedules themselves, to
-    name them in the error. A rank that never arrives fails the others after the process group's timeout."""
+    name them in the error. A rank that never arrives fails the others after the process group's timeout. Over
+    NCCL the gathered objects go through the current CUDA device: call ``torch.cuda.set_device(rank)`` first, as
+    every context-parallel setup does."""
     if not (dist.is_available() and dist.is_initialized()) or not is_parallelized(transformer):
         return
     fingerprints: list[int | None] = [None] * dist.get_world_size()
