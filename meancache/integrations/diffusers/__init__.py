@@ -4,6 +4,8 @@
   :func:`summary`.
 * :mod:`~meancache.integrations.diffusers.hooks`: the transformer gate and the scheduler hooks that do it.
 * :mod:`~meancache.integrations.diffusers.run`: the per-pipeline state and one generation's bookkeeping.
+* :mod:`~meancache.integrations.diffusers.distributed`: the check that every rank of a parallelized transformer
+  holds the same schedule.
 * :mod:`~meancache.integrations.diffusers.calibration`: stability costs from a pipeline's own generations.
 * :mod:`~meancache.integrations.diffusers.selection`: validated choice among candidate schedules.
 """

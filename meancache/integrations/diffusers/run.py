@@ -20,6 +20,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 from meancache.config import MeanCacheConfig
+from meancache.integrations.diffusers.distributed import check_same_schedule_on_all_ranks
 from meancache.method.estimators import Estimator, make_estimator
 from meancache.schedule import Schedule
 from meancache.schedule.defaults import default_schedule
@@ -171,6 +172,7 @@ class MeanCacheState:
         )
         if self.gate is not None:
             self.gate.check_composition(run)
+            check_same_schedule_on_all_ranks(run.schedule, self.gate.transformer)
         self.run = run
 
     def _schedule_for(self, num_steps: int) -> Schedule:
