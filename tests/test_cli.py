@@ -93,7 +93,7 @@ def test_schedule_command_reports_infeasible_budgets(tmp_path):
     import numpy as np
     import torch
 
-    from meancache.schedule.calibration import calibrate
+    from meancache.calibration import calibrate
     from tests.reference_loop import toy_velocity
 
     calibrate(toy_velocity, [torch.zeros(3)], np.linspace(1, 0, 21), max_gap=4, max_span=2).save(tmp_path / "c.json")

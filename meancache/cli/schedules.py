@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from meancache.calibration import AGGREGATES, COST_KINDS, Calibration
 from meancache.schedule import Schedule
-from meancache.schedule.calibration import AGGREGATES, COST_KINDS, Calibration
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,0 +1,120 @@
+"""Calibrate on first use: ``MeanCacheConfig(budget=B)`` on a model and settings with no known schedule.
+
+Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`GenerationCalibration`):
+
+* A generation whose key (:func:`~meancache.integrations.diffusers.key.calibration_key`) has fewer than
+  ``calibration_runs`` observed generations in the store runs every step (an all-computed schedule: the
+  uncached pipeline's output, bit for bit) while a :class:`~meancache.calibration.StabilityCostAccumulator`
+  observes each step's latents and guided velocity (a batch is averaged in: the costs are element means).
+* When it completes, its costs are folded into the key's stored calibration (weighted by generations) and
+  saved; an interrupted generation adds nothing.
+* Once the stored calibration has ``calibration_runs`` generations, the run's schedule is its PSSP solution
+  for the budget (closed-loop costs, ``GAMMA``); any other budget is solved from the same costs.
+* Solver settings: ``MAX_GAP`` 8, ``MAX_SPAN`` 5, ``GAMMA`` 2 (``docs/schedule_study.md``,
+  ``benchmarks/bench_first_use_calibration.py``). A budget below ``ceil((N - 1) / MAX_GAP) + 1`` cannot bridge
+  the run with such gaps; it is not calibrated (the uniform fallback runs, with a log message).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from meancache.calibration import CalibrationStore, StabilityCostAccumulator, combine_calibrations
+from meancache.calibration.store import key_digest
+from meancache.schedule import Schedule
+
+MAX_GAP = 8
+MAX_SPAN = 5
+GAMMA = 2.0
+COST_KIND = "closed-loop"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FirstUseCalibration:
+    """Calibrate-on-first-use settings and the keys already announced, for one pipeline."""
+
+    runs: int
+    store: CalibrationStore
+    announced: set[str] = field(default_factory=set)
+
+    def for_generation(self, key: dict[str, Any]) -> GenerationCalibration:
+        return GenerationCalibration(self, key)
+
+
+@dataclass
+class GenerationCalibration:
+    """One generation's view of the store: the stored schedule, or this generation's calibration
+    (:class:`meancache.schedule.defaults.CalibratedSchedules`)."""
+
+    owner: FirstUseCalibration
+    key: dict[str, Any]
+    accumulator: StabilityCostAccumulator | None = None
+    """Set when this generation calibrates."""
+    started: float = 0.0
+
+    @property
+    def digest(self) -> str:
+        return key_digest(self.key)
+
+    def stored(self, num_steps: int, budget: int) -> Schedule | None:
+        calibration = self.owner.store.load(self.key)
+        if calibration is None or calibration.trajectories < self.owner.runs or not _bridgeable(num_steps, budget):
+            return None
+        schedule = calibration.schedule(budget, kind=COST_KIND, gamma=GAMMA)
+        path = self.owner.store.path(self.key)
+        where = f"stored in {path}" if path is not None and path.exists() else "kept in memory"
+        source = f"calibrated on first use ({calibration.trajectories} generations, key {self.digest}, {where})"
+        metadata = {**schedule.metadata, "source": source}
+        return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
+
+    def calibrating(self, num_steps: int, budget: int) -> Schedule | None:
+        if self.owner.runs == 0 or not _bridgeable(num_steps, budget) or budget == num_steps:
+            return None
+        stored = self.owner.store.load(self.key)
+        done = stored.trajectories if stored is not None else 0
+        if self.digest not in self.owner.announced:
+            self.owner.announced.add(self.digest)
+            logger.warning(
+                "MeanCache: no schedule known for %s (%s) at %d steps and these settings (key %s): the next %d "
+                "generation(s) run in full, bit-identical to the uncached pipeline, while MeanCache calibrates; "
+                "then budget %d is used.",
+                self.key["pipeline"], self.key["checkpoint"] or "unnamed checkpoint", num_steps, self.digest,
+                self.owner.runs - done, budget,
+            )  # fmt: skip
+        self.accumulator = StabilityCostAccumulator(self.key["sigmas"], MAX_GAP, MAX_SPAN)
+        self.started = time.perf_counter()
+        runs = self.owner.runs
+        source = f"calibrating on first use: generation {done + 1} of {runs} runs in full (key {self.digest})"
+        return Schedule(num_steps, tuple(range(num_steps)), (1,) * (num_steps - 1), {"source": source})
+
+    def add_step(self, step: int, z: torch.Tensor, v: torch.Tensor) -> None:
+        """Observe step ``step`` (latents before it, guided velocity) of the calibrating generation."""
+        assert self.accumulator is not None
+        self.accumulator.add_step(step, z, v)
+
+    def finish(self) -> None:
+        """Fold the completed generation into the key's stored calibration."""
+        assert self.accumulator is not None
+        metadata = {
+            "cost_kinds": ["one-shot", "closed-loop"], "calibration_seconds": time.perf_counter() - self.started,
+            "source": "calibrated on first use", "pipeline": self.key["pipeline"], "model": self.key["checkpoint"],
+        }  # fmt: skip
+        calibration = self.accumulator.result(metadata)
+        stored = self.owner.store.load(self.key)
+        if stored is not None:
+            calibration = combine_calibrations(stored, calibration)
+        self.owner.store.save(self.key, calibration)
+        self.accumulator = None
+
+
+def _bridgeable(num_steps: int, budget: int) -> bool:
+    """Whether ``budget`` computed steps can cover ``num_steps`` with gaps of at most ``MAX_GAP``."""
+    return budget >= min(num_steps, math.ceil((num_steps - 1) / MAX_GAP) + 1)
