@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from meancache.cli.calibrations import add_calibrations_arguments, run_calibrations
 from meancache.cli.generate import add_generate_arguments
 from meancache.cli.schedules import add_calibrate_arguments, add_schedule_arguments, run_calibrate, run_schedule
 from meancache.models.recipes import RECIPES
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_schedule_arguments(commands.add_parser("schedule", help="solve PSSP schedules from a calibration file"))
     add_generate_arguments(commands.add_parser("generate", help="generate an image with or without MeanCache"))
+    add_calibrations_arguments(commands.add_parser("calibrations", help="list or clear calibrations made on first use"))
     return parser
 
 
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_calibrate(args)
     elif args.command == "schedule":
         run_schedule(args)
+    elif args.command == "calibrations":
+        run_calibrations(args)
     elif args.command == "generate":
         from meancache.cli.generate import run_generate
 
