@@ -17,9 +17,11 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,20 +47,25 @@ class FirstUseCalibration:
     store: CalibrationStore
     announced: set[str] = field(default_factory=set)
 
-    def for_generation(self, key: dict[str, Any]) -> GenerationCalibration:
-        return GenerationCalibration(self, key)
+    def for_generation(self, make_key: Callable[[], dict[str, Any]]) -> GenerationCalibration:
+        return GenerationCalibration(self, make_key)
 
 
 @dataclass
 class GenerationCalibration:
     """One generation's view of the store: the stored schedule, or this generation's calibration
-    (:class:`meancache.schedule.defaults.CalibratedSchedules`)."""
+    (:class:`meancache.schedule.defaults.CalibratedSchedules`). The key is computed when first needed (not
+    when a schedule shipped with the model applies)."""
 
     owner: FirstUseCalibration
-    key: dict[str, Any]
+    make_key: Callable[[], dict[str, Any]] = field(repr=False)
     accumulator: StabilityCostAccumulator | None = None
     """Set when this generation calibrates."""
     started: float = 0.0
+
+    @functools.cached_property
+    def key(self) -> dict[str, Any]:
+        return self.make_key()
 
     @property
     def digest(self) -> str:

@@ -197,10 +197,11 @@ class MeanCacheState:
 
             def resolve() -> Schedule:
                 nonlocal calibration
-                if config.calibration_runs and self.pipe is not None:
-                    key = calibration_key(self.pipe, self.gate.transformer if self.gate else self.pipe.transformer,
-                                          self.checkpoint, sigmas, latents)  # fmt: skip
-                    calibration = self.first_use.for_generation(key)
+                if config.calibration_runs and (pipe := self.pipe) is not None:
+                    transformer = self.gate.transformer if self.gate is not None else pipe.transformer
+                    calibration = self.first_use.for_generation(
+                        lambda: calibration_key(pipe, transformer, self.checkpoint, sigmas, latents)
+                    )
                 return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, calibration)
 
             return decide_on_rank_zero(resolve), calibration
