@@ -75,7 +75,7 @@ def run_demo(
         return report.schedule
 
     for budget in (b for b in (25, 17, 10) if b <= steps):
-        smallest = add(f"MeanCache B={budget}", MeanCacheConfig(budget=budget))
+        smallest = add(f"MeanCache B={budget}", MeanCacheConfig(budget=budget, calibration_runs=0))  # one pass
     add("plain reuse B=10, same steps (K=1)",
         MeanCacheConfig(Schedule(steps, smallest.compute_steps, (1,) * len(smallest.spans))))  # fmt: skip
     add("plain reuse B=10, uniform (K=1)", MeanCacheConfig(Schedule.uniform(steps, 10)))
