@@ -21,6 +21,7 @@ from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
 
 STEPS, BUDGET = 10, 4
 REPO = Path(__file__).resolve().parents[1]
+RANKS_FILE = REPO / "meancache" / "integrations" / "diffusers" / "ranks.py"
 SHARED_SCHEDULES = REPO.parent / "shared" / "data" / "third_party_schedules.json"
 
 
@@ -254,9 +255,15 @@ def test_readme_names_are_importable_from_meancache():
 
 
 _RANK = textwrap.dedent("""
+    import importlib.util
     import sys
     import torch.distributed as dist
-    from meancache.integrations.diffusers.ranks import decide_on_rank_zero
+
+    # ranks.py needs only torch: load it alone, without importing diffusers through meancache/__init__
+    spec = importlib.util.spec_from_file_location("ranks", sys.argv[3])
+    ranks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ranks)
+    decide_on_rank_zero = ranks.decide_on_rank_zero
 
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
@@ -272,7 +279,7 @@ _RANK = textwrap.dedent("""
 def test_every_rank_takes_rank_zeros_decision(tmp_path):
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", _RANK, str(r), str(tmp_path / "rendezvous")],
+            [sys.executable, "-c", _RANK, str(r), str(tmp_path / "rendezvous"), str(RANKS_FILE)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
