@@ -5,9 +5,10 @@ For each bundled model, with its shipped schedules hidden (the pipeline's ``name
 2, 4: R generations of one digit each (digit ``i mod 10``, seed ``1000 + i``: disjoint from the evaluation
 seeds 0-2 and the shipped calibration's 100-102) run in full while MeanCache calibrates; then each budget B
 runs the schedule ``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the stored calibration
-(default solver settings: closed-loop costs, gamma 2, max gap 8, spans up to 5). At B = 10 the same
-calibration is also solved with gamma 3 and with spans up to 3 (the settings that won elsewhere in
-``docs/schedule_study.md``), to check the defaults.
+(default solver settings, :func:`meancache.integrations.diffusers.first_use.first_use_schedule`: closed-loop
+costs, gamma 2, spans up to 3, gaps up to 6 or the shortest the budget can bridge). At B = 10 the same
+calibration is also solved with the settings of the shipped calibration's single solution (gamma 2, spans up to
+5, gaps up to 8) and with spans up to 3 and gaps up to 8, to check the defaults.
 
 Rows at B = 8, 10, 13, 17, against the full 50-step run over digits 0-9 x seeds 0-2 (PSNR, SSIM): the shipped
 validated schedule, a single PSSP solution (closed-loop, gamma 2) of the shipped 30-trajectory calibration,
@@ -35,7 +36,7 @@ from meancache.schedule.pssp import solve_pssp
 
 BUDGETS = (8, 10, 13, 17)
 RUNS = (1, 2, 4)
-OTHER_SOLVER_SETTINGS = [(3.0, 5), (2.0, 3)]  # (gamma, largest span), at B = 10 only (CPU time)
+OTHER_SOLVER_SETTINGS = [(2.0, 5, 8), (2.0, 3, 8)]  # (gamma, largest span, largest gap), at B = 10 only (CPU time)
 DPM = "fewer steps: DPM-Solver++ 2M"
 
 
@@ -98,9 +99,9 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             stored = calibration_store().files()
             assert len(stored) == 1 and Calibration.load(stored[0]).trajectories == runs
             calibration = Calibration.load(stored[0])
-            for gamma, span in OTHER_SOLVER_SETTINGS:
-                found = solve_pssp(calibration.closed_loop[..., :span], 10, gamma=gamma, max_gap=8)
-                rows.append(row(f"first-use calibration R={runs}: gamma={gamma:g}, max span {span}", 10,
+            for gamma, span, gap in OTHER_SOLVER_SETTINGS:
+                found = solve_pssp(calibration.closed_loop[..., :span], 10, gamma=gamma, max_gap=gap)
+                rows.append(row(f"first-use calibration R={runs}: gamma={gamma:g}, max span {span}, max gap {gap}", 10,
                                 run_schedule(found), references))  # fmt: skip
         for budget in BUDGETS:
             shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")

@@ -9,10 +9,14 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
 * When it completes, its costs are folded into the key's stored calibration (weighted by generations) and
   saved; an interrupted generation adds nothing.
 * Once the stored calibration has ``calibration_runs`` generations, the run's schedule is its PSSP solution
-  for the budget (closed-loop costs, ``GAMMA``); any other budget is solved from the same costs.
-* Solver settings: ``MAX_GAP`` 8, ``MAX_SPAN`` 5, ``GAMMA`` 2 (``docs/schedule_study.md``,
-  ``benchmarks/bench_first_use_calibration.py``). A budget below ``ceil((N - 1) / MAX_GAP) + 1`` cannot bridge
-  the run with such gaps; it is not calibrated (the uniform fallback runs, with a log message).
+  for the budget (:func:`first_use_schedule`); any other budget is solved from the same costs.
+* Costs are measured for gaps up to ``MAX_GAP`` (8) and spans up to ``MAX_SPAN`` (5). The solver uses closed-loop
+  costs, gamma ``GAMMA`` (2), spans up to ``SOLVER_MAX_SPAN`` (3) and gaps up to ``SOLVER_GAP`` (6), or the
+  shortest gap the budget can bridge (``ceil((N - 1) / (B - 1))``) when that is longer. A few calibrating
+  generations rank long intervals and long spans poorly, so they are limited (measured:
+  ``benchmarks/bench_first_use_calibration.py``, ``docs/schedule_study.md``). A budget below
+  ``ceil((N - 1) / MAX_GAP) + 1`` cannot bridge the run; it is not calibrated (the uniform fallback runs, with a
+  log message).
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from typing import Any
 
 import torch
 
-from meancache.calibration import CalibrationStore, StabilityCostAccumulator, combine_calibrations
+from meancache.calibration import Calibration, CalibrationStore, StabilityCostAccumulator, combine_calibrations
 from meancache.calibration.store import key_digest
 from meancache.schedule import Schedule
+from meancache.schedule.pssp import solve_pssp
 
 MAX_GAP = 8
 MAX_SPAN = 5
 GAMMA = 2.0
-COST_KIND = "closed-loop"
+SOLVER_MAX_SPAN = 3
+SOLVER_GAP = 6
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +81,7 @@ class GenerationCalibration:
         calibration = self.owner.store.load(self.key)
         if calibration is None or calibration.trajectories < self.owner.runs or not _bridgeable(num_steps, budget):
             return None
-        schedule = calibration.schedule(budget, kind=COST_KIND, gamma=GAMMA)
+        schedule = first_use_schedule(calibration, budget)
         path = self.owner.store.path(self.key)
         where = f"stored in {path}" if path is not None and path.exists() else "kept in memory"
         source = f"calibrated on first use ({calibration.trajectories} generations, key {self.digest}, {where})"
@@ -120,6 +126,15 @@ class GenerationCalibration:
             calibration = combine_calibrations(stored, calibration)
         self.owner.store.save(self.key, calibration)
         self.accumulator = None
+
+
+def first_use_schedule(calibration: Calibration, budget: int) -> Schedule:
+    """The PSSP schedule of a first-use calibration for ``budget`` (solver settings: module docstring)."""
+    n = calibration.num_steps
+    gap = min(MAX_GAP, max(SOLVER_GAP, math.ceil((n - 1) / max(budget - 1, 1))))
+    found = solve_pssp(calibration.closed_loop[..., :SOLVER_MAX_SPAN], budget, gamma=GAMMA, max_gap=gap)
+    settings = {"cost_kind": "closed-loop", "max_span": SOLVER_MAX_SPAN, "budget": budget}
+    return Schedule(n, found.compute_steps, found.spans, {**calibration.metadata, **found.metadata, **settings})
 
 
 def _bridgeable(num_steps: int, budget: int) -> bool:
