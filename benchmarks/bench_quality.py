@@ -47,13 +47,13 @@ from benchmarks.helpers import RESULTS_DIR, write_results
 from benchmarks.quality_peers import block_caches, magcache_ratios
 from benchmarks.quality_speed import BlockCounter, Setup, median_seconds
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
+from meancache.calibration import Calibration
 from meancache.cli.demo import image_metrics
 from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention
 from meancache.method.estimators import ExactJVPEstimator
 from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES, classify, digit_classifier
 from meancache.models.train import calibration_calls
-from meancache.schedule.calibration import Calibration
 
 STEPS = 50
 SEEDS = (0, 1, 2)

@@ -7,6 +7,10 @@ from typing import Any
 
 from meancache.schedule import Schedule
 
+DEFAULT_CALIBRATION_RUNS = 2
+"""Full-compute generations observed before a calibrated schedule is used (chosen by measurement:
+``benchmarks/bench_first_use_calibration.py``)."""
+
 
 @dataclass(frozen=True)
 class MeanCacheConfig:
@@ -16,8 +20,13 @@ class MeanCacheConfig:
         schedule: which steps run the transformer and the look-back span per interval. A schedule made for
             another step count is mapped in sigma space (:meth:`Schedule.for_steps`), with a warning.
         budget: instead of ``schedule``, the number of computed steps; the schedule then picks itself per
-            run (:func:`meancache.schedule.defaults.default_schedule`: a published table for the model, or a
-            documented uniform fallback).
+            run (:func:`meancache.schedule.defaults.default_schedule`: a schedule shipped with the model, a
+            stored calibration, a published table, or else calibration on first use).
+        calibration_runs: with ``budget``, when no schedule is known for the model and settings: how many of
+            the pipeline's own generations run in full (bit-identical to the uncached pipeline) while MeanCache
+            measures their stability costs; later generations, in this process or another (the calibration is
+            stored, :mod:`meancache.calibration.store`), use the PSSP schedule solved from them. ``0`` turns
+            calibration off: evenly spaced computed steps with plain reuse.
         estimator: how skipped steps get their velocity, by name; ``"paper"`` is the authors' runtime rule
             (:class:`meancache.method.estimators.PaperRuleEstimator`).
     """
@@ -25,6 +34,7 @@ class MeanCacheConfig:
     schedule: Schedule | None = None
     budget: int | None = None
     estimator: str = "paper"
+    calibration_runs: int = DEFAULT_CALIBRATION_RUNS
 
     def __post_init__(self) -> None:
         from meancache.method.estimators import ESTIMATORS
@@ -42,14 +52,19 @@ class MeanCacheConfig:
             raise ValueError(
                 f"budget must be an integer >= 2 (computed steps, first and last included), got {self.budget!r}"
             )
+        runs = self.calibration_runs
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+            raise ValueError(f"calibration_runs must be an integer >= 0 (0 turns calibration off), got {runs!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; available: {sorted(ESTIMATORS)}")
 
     def to_dict(self) -> dict[str, Any]:
         schedule = self.schedule.to_dict() if self.schedule is not None else None
-        return {"schedule": schedule, "budget": self.budget, "estimator": self.estimator}
+        return {"schedule": schedule, "budget": self.budget, "estimator": self.estimator,
+                "calibration_runs": self.calibration_runs}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MeanCacheConfig:
         schedule = Schedule.from_dict(data["schedule"]) if data.get("schedule") is not None else None
-        return cls(schedule=schedule, budget=data.get("budget"), estimator=data.get("estimator", "paper"))
+        return cls(schedule=schedule, budget=data.get("budget"), estimator=data.get("estimator", "paper"),
+                   calibration_runs=data.get("calibration_runs", DEFAULT_CALIBRATION_RUNS))  # fmt: skip

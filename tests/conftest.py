@@ -11,6 +11,12 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
+def _meancache_home(tmp_path_factory, monkeypatch):
+    """Calibrations made on first use go to a fresh folder per test, never to ~/.cache/meancache."""
+    monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path_factory.mktemp("meancache_home")))
+
+
+@pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield

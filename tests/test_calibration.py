@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from meancache import Schedule
+from meancache.calibration import CANDIDATE_GAMMAS, Calibration, StabilityCostAccumulator, calibrate
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
-from meancache.schedule.calibration import CANDIDATE_GAMMAS, Calibration, StabilityCostAccumulator, calibrate
 from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
 from tests.reference_loop import ReferenceMeanCache, toy_velocity

@@ -129,7 +129,7 @@ def _calibration_file(path, **changes):
 
     import torch
 
-    from meancache.schedule.calibration import calibrate
+    from meancache.calibration import calibrate
     from tests.reference_loop import toy_velocity
 
     calibrate(toy_velocity, [torch.zeros(3)], np.linspace(1, 0, 21), max_gap=4, max_span=2).save(path)
@@ -261,8 +261,8 @@ def test_calibrate_a_bundled_model_by_name_or_folder(tmp_path, capsys, where):
     """Item 4 of issue #15: the digits models calibrate with digits as prompts."""
     import shutil
 
+    from meancache.calibration import Calibration
     from meancache.models import bundled_model_path
-    from meancache.schedule.calibration import Calibration
 
     model = "digits-flux"
     if where == "folder":

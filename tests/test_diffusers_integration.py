@@ -262,7 +262,7 @@ def test_budget_alone_prefers_schedules_shipped_in_the_model_folder(tmp_path):
         tmp_path / "model", text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None
     )
     loaded.set_progress_bar_config(disable=True)
-    enable_mean_cache(loaded, MeanCacheConfig(budget=5))
+    enable_mean_cache(loaded, MeanCacheConfig(budget=5, calibration_runs=0))
     generate_latents(loaded, tiny_inputs("flux"), 20)
     assert meancache.summary(loaded).schedule == shipped
     generate_latents(loaded, tiny_inputs("flux"), 30)  # no shipped schedule for 30 steps: the fallback
@@ -276,21 +276,21 @@ def test_budget_alone_with_a_qwen_image_loaded_from_a_path_object(tmp_path):
     tiny_pipeline("qwen-image").save_pretrained(tmp_path / "qwen 2512")
     loaded = QwenImagePipeline.from_pretrained(tmp_path / "qwen 2512", text_encoder=None, tokenizer=None)
     loaded.set_progress_bar_config(disable=True)
-    enable_mean_cache(loaded, MeanCacheConfig(budget=5))
+    enable_mean_cache(loaded, MeanCacheConfig(budget=5, calibration_runs=0))
     generate_latents(loaded, tiny_inputs("qwen-image"), 20)
     assert meancache.summary(loaded).schedule.metadata["source"] == "fallback: uniform, K=1"
 
 
 @pytest.mark.parametrize(("kind", "steps"), [("flux", 50), ("qwen-image", 28)])
-def test_budget_alone_falls_back_to_uniform_reuse_and_says_so(pipe_factory, caplog, kind, steps):
+def test_budget_alone_without_calibration_falls_back_to_uniform_reuse_and_says_so(pipe_factory, caplog, kind, steps):
     pipe = pipe_factory(kind)
-    enable_mean_cache(pipe, MeanCacheConfig(budget=10))
+    enable_mean_cache(pipe, MeanCacheConfig(budget=10, calibration_runs=0))
     with caplog.at_level("INFO", logger="meancache"):
         generate_latents(pipe, tiny_inputs(kind), steps)
     report = meancache.summary(pipe)
     assert report.schedule.compute_steps == Schedule.uniform(steps, 10).compute_steps
     assert report.schedule.metadata["source"] == "fallback: uniform, K=1"
-    assert "no published or shipped schedule" in caplog.text and "meancache calibrate" in caplog.text
+    assert "no published or shipped schedule" in caplog.text and "calibration_runs" in caplog.text
 
 
 def test_mapping_a_schedule_to_another_step_count_warns_once(pipe_factory, caplog):

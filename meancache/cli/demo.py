@@ -82,8 +82,8 @@ def run_demo(
         return MeanCacheConfig(Schedule(steps, b10.compute_steps, (1,) * len(b10.spans)))
 
     methods: dict[str, Callable[[], MeanCacheConfig | None]] = {"full (no cache)": lambda: None}
-    for budget in (b for b in (25, 17, 10) if b <= steps):
-        methods[f"MeanCache B={budget}"] = lambda budget=budget: MeanCacheConfig(budget=budget)
+    for budget in (b for b in (25, 17, 10) if b <= steps):  # the bundled schedules; never calibrate here
+        methods[f"MeanCache B={budget}"] = lambda budget=budget: MeanCacheConfig(budget=budget, calibration_runs=0)
     methods["plain reuse B=10, same steps (K=1)"] = same_steps_as_b10
     methods["plain reuse B=10, uniform (K=1)"] = lambda: MeanCacheConfig(Schedule.uniform(steps, 10))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from meancache.cli.arguments import check_output_file
+from meancache.cli.calibrations import add_calibrations_arguments, run_calibrations
 from meancache.cli.generate import add_generate_arguments, check_generate_arguments, run_generate
 from meancache.cli.schedules import (
     add_calibrate_arguments,
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_schedule_arguments(commands.add_parser("schedule", help="solve PSSP schedules from a calibration file"))
     add_generate_arguments(commands.add_parser("generate", help="generate an image with or without MeanCache"))
+    add_calibrations_arguments(commands.add_parser("calibrations", help="list or clear calibrations made on first use"))
     return parser
 
 
@@ -75,6 +77,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
     "calibrate": (check_calibrate_arguments, run_calibrate),
     "schedule": (check_schedule_arguments, run_schedule),
     "generate": (check_generate_arguments, run_generate),
+    "calibrations": (lambda args: None, run_calibrations),  # argparse checks its few arguments
 }
 """Command -> (check of its arguments, the work)."""
 

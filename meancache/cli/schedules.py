@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from meancache.calibration import AGGREGATES, COST_KINDS, Calibration
 from meancache.cli.arguments import check_device, check_output_dir, check_output_file, check_prompts
 from meancache.cli.pipelines import DTYPES, load_pipeline
 from meancache.models import BUNDLED_MODELS
 from meancache.schedule import Schedule
-from meancache.schedule.calibration import AGGREGATES, COST_KINDS, Calibration
 from meancache.validation import MAX_STEPS, check_int
 
 

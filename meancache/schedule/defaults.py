@@ -1,14 +1,19 @@
 """Schedules that pick themselves: ``MeanCacheConfig(budget=B)`` without a schedule.
 
-Resolution, in order:
+Resolution, in order (the schedule's ``metadata["source"]`` says which applied):
 
 1. a schedule shipped with the checkpoint: ``<model folder>/meancache_schedules/*.json`` (what
    ``meancache schedule --out-dir`` writes) with this step count and budget;
-2. a published table for the model at this step count and budget (``PRESETS``: Qwen-Image, Qwen-Image-2512
-   and Z-Image at 50 steps), recognised by pipeline class and checkpoint name;
-3. otherwise the documented fallback, ``Schedule.uniform(num_steps, budget, span=1)``: evenly spaced
-   computed steps with plain velocity reuse (Euler on the coarse grid), and a log message suggesting
-   ``meancache calibrate`` for a schedule made for this model.
+2. a stored calibration for this model and these settings (``calibrated.stored``: the diffusers integration's
+   calibrations made on first use, :mod:`meancache.calibration.store`), solved with PSSP for the budget;
+3. a published or third-party table for the model at this step count and budget (``PRESETS``: Qwen-Image,
+   Qwen-Image-2512 and Z-Image from the authors; FLUX.1-dev, Qwen-Image, HunyuanVideo and Wan2.1 from an
+   independent group; all at 50 steps), recognised by pipeline class and checkpoint name;
+4. calibrate on first use (``calibrated.calibrating``): a schedule that computes every step while the
+   stability costs are measured, until enough generations are observed for step 2 to apply;
+5. only when calibration is off (or the budget is too small for the calibration's largest gap), the
+   documented fallback, ``Schedule.uniform(num_steps, budget, span=1)``: evenly spaced computed steps with
+   plain velocity reuse (Euler on the coarse grid), and a log message suggesting calibration.
 
 A table is never stretched to another step count here: that would be a schedule made for another run.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol
 
 from meancache.schedule.presets import PRESETS, preset_schedule
 from meancache.schedule.schedule import Schedule
@@ -26,19 +32,42 @@ SHIPPED_SCHEDULES_DIR = "meancache_schedules"
 logger = logging.getLogger(__name__)
 
 _PIPELINE_PRESETS = {"QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image"}
+_CHECKPOINT_PRESETS = {
+    "FluxPipeline": ("flux.1-dev", "flux.1-dev"),
+    "HunyuanVideoPipeline": ("hunyuanvideo", "hunyuan-video"),
+    "WanPipeline": ("wan2.1", "wan2.1"),
+}
+"""Pipeline class -> (text the checkpoint name must contain, case-insensitive; preset): these classes also run
+other checkpoints (FLUX.1-schnell, HunyuanVideo-1.5, Wan2.2), whose trajectories the presets were not made on."""
+
+
+class CalibratedSchedules(Protocol):
+    """Schedules calibrated for the run's model and settings (the diffusers integration's calibrate-on-first-use)."""
+
+    def stored(self, num_steps: int, budget: int) -> Schedule | None:
+        """The schedule solved from a stored calibration of this key, if one is complete."""
+
+    def calibrating(self, num_steps: int, budget: int) -> Schedule | None:
+        """An all-computed schedule that calibrates during this generation, or None when calibration is off."""
 
 
 def preset_name_for(pipeline: str, checkpoint: str) -> str | None:
     """The preset family of a pipeline class and checkpoint name (``_name_or_path``), if any."""
+    if pipeline in _CHECKPOINT_PRESETS:
+        contains, name = _CHECKPOINT_PRESETS[pipeline]
+        return name if contains in checkpoint.lower() else None
     name = _PIPELINE_PRESETS.get(pipeline)
     if name == "qwen-image" and "2512" in checkpoint:
         return "qwen-image-2512"
     return name
 
 
-def default_schedule(pipeline: str, checkpoint: str, num_steps: int, budget: int) -> Schedule:
+def default_schedule(
+    pipeline: str, checkpoint: str, num_steps: int, budget: int, calibrated: CalibratedSchedules | None = None
+) -> Schedule:
     """The schedule ``MeanCacheConfig(budget=budget)`` runs for this model (``checkpoint``: the pipeline's
-    ``name_or_path``, a local folder or a hub id) and step count.
+    ``name_or_path``, a local folder or a hub id) and step count; ``calibrated``: steps 2 and 4 of the module
+    docstring (None: skipped).
 
     A shipped schedule file that cannot be read or is invalid is skipped with a logged warning naming the file
     and the reason, so one corrupt file does not break the budgets the other files (or the fallbacks) serve."""
@@ -52,15 +81,19 @@ def default_schedule(pipeline: str, checkpoint: str, num_steps: int, budget: int
                 continue
             if schedule.num_steps == num_steps and schedule.budget == budget:
                 return schedule
+    if calibrated is not None and (stored := calibrated.stored(num_steps, budget)) is not None:
+        return stored
     name = preset_name_for(pipeline, checkpoint)
     if name is not None and num_steps == 50 and budget in PRESETS[name]:
         return preset_schedule(name, budget)
     if budget > num_steps:
         raise ValueError(f"budget {budget} is larger than the {num_steps} steps of this run")
+    if calibrated is not None and (calibrating := calibrated.calibrating(num_steps, budget)) is not None:
+        return calibrating
     logger.info(
         "MeanCache: no published or shipped schedule for %s (%s) at %d steps and budget %d; using evenly spaced "
-        "computed steps with plain reuse. Run `meancache calibrate` and `meancache schedule` for a schedule made "
-        "for this model.",
+        "computed steps with plain reuse. Set MeanCacheConfig(calibration_runs=R) > 0 to calibrate on first use, "
+        "or run `meancache calibrate` and `meancache schedule` for a schedule made for this model.",
         pipeline, checkpoint or "unnamed checkpoint", num_steps, budget,
     )  # fmt: skip
     fallback = Schedule.uniform(num_steps, budget, span=1)

@@ -1,14 +1,27 @@
-"""The published 50-step schedules of the MeanCache authors' scripts (``calc_dict`` / ``edge_source``).
+"""50-step schedules for real models: the MeanCache authors' published tables and an independent group's.
 
-Each table is written as the authors list it: computed steps as runs (``(a, b)`` is ``a..b`` inclusive),
-and one label per interval between consecutive computed steps: ``"c"`` for a unit interval (nothing
-skipped; stored as span 1) or the look-back span ``K``. No schedules were published for FLUX.1 or
-HunyuanVideo; those come from calibration.
+* The authors' scripts (``calc_dict`` / ``edge_source``): Qwen-Image, Qwen-Image-2512, Z-Image. Each table is
+  written as the authors list it: computed steps as runs (``(a, b)`` is ``a..b`` inclusive), and one label per
+  interval between consecutive computed steps: ``"c"`` for a unit interval (nothing skipped; stored as span 1)
+  or the look-back span ``K``.
+* ``third_party_schedules.json`` (MIT, Golden Path Hypothesis authors; notice, provenance and caveats inside):
+  MeanCache schedules calibrated on FLUX.1-dev, Qwen-Image, HunyuanVideo and Wan2.1 at budgets 9, 13 and 21.
+  Each schedule's metadata carries its source, settings and calibration; the caveats (HunyuanVideo and Wan2.1
+  ran through the official samplers, Wan2.1 with UniPC) are in ``metadata["caveats"]``.
+
+The two never publish the same model and budget, so one name holds both (``"qwen-image"``: 9, 10, 13, 17, 21, 25).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
 from meancache.schedule.schedule import Schedule
+
+THIRD_PARTY_FILE = Path(__file__).with_name("third_party_schedules.json")
 
 _SOURCE = "MeanCache authors' scripts (UnicomAI/MeanCache), transcribed"
 
@@ -33,18 +46,49 @@ _TABLES: dict[str, dict[int, tuple[list[int | tuple[int, int]], str]]] = {
     },
 }
 
-PRESETS: dict[str, tuple[int, ...]] = {name: tuple(sorted(table)) for name, table in _TABLES.items()}
-"""Preset name -> the budgets published for it (all for 50 steps)."""
+
+@functools.cache
+def third_party_schedules() -> dict[str, dict[int, Schedule]]:
+    """Model name -> budget -> schedule, from ``third_party_schedules.json``."""
+    data = json.loads(THIRD_PARTY_FILE.read_text(encoding="utf-8"))
+    source = data["source"]
+    origin = f"{source['repository']}@{source['commit'][:8]}"
+    tables: dict[str, dict[int, Schedule]] = {}
+    for row in data["schedules"]:
+        provenance: dict[str, Any] = {k: row[k] for k in ("id", "source_label", "variant", "settings", "calibration")}
+        metadata = {
+            "preset": row["model"], "model": row["model"], "budget": row["budget"], "num_steps": row["num_steps"],
+            "source": f"third-party calibration ({origin}, {source['license']}), {row['source_label']}",
+            "provenance": {**provenance, "repository": source["repository"], "commit": source["commit"],
+                           "file": row["source_file"]},
+            "caveats": data["caveats"],
+        }  # fmt: skip
+        schedule = Schedule(row["num_steps"], tuple(row["compute_steps"]), tuple(row["spans"]), metadata)
+        tables.setdefault(row["model"], {})[row["budget"]] = schedule
+    return tables
+
+
+def _budgets() -> dict[str, tuple[int, ...]]:
+    names = {name: set(table) for name, table in _TABLES.items()}
+    for name, table in third_party_schedules().items():
+        names.setdefault(name, set()).update(table)
+    return {name: tuple(sorted(budgets)) for name, budgets in names.items()}
+
+
+PRESETS: dict[str, tuple[int, ...]] = _budgets()
+"""Preset name -> the budgets with a schedule (all for 50 steps; the authors' and the third-party ones)."""
 
 
 def preset_schedule(name: str, budget: int) -> Schedule:
     """The published schedule ``name`` at ``budget`` computed steps out of 50."""
-    if name not in _TABLES:
-        raise ValueError(f"unknown schedule preset {name!r}; known presets: {sorted(_TABLES)}")
-    if budget not in _TABLES[name]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown schedule preset {name!r}; known presets: {sorted(PRESETS)}")
+    if budget not in PRESETS[name]:
         raise ValueError(
             f"preset {name!r} has no schedule for budget {budget!r}; published budgets: {list(PRESETS[name])}"
         )
+    if budget not in _TABLES.get(name, {}):
+        return third_party_schedules()[name][budget]
     runs, labels = _TABLES[name][budget]
     steps: list[int] = []
     for run in runs:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-from meancache.schedule.calibration import Calibration, StabilityCostAccumulator
+from meancache.calibration import Calibration, StabilityCostAccumulator
 
 StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 

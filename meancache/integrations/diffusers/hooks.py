@@ -80,7 +80,7 @@ class TransformerGate:
             )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        run = self.state.run_for_call()
+        run = self.state.run_for_call(kwargs.get("hidden_states", args[0] if args else None))
         if run is None:  # not part of a generation: a direct call
             return self.call_transformer(*args, **kwargs)
         if run.schedule.is_computed(run.steps_run):
@@ -202,7 +202,7 @@ class SchedulerStepHook:
         bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
         if bound.arguments.get("per_token_timesteps") is not None:
             raise ValueError("MeanCache does not support per_token_timesteps (every token must share one sigma)")
-        run = self.state.run_for_call()
+        run = self.state.run_for_call(sample)
         if run is None:  # a generation that began before MeanCache was enabled
             return self.original(model_output, timestep, sample, *args, **kwargs)
         step = run.steps_run
@@ -214,6 +214,8 @@ class SchedulerStepHook:
             derivative = guided_derivative(run.branches, model_output) if run.branches else None
             run.branches.clear()
             run.estimator.record(step, sample, sigma, model_output, derivative)
+            if run.calibration is not None:
+                run.calibration.add_step(step, sample, model_output)
         else:
             _, u_hat = run.estimator.estimate(step, sample, sigma, sigma_next)
             model_output = u_hat.to(model_output.dtype)

@@ -19,8 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
+from meancache.calibration import calibration_store
 from meancache.config import MeanCacheConfig
 from meancache.integrations.diffusers.distributed import check_same_schedule_on_all_ranks
+from meancache.integrations.diffusers.first_use import FirstUseCalibration, GenerationCalibration
+from meancache.integrations.diffusers.key import calibration_key
+from meancache.integrations.diffusers.ranks import decide_on_rank_zero
 from meancache.method.estimators import Estimator, make_estimator
 from meancache.schedule import Schedule
 from meancache.schedule.defaults import default_schedule
@@ -92,6 +96,8 @@ class GenerationRun:
     output_shape: torch.Size | None = None
     output_dtype: torch.dtype | None = None
     placeholder: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+    calibration: GenerationCalibration | None = field(default=None, repr=False)
+    """Set when this generation calibrates on first use: it observes every step."""
 
     @property
     def num_steps(self) -> int:
@@ -118,6 +124,7 @@ class MeanCacheState:
         self.pipeline_name = type(pipe).__name__
         self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
         self.gate: TransformerGate | None = None
+        self.first_use = FirstUseCalibration(config.calibration_runs, calibration_store())
         self._mapping_warned: set[int] = set()
         self._announced = False
         self.run: GenerationRun | None = None
@@ -132,11 +139,12 @@ class MeanCacheState:
         self.end_run()
         self._announced = True
 
-    def run_for_call(self) -> GenerationRun | None:
-        """The generation a transformer call or scheduler step belongs to, or None outside a generation."""
+    def run_for_call(self, latents: torch.Tensor | None) -> GenerationRun | None:
+        """The generation a transformer call (``latents``: its ``hidden_states``) or scheduler step (its sample)
+        belongs to, or None outside a generation."""
         if self._announced:
             self._announced = False
-            self._start_run()
+            self._start_run(latents)
         elif self.run is None and (pipe := self.pipe) is not None and pipe.scheduler is not self.scheduler:
             raise RuntimeError(
                 f"pipe.scheduler was replaced ({type(pipe.scheduler).__name__}) after enable_mean_cache, so MeanCache "
@@ -147,6 +155,8 @@ class MeanCacheState:
     def finish_step(self, run: GenerationRun) -> None:
         run.steps_run += 1
         if run.steps_run == run.num_steps:
+            if run.calibration is not None:
+                run.calibration.finish()
             self.end_run()
 
     def end_run(self) -> None:
@@ -155,7 +165,7 @@ class MeanCacheState:
             self.last_summary = self.run.summary()
         self.run = None
 
-    def _start_run(self) -> None:
+    def _start_run(self, latents: torch.Tensor | None) -> None:
         self.end_run()
         scheduler = self.scheduler
         if scheduler.begin_index not in (None, 0):
@@ -167,19 +177,36 @@ class MeanCacheState:
         sigmas = [float(s) for s in scheduler.sigmas.tolist()]
         if len(sigmas) != num_steps + 1:
             raise ValueError(f"expected {num_steps + 1} sigmas for {num_steps} steps, the scheduler has {len(sigmas)}")
-        run = GenerationRun(
-            sigmas=sigmas, estimator=make_estimator(self.config.estimator, self._schedule_for(num_steps))
-        )
+        schedule, calibration = self._schedule_for(sigmas, latents)
+        run = GenerationRun(sigmas=sigmas, estimator=make_estimator(self.config.estimator, schedule))
+        if calibration is not None and calibration.accumulator is not None:
+            run.calibration = calibration
         if self.gate is not None:
             self.gate.check_composition(run)
             check_same_schedule_on_all_ranks(run.schedule, self.gate.transformer)
         self.run = run
 
-    def _schedule_for(self, num_steps: int) -> Schedule:
-        config = self.config
+    def _schedule_for(
+        self, sigmas: list[float], latents: torch.Tensor | None
+    ) -> tuple[Schedule, GenerationCalibration | None]:
+        """The generation's schedule, and its view of the calibration store when ``budget=`` resolves it (decided
+        on rank 0 under ``torch.distributed``: ranks that did not decide observe nothing)."""
+        config, num_steps = self.config, len(sigmas) - 1
         if config.schedule is None:
             assert config.budget is not None
-            return default_schedule(self.pipeline_name, self.checkpoint, num_steps, config.budget)
+            budget = config.budget
+            calibration: GenerationCalibration | None = None
+
+            def resolve() -> Schedule:
+                nonlocal calibration
+                if config.calibration_runs and (pipe := self.pipe) is not None:
+                    transformer = self.gate.transformer if self.gate is not None else pipe.transformer
+                    calibration = self.first_use.for_generation(
+                        lambda: calibration_key(pipe, transformer, self.checkpoint, sigmas, latents)
+                    )
+                return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, calibration)
+
+            return decide_on_rank_zero(resolve), calibration
         schedule = config.schedule.for_steps(num_steps)
         if schedule is not config.schedule and num_steps not in self._mapping_warned:
             self._mapping_warned.add(num_steps)
@@ -188,4 +215,4 @@ class MeanCacheState:
                 "in sigma space (budget %d kept). Calibrate for %d steps for a schedule made for this run.",
                 config.schedule.num_steps, num_steps, schedule.budget, num_steps,
             )  # fmt: skip
-        return schedule
+        return schedule, None

@@ -1,0 +1,28 @@
+"""Calibration: stability costs measured on full-compute trajectories (:mod:`~meancache.calibration.costs`) and
+the per-user store of calibrations made on first use (:mod:`~meancache.calibration.store`).
+
+It replays the runtime estimator (:mod:`meancache.method`) over each interval, so it sits above ``method/``;
+``schedule/`` (data, presets, PSSP) sits below both.
+"""
+
+from meancache.calibration.costs import (
+    AGGREGATES,
+    CANDIDATE_GAMMAS,
+    COST_KINDS,
+    Calibration,
+    StabilityCostAccumulator,
+    calibrate,
+)
+from meancache.calibration.store import CalibrationStore, calibration_store, combine_calibrations
+
+__all__ = [
+    "AGGREGATES",
+    "CANDIDATE_GAMMAS",
+    "COST_KINDS",
+    "Calibration",
+    "CalibrationStore",
+    "StabilityCostAccumulator",
+    "calibrate",
+    "calibration_store",
+    "combine_calibrations",
+]

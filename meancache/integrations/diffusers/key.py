@@ -1,0 +1,95 @@
+"""The calibration key of a generation: everything that changes a pipeline's trajectories, and nothing else.
+
+:func:`calibration_key` is a JSON dict (the store names the file by its digest) with:
+
+* ``pipeline``: the pipeline class; ``checkpoint``: ``name_or_path`` (a hub id, or the resolved folder);
+* ``weights``: :func:`weights_fingerprint` of the transformer (a fused LoRA, other fine-tuned weights or
+  adapter layers change it);
+* ``sigmas``: the scheduler's sigmas for this run, rounded to 6 decimals: the step count and any shift,
+  including the resolution-dependent one of FLUX.1 and Qwen-Image;
+* ``latent_shape`` and ``dtype``: the first transformer call's ``hidden_states`` without the batch dimension
+  (so the resolution and frame count, and batched CFG, which doubles only the batch) and its dtype;
+* ``guidance``: :func:`pipeline_guidance`, the guidance arguments of the pipeline call in progress.
+
+Prompts, seeds, batch size and ``num_images_per_prompt`` are not in it: the costs are means over latent
+elements, which do not depend on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import numbers
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FINGERPRINT_SAMPLES = 16
+"""Elements read from each parameter and buffer for :func:`weights_fingerprint`."""
+
+
+def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMPLES) -> str:
+    """SHA-256 (16 hex digits) over every parameter and buffer of ``module`` in ``named_parameters`` order:
+    its name, shape and dtype, and ``samples`` elements at fixed, evenly spaced positions of the flattened
+    tensor (first and last included), as float64.
+
+    Cost: one small gather per tensor and one device-to-host copy in all, whatever the model's size. A LoRA
+    fused into the weights changes every sampled element of the layers it touches (its update is dense); an
+    unfused adapter adds parameters. Tensors on the ``meta`` device (sequential offloading) contribute their
+    name, shape and dtype only."""
+    digest = hashlib.sha256()
+    values = []
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        if tensor.is_meta or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).round().long()
+        values.append(flat[positions].to(torch.float64))
+    if values:
+        digest.update(torch.cat([v.cpu() for v in values]).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def pipeline_guidance(pipe: Any) -> dict[str, Any]:
+    """The guidance settings of ``pipe``'s ``__call__`` in progress, read from its frame on the call stack:
+    every argument whose name contains ``guidance`` or ``cfg`` and holds a number or a bool (``guidance_scale``,
+    ``true_cfg_scale``, ``guidance_rescale``, ...), and ``negative_prompt``: whether any ``negative_*``
+    argument was given (Qwen-Image runs true CFG only with one). Empty outside a pipeline call."""
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe):
+        frame = frame.f_back
+    if frame is None:
+        return {}
+    arguments = inspect.getargvalues(frame)
+    values = {name: arguments.locals.get(name) for name in arguments.args}
+    settings: dict[str, Any] = {
+        name: (value if isinstance(value, bool) else round(float(value), 6))
+        for name, value in sorted(values.items())
+        if ("guidance" in name or "cfg" in name) and isinstance(value, (bool, numbers.Real))
+    }
+    settings["negative_prompt"] = any(v is not None for n, v in values.items() if n.startswith("negative_"))
+    return settings
+
+
+def checkpoint_identity(name_or_path: str) -> str:
+    """A local folder resolved to its absolute path; a hub id (or empty name) as it is."""
+    return str(Path(name_or_path).resolve()) if name_or_path and Path(name_or_path).exists() else name_or_path
+
+
+def calibration_key(
+    pipe: Any, transformer: torch.nn.Module, checkpoint: str, sigmas: list[float], latents: torch.Tensor | None
+) -> dict[str, Any]:
+    """The key of a generation of ``pipe`` (module docstring); call it from inside the pipeline call."""
+    return {
+        "pipeline": type(pipe).__name__,
+        "checkpoint": checkpoint_identity(checkpoint),
+        "weights": weights_fingerprint(transformer),
+        "sigmas": [round(s, 6) for s in sigmas],
+        "latent_shape": list(latents.shape[1:]) if isinstance(latents, torch.Tensor) else None,
+        "dtype": str(latents.dtype).removeprefix("torch.") if isinstance(latents, torch.Tensor) else None,
+        "guidance": pipeline_guidance(pipe),
+    }

@@ -1,0 +1,293 @@
+"""Calibrate on first use, the calibration store, the third-party presets and the public API."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import meancache
+from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
+from meancache.calibration import Calibration, CalibrationStore, calibration_store, combine_calibrations
+from meancache.calibration.store import key_digest
+from meancache.cli.main import main
+from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
+
+STEPS, BUDGET = 10, 4
+REPO = Path(__file__).resolve().parents[1]
+RANKS_FILE = REPO / "meancache" / "integrations" / "diffusers" / "ranks.py"
+SHARED_SCHEDULES = REPO.parent / "shared" / "data" / "third_party_schedules.json"
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _source(pipe) -> str:
+    return summary(pipe).schedule.metadata["source"]
+
+
+def _key_of(pipe, inputs, steps=STEPS, seed=0, **kwargs) -> str:
+    """The digest of the key a generation calibrates under (calibration never completes here)."""
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=99))
+    try:
+        generate_latents(pipe, inputs, steps, seed=seed, **kwargs)
+        return re.search(r"key (\w+)", _source(pipe)).group(1)
+    finally:
+        disable_mean_cache(pipe)
+
+
+def test_key_follows_trajectory_settings_not_prompt_or_seed(flux):
+    inputs = tiny_inputs("flux")
+    base = _key_of(flux, inputs)
+    assert _key_of(flux, inputs, seed=5) == base
+    assert _key_of(flux, tiny_inputs("flux", seed=3)) == base  # other prompt embeddings
+    assert _key_of(flux, inputs, steps=12) != base
+    assert _key_of(flux, tiny_inputs("flux", size=48)) != base
+    assert _key_of(flux, inputs, guidance_scale=5.0) != base
+    weight = flux.transformer.proj_out.weight
+    with torch.no_grad():
+        weight.add_(1e-3)  # as a fused LoRA would
+        try:
+            assert _key_of(flux, inputs) != base
+        finally:
+            weight.sub_(1e-3)
+    assert _key_of(flux, inputs) == base
+
+
+def test_key_follows_true_cfg_scale():
+    pipe = tiny_pipeline("qwen-image")
+    pipe.set_progress_bar_config(disable=True)
+    inputs = tiny_inputs("qwen-image")
+    assert _key_of(pipe, inputs) != _key_of(pipe, {**inputs, "true_cfg_scale": 2.0})
+
+
+def test_first_generations_are_the_uncached_pipeline_then_the_budget_runs(caplog):
+    pipe = tiny_pipeline("qwen-image")  # true CFG: two transformer calls per evaluation
+    pipe.set_progress_bar_config(disable=True)
+    inputs = tiny_inputs("qwen-image")
+    baseline = [generate_latents(pipe, inputs, 12, seed=s) for s in (0, 1)]
+    enable_mean_cache(pipe, MeanCacheConfig(budget=5, calibration_runs=2))
+    with caplog.at_level("WARNING", logger="meancache"):
+        for seed in (0, 1):
+            assert torch.equal(generate_latents(pipe, inputs, 12, seed=seed), baseline[seed])
+            assert _source(pipe).startswith(f"calibrating on first use: generation {seed + 1} of 2")
+    assert caplog.text.count("no schedule known") == 1
+    generate_latents(pipe, inputs, 12, seed=2)
+    report = summary(pipe)
+    disable_mean_cache(pipe)
+    assert report.schedule.metadata["source"].startswith("calibrated on first use (2 generations")
+    assert (report.computed_steps, report.transformer_calls) == (5, 10)
+    assert max(report.schedule.spans) > 1  # average-velocity spans, not plain reuse
+    (stored,) = calibration_store().files()
+    assert Calibration.load(stored).trajectories == 2
+    enable_mean_cache(pipe, MeanCacheConfig(budget=7, calibration_runs=2))  # another budget: same costs
+    generate_latents(pipe, inputs, 12)
+    assert summary(pipe).computed_steps == 7 and _source(pipe).startswith("calibrated on first use")
+    disable_mean_cache(pipe)
+
+
+def test_calibration_runs_zero_is_the_uniform_fallback_and_stores_nothing(flux):
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
+    generate_latents(flux, tiny_inputs("flux"), STEPS)
+    assert _source(flux) == "fallback: uniform, K=1"
+    disable_mean_cache(flux)
+    assert calibration_store().files() == []
+    with pytest.raises(ValueError, match=r"calibration_runs must be an integer >= 0.*-1"):
+        MeanCacheConfig(budget=5, calibration_runs=-1)
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "truncated", '{"num_steps": 10, "compute_steps": [0, 9]}', "other key"]
+)
+def test_unusable_store_files_are_warned_about_and_recalibrated(flux, tmp_path, monkeypatch, caplog, content):
+    inputs = tiny_inputs("flux")
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    generate_latents(flux, inputs, STEPS)
+    disable_mean_cache(flux)
+    (path,) = calibration_store().files()
+    valid = path.read_text()
+    if content == "truncated":
+        content = valid[: len(valid) // 2]
+    elif content == "other key":
+        data = json.loads(valid)
+        data["metadata"]["key"]["checkpoint"] = "someone/else"
+        content = json.dumps(data)
+    monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / "home"))  # a store this process has not seen
+    (tmp_path / "home" / "calibrations").mkdir(parents=True)
+    broken = tmp_path / "home" / "calibrations" / path.name
+    broken.write_text(content)
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    with caplog.at_level("WARNING", logger="meancache"):
+        generate_latents(flux, inputs, STEPS)
+    assert str(broken) in caplog.text
+    assert _source(flux).startswith("calibrating on first use")
+    generate_latents(flux, inputs, STEPS)
+    assert _source(flux).startswith("calibrated on first use")
+    disable_mean_cache(flux)
+    assert Calibration.load(broken).trajectories == 1
+
+
+def test_unwritable_home_keeps_calibrations_in_memory_with_one_warning(flux, tmp_path, monkeypatch, caplog):
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / "a file" / "home"))  # cannot be created (even by root)
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    with caplog.at_level("WARNING", logger="meancache"):
+        for _ in range(3):
+            generate_latents(flux, tiny_inputs("flux"), STEPS)
+    assert caplog.text.count("cannot write calibrations") == 1
+    assert summary(flux).computed_steps == BUDGET and "kept in memory" in _source(flux)
+    disable_mean_cache(flux)
+
+
+_WORKER = textwrap.dedent("""
+    from meancache import Calibration, MeanCacheConfig, calibration_store, enable_mean_cache, summary
+    from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
+
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(budget={budget}, calibration_runs=1))
+    generate_latents(pipe, tiny_inputs("flux"), {steps})
+    report = summary(pipe)
+    print(report.transformer_calls, report.schedule.metadata["source"])
+    store = calibration_store()
+    (path,) = store.files()
+    calibration = Calibration.load(path)
+    for _ in range(25):  # both workers rewrite the key at once
+        store.save(calibration.metadata["key"], calibration)
+""").format(budget=BUDGET, steps=STEPS)
+
+
+def test_new_processes_find_the_stored_calibration_and_write_it_safely(flux):
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    generate_latents(flux, tiny_inputs("flux"), STEPS)
+    disable_mean_cache(flux)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+        calls, source = out.strip().splitlines()[-1].split(" ", 1)
+        assert int(calls) == BUDGET and source.startswith("calibrated on first use (1 generations"), out
+    (path,) = calibration_store().files()
+    assert Calibration.load(path).trajectories == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_store_round_trip_and_combination(tmp_path):
+    costs = np.full((4, 4, 2), np.inf)
+    costs[0, 2], costs[1, 3] = (1.0, 2.0), (3.0, 4.0)
+    first = Calibration([1.0, 0.75, 0.5, 0.25, 0.0], 2, 2, costs, costs * 2, 1)
+    second = Calibration([1.0, 0.75, 0.5, 0.25, 0.0], 2, 2, costs * 4, costs * 8, 3)
+    combined = combine_calibrations(first, second)
+    assert combined.trajectories == 4
+    assert combined.one_shot[0, 2, 0] == pytest.approx((1.0 + 3 * 4.0) / 4) and np.isinf(combined.one_shot[0, 1, 0])
+    store = CalibrationStore(tmp_path)
+    key = {"pipeline": "P", "sigmas": [1.0, 0.0]}
+    path = store.save(key, combined)
+    assert path == tmp_path / "calibrations" / f"{key_digest(key)}.json"
+    loaded = CalibrationStore(tmp_path).load(key)
+    assert loaded.trajectories == 4 and np.array_equal(loaded.closed_loop, combined.closed_loop)
+    assert CalibrationStore(tmp_path).load({**key, "pipeline": "Q"}) is None
+
+
+def test_calibrations_command_lists_and_clears(flux, capsys):
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    generate_latents(flux, tiny_inputs("flux"), STEPS)
+    generate_latents(flux, tiny_inputs("flux"), 12)
+    disable_mean_cache(flux)
+    assert main(["calibrations", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "2 calibration(s)" in out and "FluxPipeline" in out and "10 steps" in out and "12 steps" in out
+    first = calibration_store().files()[0].stem
+    with pytest.raises(SystemExit, match="matches no stored calibration"):
+        main(["calibrations", "clear", "zzzz"])
+    main(["calibrations", "clear", first[:6]])
+    assert [p.stem for p in calibration_store().files()] != [first] and len(calibration_store().files()) == 1
+    main(["calibrations", "clear"])
+    assert calibration_store().files() == []
+
+
+@pytest.mark.skipif(not SHARED_SCHEDULES.exists(), reason="the shared third-party data file is not present")
+def test_third_party_presets_equal_the_shared_data_file():
+    rows = json.loads(SHARED_SCHEDULES.read_text())["schedules"]
+    calibrated = [r for r in rows if "globalspan" not in r["id"]]
+    assert len(calibrated) == 12
+    for row in calibrated:
+        schedule = Schedule.preset(row["model"], row["budget"])
+        assert (schedule.compute_steps, schedule.spans) == (tuple(row["compute_steps"]), tuple(row["spans"]))
+        assert schedule.metadata["provenance"]["id"] == row["id"] and "MIT" in schedule.metadata["source"]
+    assert set(meancache.PRESETS["flux.1-dev"]) == {9, 13, 21}
+
+
+def test_third_party_preset_is_resolved_for_flux_1_dev_only(tmp_path):
+    from meancache.schedule.defaults import default_schedule
+
+    flux_dev = default_schedule("FluxPipeline", "black-forest-labs/FLUX.1-dev", 50, 13)
+    assert flux_dev == Schedule.preset("flux.1-dev", 13) and "third-party" in flux_dev.metadata["source"]
+    schnell = default_schedule("FluxPipeline", "black-forest-labs/FLUX.1-schnell", 50, 13)
+    assert schnell.metadata["source"] == "fallback: uniform, K=1"
+
+
+def test_readme_names_are_importable_from_meancache():
+    names = ["MeanCacheConfig", "Schedule", "PRESETS", "enable_mean_cache", "disable_mean_cache", "summary", "sample",
+             "solve_pssp", "calibrate", "Calibration", "calibrate_pipeline", "select_schedule", "CalibrationStore",
+             "calibration_store", "enable_jvp_attention", "disable_jvp_attention", "load_digits_model"]  # fmt: skip
+    for name in names:
+        assert getattr(meancache, name) is not None and name in meancache.__all__
+
+
+_RANK = textwrap.dedent("""
+    import importlib.util
+    import sys
+    import torch.distributed as dist
+
+    # ranks.py needs only torch: load it alone, without importing diffusers through meancache/__init__
+    spec = importlib.util.spec_from_file_location("ranks", sys.argv[3])
+    ranks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ranks)
+    decide_on_rank_zero = ranks.decide_on_rank_zero
+
+    rank = int(sys.argv[1])
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+    print(decide_on_rank_zero(lambda: f"decided by rank {rank}"))
+    try:
+        decide_on_rank_zero(lambda: 1 / 0)
+    except ZeroDivisionError:
+        print("raised")
+    dist.destroy_process_group()
+""")
+
+
+def test_every_rank_takes_rank_zeros_decision(tmp_path):
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK, str(r), str(tmp_path / "rendezvous"), str(RANKS_FILE)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for r in range(2)
+    ]
+    for process in ranks:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        assert out.split()[-5:] == ["decided", "by", "rank", "0", "raised"], out
