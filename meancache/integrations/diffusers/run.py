@@ -14,7 +14,7 @@ import logging
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
@@ -86,11 +86,17 @@ class GenerationRun:
     transformer_calls: int = 0
     skipped_calls: int = 0
     derivative_calls: int = 0
+    begin: int = 0
+    """The scheduler's first step index (``begin_index``: image-to-image and inpainting at ``strength < 1``)."""
     branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
-    output_shape: torch.Size | None = None
-    output_dtype: torch.dtype | None = None
-    placeholder: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+    calls_this_step: int = 0
+    """Transformer calls so far in the current step (any expert): the index of the next call."""
+    outputs: list[Any] = field(default_factory=list, repr=False)
+    """Copies of the transformer outputs of the last computed step followed by a skipped one, in call order:
+    the placeholders of the skipped steps' calls (:meth:`TransformerGate.placeholder`)."""
+    outputs_step: int = -1
+    """The step ``outputs`` were recorded on."""
 
     @property
     def num_steps(self) -> int:
@@ -116,7 +122,9 @@ class MeanCacheState:
         self.scheduler: FlowMatchEulerDiscreteScheduler = pipe.scheduler
         self.pipeline_name = type(pipe).__name__
         self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
-        self.gate: TransformerGate | None = None
+        self.model = type(getattr(pipe.transformer, "_orig_mod", pipe.transformer)).__name__
+        self.gates: dict[str, TransformerGate] = {}
+        """Pipeline component name (``transformer``, and ``transformer_2`` for Wan2.2's second expert) -> its gate."""
         self._mapping_warned: set[int] = set()
         self._announced = False
         self.run: GenerationRun | None = None
@@ -145,6 +153,7 @@ class MeanCacheState:
 
     def finish_step(self, run: GenerationRun) -> None:
         run.steps_run += 1
+        run.calls_this_step = 0
         if run.steps_run == run.num_steps:
             self.end_run()
 
@@ -157,27 +166,27 @@ class MeanCacheState:
     def _start_run(self) -> None:
         self.end_run()
         scheduler = self.scheduler
-        if scheduler.begin_index not in (None, 0):
-            raise ValueError(
-                f"the scheduler starts at step {scheduler.begin_index}, not 0; MeanCache schedules cover whole "
-                "trajectories (image-to-image with strength < 1 is not supported)"
-            )
-        num_steps = len(scheduler.timesteps)
         sigmas = [float(s) for s in scheduler.sigmas.tolist()]
-        if len(sigmas) != num_steps + 1:
-            raise ValueError(f"expected {num_steps + 1} sigmas for {num_steps} steps, the scheduler has {len(sigmas)}")
+        if len(sigmas) != len(scheduler.timesteps) + 1:
+            raise ValueError(
+                f"expected {len(scheduler.timesteps) + 1} sigmas for {len(scheduler.timesteps)} steps, the scheduler "
+                f"has {len(sigmas)}"
+            )
+        begin = scheduler.begin_index or 0  # strength < 1: the generation runs the last N - begin steps
+        sigmas = sigmas[begin:]
+        num_steps = len(sigmas) - 1
         run = GenerationRun(
-            sigmas=sigmas, estimator=make_estimator(self.config.estimator, self._schedule_for(num_steps))
+            sigmas=sigmas, estimator=make_estimator(self.config.estimator, self._schedule_for(num_steps)), begin=begin
         )
-        if self.gate is not None:
-            self.gate.check_composition(run)
+        for gate in self.gates.values():
+            gate.check_composition(run)
         self.run = run
 
     def _schedule_for(self, num_steps: int) -> Schedule:
         config = self.config
         if config.schedule is None:
             assert config.budget is not None
-            return default_schedule(self.pipeline_name, self.checkpoint, num_steps, config.budget)
+            return default_schedule(self.pipeline_name, self.checkpoint, num_steps, config.budget, self.model)
         schedule = config.schedule.for_steps(num_steps)
         if schedule is not config.schedule and num_steps not in self._mapping_warned:
             self._mapping_warned.add(num_steps)
