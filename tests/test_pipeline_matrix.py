@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
+from meancache.integrations.diffusers import is_mean_cache_enabled
 from meancache.integrations.diffusers.hooks import transformer_names
 from tests.pipeline_matrix import CASES, Case, readme_table
 from tests.reference_loop import reference_steps
@@ -138,6 +139,40 @@ def test_stateful_guider_against_the_reference_loop():
     disable_mean_cache(pipe)
     error, caching_error = (ours - expected).abs().max(), (full - expected).abs().max()
     assert error < 0.6 * caching_error, (error, caching_error)
+
+
+def test_wan22_experts_share_one_schedule_and_the_summary_counts_their_forwards():
+    pipe, inputs = CASE["wan2.2"].build()
+    pipe.set_progress_bar_config(disable=True)
+    steps: dict[str, list[int]] = {"transformer": [], "transformer_2": []}
+    for name, record in steps.items():
+        getattr(pipe, name).register_forward_pre_hook(lambda *_, r=record: r.append(pipe.scheduler.step_index or 0))
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+    generate(pipe, inputs, STEPS)
+    report = meancache.summary(pipe)
+    computed = report.schedule.compute_steps
+    high, low = sorted(set(steps["transformer"])), sorted(set(steps["transformer_2"]))
+    assert high and low and max(high) < min(low)  # each expert ran on some computed steps
+    assert high + low == list(computed)
+    assert report.transformer_calls == len(steps["transformer"]) + len(steps["transformer_2"]) == 2 * BUDGET
+    assert report.skipped_calls == 2 * (STEPS - BUDGET)
+
+
+def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason():
+    pipe, _ = CASE["wan"].build()
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    with pytest.raises(TypeError, match=r"cannot drive WanPipeline with its UniPCMultistepScheduler: .* needs a "
+                       r"FlowMatchEulerDiscreteScheduler"):  # fmt: skip
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+    assert not is_mean_cache_enabled(pipe) and "step" not in vars(pipe.scheduler)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    with pytest.raises(ValueError, match=r"cannot drive WanPipeline: .*stochastic_sampling=True"):
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe.register_modules(transformer=None)
+    with pytest.raises(TypeError, match=r"cannot drive WanPipeline: it has no `transformer` module"):
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+    assert not is_mean_cache_enabled(pipe)
 
 
 def test_readme_lists_the_matrix():
