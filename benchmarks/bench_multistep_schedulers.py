@@ -5,9 +5,10 @@ For each bundled model and scheduler (the pipeline's Euler, and the multistep fl
 50-step run with *that* scheduler, over digits 0-9 x seeds 0, 1, 2. Rows at B = 10 model evaluations:
 
 * MeanCache's rule (the paper's estimator, the model's shipped B = 10 schedule) feeding its velocity to that
-  scheduler on the skipped steps. The scheduler's ``step`` is wrapped here, on the instance, to do it (the
-  transformer still runs on every step and its output is dropped on skipped ones, so wall time is not
-  measured), because ``enable_mean_cache`` refuses multistep schedulers;
+  scheduler on the skipped steps. The scheduler's ``step`` is wrapped here, on the instance, with the library's
+  estimator (the transformer still runs on every step and its output is dropped on skipped ones, so wall
+  time is not measured): the same rule for every scheduler, including UniPC, which ``enable_mean_cache``
+  refuses because of this measurement;
 * the same scheduler run with 10 steps.
 
 The estimator derives its correction from the realised latents as if each step were an Euler step

@@ -26,6 +26,7 @@ from diffusers import (
     CogView4Pipeline,
     CogView4Transformer2DModel,
     DiffusionPipeline,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2Pipeline,
     Flux2Transformer2DModel,
@@ -301,7 +302,17 @@ def _wan(experts: int) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]
     return build
 
 
-def _sana() -> tuple[DiffusionPipeline, dict[str, Any]]:
+def _sana(dpm_solver: bool) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    """Sana with its default scheduler, the flow DPM-Solver++, or with a FlowMatchEulerDiscreteScheduler."""
+    return lambda: _sana_pipeline(
+        DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction",
+                                    algorithm_type="dpmsolver++", solver_order=2)
+        if dpm_solver
+        else FlowMatchEulerDiscreteScheduler(shift=3.0)
+    )  # fmt: skip
+
+
+def _sana_pipeline(scheduler: Any) -> tuple[DiffusionPipeline, dict[str, Any]]:
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
@@ -309,7 +320,7 @@ def _sana() -> tuple[DiffusionPipeline, dict[str, Any]]:
         sample_size=4,
     )  # fmt: skip
     pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+                        scheduler=scheduler)  # fmt: skip
     mask = torch.ones(1, 6, dtype=torch.long)
     return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
                   "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
@@ -432,7 +443,8 @@ CASES: tuple[Case, ...] = (
         "video, CFG in two calls; with a FlowMatchEulerDiscreteScheduler (default: UniPC)",
     ),
     Case("wan2.2", "WanPipeline", _wan(experts=2), "two experts (transformer_2, boundary_ratio): one schedule"),
-    Case("sana", "SanaPipeline", _sana, "CFG batched; with a FlowMatchEulerDiscreteScheduler"),
+    Case("sana", "SanaPipeline", _sana(dpm_solver=True), "CFG batched; its default flow DPM-Solver++"),
+    Case("sana-euler", "SanaPipeline", _sana(dpm_solver=False), "with a FlowMatchEulerDiscreteScheduler"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
     Case("flux2", "Flux2Pipeline", _flux2(reference=False), "text-to-image"),
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),

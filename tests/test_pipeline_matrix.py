@@ -103,6 +103,7 @@ def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> tor
         ("flux2-reference", 12, MeanCacheConfig(SPANS)),
         ("flux-img2img-0.6", 20, MeanCacheConfig(SPANS)),  # strength 0.6: 12 of 20 steps
         ("hunyuan-video-1.5", 12, MeanCacheConfig(SPANS)),  # a guider without state (ClassifierFreeGuidance)
+        ("sana", 12, MeanCacheConfig(SPANS)),  # the flow DPM-Solver++
     ],
 )
 def test_matches_the_independent_reference_loop(name: str, steps: int, config: MeanCacheConfig):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline, SchedulerMixin
 
 from meancache.config import MeanCacheConfig
 from meancache.method.estimators import Estimator, make_estimator
@@ -119,7 +119,7 @@ class MeanCacheState:
     def __init__(self, config: MeanCacheConfig, pipe: DiffusionPipeline) -> None:
         self.config = config
         self._pipe = weakref.ref(pipe)
-        self.scheduler: FlowMatchEulerDiscreteScheduler = pipe.scheduler
+        self.scheduler: SchedulerMixin = pipe.scheduler
         self.pipeline_name = type(pipe).__name__
         self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
         self.model = type(getattr(pipe.transformer, "_orig_mod", pipe.transformer)).__name__
