@@ -159,6 +159,27 @@ def test_wan22_experts_share_one_schedule_and_the_summary_counts_their_forwards(
     assert report.skipped_calls == 2 * (STEPS - BUDGET)
 
 
+def test_published_tables_are_matched_by_model_family():
+    """Qwen-Image's img2img pipeline (any pipeline around a QwenImageTransformer2DModel) gets the Qwen-Image table;
+    at strength 1 the whole 50-step trajectory runs."""
+    pipe, inputs = CASE["qwen-image-img2img"].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=10))
+    generate(pipe, {**inputs, "strength": 1.0}, 50)
+    assert meancache.summary(pipe).schedule == Schedule.preset("qwen-image", 10)
+
+
+@pytest.mark.parametrize("name", ["flux-kontext", "flux2-reference"])
+def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
+    """The forward-mode tangent covers the latent tokens only (reference tokens do not move with sigma)."""
+    pipe, inputs = CASE[name].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))
+    out = generate(pipe, inputs, 12)
+    report = meancache.summary(pipe)
+    assert report.derivative_calls == 3 and torch.isfinite(out).all()  # steps 1, 4 and 7 precede skips
+
+
 def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason():
     pipe, _ = CASE["wan"].build()
     pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
