@@ -1,19 +1,22 @@
 """The three instance-level hooks through which MeanCache drives a diffusers pipeline, sharing one
 :class:`~meancache.integrations.diffusers.run.MeanCacheState`:
 
-* :class:`TransformerGate` sits in the transformer's call slot (``module._compiled_call_impl``, the first
-  thing ``torch.nn.Module.__call__`` looks at). On a computed step it calls what it replaced: the eager
+* :class:`TransformerGate` sits in the call slot (``module._compiled_call_impl``, the first thing
+  ``torch.nn.Module.__call__`` looks at) of every transformer the pipeline holds (``transformer``, and
+  ``transformer_2`` for Wan2.2's second expert). On a computed step it calls what it replaced: the eager
   ``_call_impl`` with every forward hook (diffusers' offloading, context-parallel and casting hooks,
   accelerate's offload hooks), or the compiled call that ``module.compile()`` put there. On a skipped step
-  it answers every CFG branch with a placeholder of the velocity's shape and dtype and runs nothing. So it is
+  it answers every call with a copy of the same call's output on the last computed step (whatever its
+  layout) and runs nothing. So it is
   outermost whatever order hooks were added in, and it is never traced by ``torch.compile``: no graph break,
   no guard on the step counter, no recompile.
 * :class:`SchedulerStepHook`, the scheduler *instance*'s ``step``. It sees the guided, post-CFG velocity
   (Qwen-Image's norm rescale included): on computed steps it logs it; on skipped steps it discards the
   placeholder-derived value and steps with the estimator's average velocity.
 * :class:`SetTimestepsHook`, the scheduler instance's ``set_timesteps``: it announces each generation and
-  puts the gate back on the module ``pipe.transformer`` is now (after ``transformer.compile()`` filled the
-  call slot, or ``pipe.transformer = torch.compile(pipe.transformer)`` replaced the module).
+  puts the gates back on the modules ``pipe.transformer`` (and ``transformer_2``) are now (after
+  ``transformer.compile()`` filled the call slot, or ``pipe.transformer = torch.compile(pipe.transformer)``
+  replaced the module).
 
 So the estimator works on exactly the velocity the sampler uses, for every pipeline, as the paper's rule
 requires. Estimators that need ``dv/dsigma`` (``"exact-jvp"``) get it per CFG branch from a forward-mode

@@ -24,9 +24,9 @@ def enable_mean_cache(pipe: DiffusionPipeline, config: MeanCacheConfig) -> None:
 
     ``pipe`` must pass :func:`check_supported`: flow-matching transformers (every one it holds is gated: Wan2.2's
     two experts share one schedule) stepped by a deterministic ``FlowMatchEulerDiscreteScheduler`` or the flow
-    DPM-Solver++. Works in any
-    order with ``transformer.compile()``, ``torch.compile(pipe.transformer)``, regional compilation, offloading
-    and context parallelism (MeanCache decides before any of them runs); diffusers' own caches are refused.
+    DPM-Solver++. Works in any order with ``transformer.compile()``, ``torch.compile(pipe.transformer)``,
+    regional compilation, offloading and context parallelism (MeanCache decides before any of them runs);
+    diffusers' own caches are refused.
     """
     if not isinstance(config, MeanCacheConfig):
         raise TypeError(f"config must be a meancache.MeanCacheConfig, got {type(config).__name__}")
