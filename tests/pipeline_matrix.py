@@ -30,6 +30,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2Pipeline,
     Flux2Transformer2DModel,
+    FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxKontextPipeline,
@@ -55,6 +56,7 @@ from diffusers import (
     SanaTransformer2DModel,
     WanPipeline,
     WanTransformer3DModel,
+    ZImageImg2ImgPipeline,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
@@ -182,6 +184,12 @@ def _flux_inpaint() -> tuple[DiffusionPipeline, dict[str, Any]]:
                                                        "strength": 0.6}  # fmt: skip
 
 
+def _flux_fill() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Conditioning channels (masked image, mask) appended after the latent channels."""
+    components = _flux_components() | {"transformer": _flux_transformer(in_channels=16 + 16 + 256)}
+    return FluxFillPipeline(**components), {**_flux_inputs(), "image": _image(), "mask_image": _mask()}
+
+
 def _flux_kontext() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return FluxKontextPipeline(**_flux_components()), {**_flux_inputs(), "image": _image(), "max_area": SIZE * SIZE,
                                                        "_auto_resize": False}  # fmt: skip
@@ -203,7 +211,7 @@ def _qwen_edit(pipeline: type, images: int) -> Callable[[], tuple[DiffusionPipel
     return build
 
 
-def _z_image(cfg: bool, batch: int) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _z_image(cfg: bool, batch: int, img2img: bool = False) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
         transformer = ZImageTransformer2DModel(
@@ -213,12 +221,15 @@ def _z_image(cfg: bool, batch: int) -> Callable[[], tuple[DiffusionPipeline, dic
         with torch.no_grad():  # initialised with torch.empty
             transformer.x_pad_token.fill_(1.0)
             transformer.cap_pad_token.fill_(1.0)
-        pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
-                              tokenizer=None, transformer=transformer)  # fmt: skip
+        pipeline = ZImageImg2ImgPipeline if img2img else ZImagePipeline
+        pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
+                        tokenizer=None, transformer=transformer)  # fmt: skip
         inputs: dict[str, Any] = {"prompt_embeds": [_randn(5 + i, 16, seed=i) for i in range(batch)],
                                   "guidance_scale": 4.0 if cfg else 0.0, "height": SIZE, "width": SIZE}  # fmt: skip
         if cfg:
             inputs["negative_prompt_embeds"] = [_randn(3 + i, 16, seed=10 + i) for i in range(batch)]
+        if img2img:
+            inputs |= {"image": _image(), "strength": 0.6}
         return pipe, inputs
 
     return build
@@ -408,6 +419,7 @@ CASES: tuple[Case, ...] = (
     Case("flux-img2img", "FluxImg2ImgPipeline", _flux_img2img(1.0), "strength 1"),
     Case("flux-img2img-0.6", "FluxImg2ImgPipeline", _flux_img2img(0.6), "strength 0.6: N - b steps over sigmas[b:]"),
     Case("flux-inpaint", "FluxInpaintPipeline", _flux_inpaint, "strength 0.6"),
+    Case("flux-fill", "FluxFillPipeline", _flux_fill, "masked image and mask as extra input channels"),
     Case("flux-kontext", "FluxKontextPipeline", _flux_kontext, "reference-image tokens after the latent tokens"),
     Case("qwen-image", "QwenImagePipeline", _qwen(QwenImagePipeline), "true CFG with norm rescale"),
     Case(
@@ -431,6 +443,7 @@ CASES: tuple[Case, ...] = (
     ),
     Case("z-image", "ZImagePipeline", _z_image(cfg=True, batch=2), "lists of per-sample latents; CFG doubles the list"),
     Case("z-image-no-cfg", "ZImagePipeline", _z_image(cfg=False, batch=1), "guidance_scale 0: one branch"),
+    Case("z-image-img2img", "ZImageImg2ImgPipeline", _z_image(cfg=True, batch=1, img2img=True), "strength 0.6"),
     Case("sd3", "StableDiffusion3Pipeline", _kind("sd3"), "CFG branches batched in one call"),
     Case("hunyuan-video", "HunyuanVideoPipeline", _kind("hunyuan-video"), "video"),
     Case("chroma", "ChromaPipeline", _chroma, "CFG in two calls"),

@@ -169,9 +169,10 @@ def test_published_tables_are_matched_by_model_family():
     assert meancache.summary(pipe).schedule == Schedule.preset("qwen-image", 10)
 
 
-@pytest.mark.parametrize("name", ["flux-kontext", "flux2-reference"])
+@pytest.mark.parametrize("name", ["flux-kontext", "flux2-reference", "flux-fill"])
 def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
-    """The forward-mode tangent covers the latent tokens only (reference tokens do not move with sigma)."""
+    """The forward-mode tangent covers the latents only (reference tokens and conditioning channels do not move
+    with sigma)."""
     pipe, inputs = CASE[name].build()
     pipe.set_progress_bar_config(disable=True)
     enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))
