@@ -41,9 +41,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from benchmarks.helpers import RESULTS_DIR, write_results
+from benchmarks.helpers import FLOW_MULTISTEP_SCHEDULERS, RESULTS_DIR, write_results
 from benchmarks.quality_peers import block_caches, magcache_ratios
 from benchmarks.quality_speed import BlockCounter, Setup, median_seconds
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
@@ -115,33 +114,9 @@ def _forward_equivalents(schedule: Schedule, jvp_cost: float) -> float:
     return schedule.budget - passes + passes * jvp_cost + extra_tangent_call
 
 
-def _own_flow_sigmas(scheduler_class: type, **config: Any) -> Any:
-    """``scheduler_class(**config)`` stepping on its own flow-sigma schedule. FluxPipeline drops the sigmas it
-    would pass when a scheduler has ``use_flow_sigmas``; QwenImagePipeline always passes them, which
-    DPM-Solver++ cannot take. Both pipelines then run the same solver: the pipeline's sigmas only set the
-    step count."""
-
-    class OwnFlowSigmas(scheduler_class):
-        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, **kwargs):
-            steps = len(sigmas) if sigmas is not None else num_inference_steps
-            super().set_timesteps(steps, device=device, **kwargs)
-
-    return OwnFlowSigmas(**config)
-
-
 SOLVERS: dict[str, Callable[[], Any] | None] = {
     "fewer steps: Euler": None,  # the pipeline's own FlowMatchEulerDiscreteScheduler
-    "fewer steps: DPM-Solver++ 2M": lambda: _own_flow_sigmas(
-        DPMSolverMultistepScheduler,
-        use_flow_sigmas=True,
-        prediction_type="flow_prediction",
-        use_dynamic_shifting=True,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-    ),
-    "fewer steps: UniPC": lambda: _own_flow_sigmas(
-        UniPCMultistepScheduler, use_flow_sigmas=True, prediction_type="flow_prediction"
-    ),
+    **{f"fewer steps: {name}": make for name, make in FLOW_MULTISTEP_SCHEDULERS.items()},
 }
 
 

@@ -8,10 +8,12 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -28,6 +30,35 @@ def flux_pipeline(size: str) -> Any:
     pipe = tiny_pipeline("flux", width=FLUX_SIZES[size]["width"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def own_flow_sigmas(scheduler_class: type, **config: Any) -> Any:
+    """``scheduler_class(**config)`` stepping on its own flow-sigma schedule. FluxPipeline drops the sigmas it
+    would pass when a scheduler has ``use_flow_sigmas``; QwenImagePipeline always passes them, which
+    DPM-Solver++ cannot take. Both pipelines then run the same solver: the pipeline's sigmas only set the
+    step count."""
+
+    class OwnFlowSigmas(scheduler_class):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, **kwargs):
+            steps = len(sigmas) if sigmas is not None else num_inference_steps
+            super().set_timesteps(steps, device=device, **kwargs)
+
+    return OwnFlowSigmas(**config)
+
+
+FLOW_MULTISTEP_SCHEDULERS: dict[str, Callable[[], Any]] = {
+    "DPM-Solver++ 2M": lambda: own_flow_sigmas(
+        DPMSolverMultistepScheduler,
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        use_dynamic_shifting=True,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+    ),
+    "UniPC": lambda: own_flow_sigmas(UniPCMultistepScheduler, use_flow_sigmas=True, prediction_type="flow_prediction"),
+}
+"""The multistep flow solvers a user would pick (it needs the pipelines' dynamic shift: here mu = 0.47 for 64
+image tokens), by name: fresh instances."""
 
 
 def machine_info() -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """An independent MeanCache reference, written from MEANCACHE.md section 2 like the authors' scripts:
 it logs every step in full (O(N) memory) and shares no code with the library."""
 
+import contextlib
 import itertools
 
 import torch
@@ -48,3 +49,27 @@ def reference_sample(velocity_fn, z, sigmas, compute_steps, spans):
 def toy_velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
     """A smooth non-linear velocity field, so spans K > 1 make a difference."""
     return torch.sin(3.0 * sigma + z) - (1.0 + sigma) * z
+
+
+@contextlib.contextmanager
+def reference_steps(scheduler, compute_steps, spans):
+    """While active, an (uncached) diffusers pipeline's ``scheduler`` steps with the reference rule's velocity:
+    the model's output on computed steps, the reference estimate on the others. A generation runs the scheduler's
+    steps from its ``begin_index`` (image-to-image at ``strength < 1``) over ``sigmas[begin_index:]``."""
+    original = scheduler.step
+    state = {}
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        if scheduler.step_index is None:  # a new generation
+            begin = scheduler.begin_index or 0
+            state["ref"], state["i"] = ReferenceMeanCache(scheduler.sigmas[begin:], compute_steps, spans), 0
+        ref, i = state["ref"], state["i"]
+        v = ref.velocity(i, sample, model_output)
+        state["i"] = i + 1
+        return original(v.to(model_output.dtype), timestep, sample, *args, **kwargs)
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        del scheduler.step

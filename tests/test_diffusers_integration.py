@@ -6,7 +6,7 @@ import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
 from meancache.integrations.diffusers import is_mean_cache_enabled
 from meancache.testing import PIPELINE_KINDS, generate_latents, tiny_inputs, tiny_pipeline
-from tests.reference_loop import ReferenceMeanCache
+from tests.reference_loop import reference_steps
 
 SPANS_1_TO_5 = Schedule(30, (0, 1, 2, 5, 9, 14, 20, 23, 29), (1, 1, 2, 3, 4, 5, 1, 5))
 CALLS_PER_STEP = {"flux": 1, "qwen-image": 2, "hunyuan-video": 1, "sd3": 1}  # SD3 batches its CFG branches
@@ -44,23 +44,8 @@ def _count_block_calls(transformer):
 
 def _reference_run(pipe, inputs, schedule, steps, **kwargs):
     """The uncached pipeline with a test-local scheduler wrapper applying the reference equations."""
-    scheduler = pipe.scheduler
-    original = scheduler.step
-    state = {}
-
-    def step(model_output, timestep, sample, *args, **kw):
-        if scheduler.step_index is None:
-            state["ref"], state["i"] = ReferenceMeanCache(scheduler.sigmas, schedule.compute_steps, schedule.spans), 0
-        ref, i = state["ref"], state["i"]
-        v = ref.velocity(i, sample, model_output)
-        state["i"] = i + 1
-        return original(v.to(model_output.dtype), timestep, sample, *args, **kw)
-
-    scheduler.step = step
-    try:
+    with reference_steps(pipe.scheduler, schedule.compute_steps, schedule.spans):
         return generate_latents(pipe, inputs, steps, **kwargs)
-    finally:
-        del scheduler.step
 
 
 @pytest.mark.parametrize("kind", PIPELINE_KINDS)

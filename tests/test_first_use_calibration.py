@@ -240,9 +240,9 @@ def test_third_party_presets_equal_the_shared_data_file():
 def test_third_party_preset_is_resolved_for_flux_1_dev_only(tmp_path):
     from meancache.schedule.defaults import default_schedule
 
-    flux_dev = default_schedule("FluxPipeline", "black-forest-labs/FLUX.1-dev", 50, 13)
+    flux_dev = default_schedule("FluxPipeline", "black-forest-labs/FLUX.1-dev", 50, 13, "FluxTransformer2DModel")
     assert flux_dev == Schedule.preset("flux.1-dev", 13) and "third-party" in flux_dev.metadata["source"]
-    schnell = default_schedule("FluxPipeline", "black-forest-labs/FLUX.1-schnell", 50, 13)
+    schnell = default_schedule("FluxPipeline", "black-forest-labs/FLUX.1-schnell", 50, 13, "FluxTransformer2DModel")
     assert schnell.metadata["source"] == "fallback: uniform, K=1"
 
 

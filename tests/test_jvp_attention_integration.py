@@ -83,11 +83,17 @@ def test_plain_forward_and_backward_are_unchanged():
 
 
 def test_other_attention_backends_are_refused():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     transformer, *_ = _transformer_and_call("flux")
-    transformer.set_attention_backend("flex")
-    with pytest.raises(ValueError, match="'flex'"):
-        enable_jvp_attention(transformer)
-    transformer.reset_attention_backend()
+    default = _AttentionBackendRegistry._active_backend
+    transformer.set_attention_backend("flex")  # also makes flex diffusers' global default: restored below
+    try:
+        with pytest.raises(ValueError, match="'flex'"):
+            enable_jvp_attention(transformer)
+    finally:
+        transformer.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(default)
     enable_jvp_attention(transformer)
     with pytest.raises(RuntimeError, match="already enabled"):
         enable_jvp_attention(transformer)

@@ -158,7 +158,7 @@ def test_a_corrupt_shipped_schedule_is_skipped_with_a_warning_naming_it(tmp_path
     (shipped / "a_corrupt.json").write_text('{"num_steps": 20, "compute_steps": [0, 19], "spans": [99]}')
     Schedule(20, (0, 5, 12, 19), (2, 1, 3), {"source": "shipped"}).save(shipped / "b.json")
     with caplog.at_level("WARNING", logger="meancache.schedule.defaults"):
-        schedule = default_schedule("FluxPipeline", str(tmp_path), 20, 4)
+        schedule = default_schedule("FluxPipeline", str(tmp_path), 20, 4, "FluxTransformer2DModel")
     assert schedule.metadata["source"] == "shipped"
     [record] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "a_corrupt.json" in record.getMessage() and "spans must be in [1, 20]" in record.getMessage()

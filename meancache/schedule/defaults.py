@@ -8,7 +8,8 @@ Resolution, in order (the schedule's ``metadata["source"]`` says which applied):
    calibrations made on first use, :mod:`meancache.calibration.store`), solved with PSSP for the budget;
 3. a published or third-party table for the model at this step count and budget (``PRESETS``: Qwen-Image,
    Qwen-Image-2512 and Z-Image from the authors; FLUX.1-dev, Qwen-Image, HunyuanVideo and Wan2.1 from an
-   independent group; all at 50 steps), recognised by pipeline class and checkpoint name;
+   independent group; all at 50 steps), recognised by the model family (the transformer's class: every
+   pipeline around Qwen-Image's or Z-Image's transformer gets their tables) and the checkpoint name;
 4. calibrate on first use (``calibrated.calibrating``): a schedule that computes every step while the
    stability costs are measured, until enough generations are observed for step 2 to apply;
 5. only when calibration is off (or the budget is too small for the calibration's largest gap), the
@@ -31,14 +32,16 @@ SHIPPED_SCHEDULES_DIR = "meancache_schedules"
 
 logger = logging.getLogger(__name__)
 
-_PIPELINE_PRESETS = {"QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image"}
-_CHECKPOINT_PRESETS = {
-    "FluxPipeline": ("flux.1-dev", "flux.1-dev"),
-    "HunyuanVideoPipeline": ("hunyuanvideo", "hunyuan-video"),
-    "WanPipeline": ("wan2.1", "wan2.1"),
+MODEL_FAMILIES = {"QwenImageTransformer2DModel": "qwen-image", "ZImageTransformer2DModel": "z-image"}
+"""Transformer class -> the preset family of its tables. Tables belong to a model, not to a pipeline: every
+pipeline around that transformer (Qwen-Image's edit, img2img, inpainting, ...; Z-Image's variants) gets them."""
+CHECKPOINT_PRESETS = {
+    "FluxTransformer2DModel": ("flux.1-dev", "flux.1-dev"),
+    "HunyuanVideoTransformer3DModel": ("hunyuanvideo", "hunyuan-video"),
+    "WanTransformer3DModel": ("wan2.1", "wan2.1"),
 }
-"""Pipeline class -> (text the checkpoint name must contain, case-insensitive; preset): these classes also run
-other checkpoints (FLUX.1-schnell, HunyuanVideo-1.5, Wan2.2), whose trajectories the presets were not made on."""
+"""Transformer class -> (text the checkpoint name must contain, case-insensitive; preset): these transformers also
+run other checkpoints (FLUX.1-schnell, HunyuanVideo-1.5, Wan2.2), whose trajectories the presets were not made on."""
 
 
 class CalibratedSchedules(Protocol):
@@ -51,23 +54,29 @@ class CalibratedSchedules(Protocol):
         """An all-computed schedule that calibrates during this generation, or None when calibration is off."""
 
 
-def preset_name_for(pipeline: str, checkpoint: str) -> str | None:
-    """The preset family of a pipeline class and checkpoint name (``_name_or_path``), if any."""
-    if pipeline in _CHECKPOINT_PRESETS:
-        contains, name = _CHECKPOINT_PRESETS[pipeline]
+def preset_name_for(model: str, checkpoint: str) -> str | None:
+    """The preset family of a transformer class (``model``) and checkpoint name (``_name_or_path``), if any;
+    Qwen-Image checkpoints whose name contains ``2512`` get the Qwen-Image-2512 tables."""
+    if model in CHECKPOINT_PRESETS:
+        contains, name = CHECKPOINT_PRESETS[model]
         return name if contains in checkpoint.lower() else None
-    name = _PIPELINE_PRESETS.get(pipeline)
+    name = MODEL_FAMILIES.get(model)
     if name == "qwen-image" and "2512" in checkpoint:
         return "qwen-image-2512"
     return name
 
 
 def default_schedule(
-    pipeline: str, checkpoint: str, num_steps: int, budget: int, calibrated: CalibratedSchedules | None = None
+    pipeline: str,
+    checkpoint: str,
+    num_steps: int,
+    budget: int,
+    model: str,
+    calibrated: CalibratedSchedules | None = None,
 ) -> Schedule:
-    """The schedule ``MeanCacheConfig(budget=budget)`` runs for this model (``checkpoint``: the pipeline's
-    ``name_or_path``, a local folder or a hub id) and step count; ``calibrated``: steps 2 and 4 of the module
-    docstring (None: skipped).
+    """The schedule ``MeanCacheConfig(budget=budget)`` runs for pipeline class ``pipeline`` around transformer
+    class ``model`` (``checkpoint``: the pipeline's ``name_or_path``, a local folder or a hub id) and step count;
+    ``calibrated``: steps 2 and 4 of the module docstring (None: skipped).
 
     A shipped schedule file that cannot be read or is invalid is skipped with a logged warning naming the file
     and the reason, so one corrupt file does not break the budgets the other files (or the fallbacks) serve."""
@@ -83,7 +92,7 @@ def default_schedule(
                 return schedule
     if calibrated is not None and (stored := calibrated.stored(num_steps, budget)) is not None:
         return stored
-    name = preset_name_for(pipeline, checkpoint)
+    name = preset_name_for(model, checkpoint)
     if name is not None and num_steps == 50 and budget in PRESETS[name]:
         return preset_schedule(name, budget)
     if budget > num_steps:

@@ -1,19 +1,22 @@
 """The three instance-level hooks through which MeanCache drives a diffusers pipeline, sharing one
 :class:`~meancache.integrations.diffusers.run.MeanCacheState`:
 
-* :class:`TransformerGate` sits in the transformer's call slot (``module._compiled_call_impl``, the first
-  thing ``torch.nn.Module.__call__`` looks at). On a computed step it calls what it replaced: the eager
+* :class:`TransformerGate` sits in the call slot (``module._compiled_call_impl``, the first thing
+  ``torch.nn.Module.__call__`` looks at) of every transformer the pipeline holds (``transformer``, and
+  ``transformer_2`` for Wan2.2's second expert). On a computed step it calls what it replaced: the eager
   ``_call_impl`` with every forward hook (diffusers' offloading, context-parallel and casting hooks,
   accelerate's offload hooks), or the compiled call that ``module.compile()`` put there. On a skipped step
-  it answers every CFG branch with a placeholder of the velocity's shape and dtype and runs nothing. So it is
+  it answers every call with a copy of the same call's output on the last computed step (whatever its
+  layout) and runs nothing. So it is
   outermost whatever order hooks were added in, and it is never traced by ``torch.compile``: no graph break,
   no guard on the step counter, no recompile.
 * :class:`SchedulerStepHook`, the scheduler *instance*'s ``step``. It sees the guided, post-CFG velocity
   (Qwen-Image's norm rescale included): on computed steps it logs it; on skipped steps it discards the
   placeholder-derived value and steps with the estimator's average velocity.
 * :class:`SetTimestepsHook`, the scheduler instance's ``set_timesteps``: it announces each generation and
-  puts the gate back on the module ``pipe.transformer`` is now (after ``transformer.compile()`` filled the
-  call slot, or ``pipe.transformer = torch.compile(pipe.transformer)`` replaced the module).
+  puts the gates back on the modules ``pipe.transformer`` (and ``transformer_2``) are now (after
+  ``transformer.compile()`` filled the call slot, or ``pipe.transformer = torch.compile(pipe.transformer)``
+  replaced the module).
 
 So the estimator works on exactly the velocity the sampler uses, for every pipeline, as the paper's rule
 requires. Estimators that need ``dv/dsigma`` (``"exact-jvp"``) get it per CFG branch from a forward-mode
@@ -28,7 +31,9 @@ import inspect
 from typing import Any
 
 import torch
+import torch.utils._pytree
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils import BaseOutput
 from torch._dynamo.eval_frame import OptimizedModule
 
 from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
@@ -83,24 +88,54 @@ class TransformerGate:
         run = self.state.run_for_call(kwargs.get("hidden_states", args[0] if args else None))
         if run is None:  # not part of a generation: a direct call
             return self.call_transformer(*args, **kwargs)
-        if run.schedule.is_computed(run.steps_run):
-            if run.estimator.needs_derivative(run.steps_run):
-                output = self.forward_with_derivative(run, args, kwargs)
-            else:
-                output = self.call_transformer(*args, **kwargs)
-            sample = output[0] if isinstance(output, tuple) else output.sample
-            run.output_shape, run.output_dtype = sample.shape, sample.dtype
-            run.transformer_calls += 1
-            return output
-        run.skipped_calls += 1
-        placeholder = self._placeholder(run)
-        return Transformer2DModelOutput(sample=placeholder) if kwargs.get("return_dict", True) else (placeholder,)
+        call, run.calls_this_step = run.calls_this_step, run.calls_this_step + 1
+        step = run.steps_run
+        if not run.schedule.is_computed(step):
+            run.skipped_calls += 1
+            return self.placeholder(run, call, _batch_of(args[0] if args else kwargs.get("hidden_states")))
+        if run.estimator.needs_derivative(step):
+            output = self.forward_with_derivative(run, args, kwargs)
+        else:
+            output = self.call_transformer(*args, **kwargs)
+        run.transformer_calls += 1
+        if step + 1 < run.num_steps and not run.schedule.is_computed(step + 1):
+            if run.outputs_step != step:
+                run.outputs, run.outputs_step = [], step
+            run.outputs.append(torch.utils._pytree.tree_map_only(torch.Tensor, _detached_copy, output))
+        return output
+
+    @staticmethod
+    def placeholder(run: GenerationRun, call: int, batch: int | None) -> Any:
+        """The answer to call number ``call`` of a skipped step: a copy of what the same call returned on the last
+        computed step (the last call's, if this step makes more calls), so it has the transformer *output*'s
+        layout (a tensor, a list of per-sample tensors, extra reference-image tokens, ...) and a stateful
+        guider sees the last real branch predictions. When this call's input batch (a tensor's first dimension,
+        or a list's length) differs from that output's (CFG switched on or off between steps), its samples are
+        cycled to that batch. The scheduler hook replaces whatever the pipeline makes of it."""
+        if not run.outputs:
+            raise RuntimeError(f"step {run.steps_run} is skipped but no transformer output was recorded before it")
+        output = run.outputs[min(call, len(run.outputs) - 1)]
+        if isinstance(output, torch.Tensor):
+            output = _cycled_to_batch(output, batch)
+        elif isinstance(output, tuple):
+            output = (_cycled_to_batch(output[0], batch), *output[1:])
+        elif isinstance(output, BaseOutput):
+            first = next(iter(output))
+            output = type(output)(**{**output, first: _cycled_to_batch(output[first], batch)})
+        else:
+            raise TypeError(
+                f"MeanCache cannot answer a skipped call of a transformer returning {type(output).__name__}; it "
+                "supports tensors, tuples and diffusers output classes"
+            )
+        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, output)
 
     def forward_with_derivative(self, run: GenerationRun, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One forward-mode pass: the velocity and its derivative along the trajectory, kept in ``run.branches``.
 
-        Tangents: the velocity the previous step used on ``hidden_states`` (tiled over batched CFG branches;
-        at step 0 the call's own output, one more call), and ``d timestep / d sigma`` on ``timestep``."""
+        Tangents: on ``hidden_states``, the velocity the previous step used on the latents' block (tiled over
+        batched CFG branches) and 0 on whatever the pipeline appended (reference-image tokens, conditioning
+        channels), which does not move with sigma; at step 0, the call's own output (one more call). On
+        ``timestep``, ``d timestep / d sigma``."""
         hidden, timestep = kwargs.get("hidden_states"), kwargs.get("timestep")
         if not (isinstance(hidden, torch.Tensor) and isinstance(timestep, torch.Tensor)):
             raise TypeError(
@@ -116,7 +151,7 @@ class TransformerGate:
             tangent = velocity(hidden, timestep)
             run.transformer_calls += 1
         else:
-            tangent = _tiled_over_branches(run.estimator.last_velocity(), hidden.shape, hidden.dtype, "hidden_states")
+            tangent = _latents_tangent(run.estimator.last_velocity(), hidden)
         timestep = timestep.contiguous()  # pipelines may pass an expanded (stride-0) batch of timesteps
         timestep_rate = timestep / run.sigmas[run.steps_run]  # the pipeline passes sigma times a constant
         with sdpa_as_jvp_attention(self.transformer):
@@ -124,17 +159,6 @@ class TransformerGate:
         run.branches.append((v, derivative))
         run.derivative_calls += 1
         return Transformer2DModelOutput(sample=v) if kwargs.get("return_dict", True) else (v,)
-
-    @staticmethod
-    def _placeholder(run: GenerationRun) -> torch.Tensor:
-        """The previous step's velocity in the transformer's output dtype and shape (tiled over the batch when
-        CFG branches are batched into one call). The scheduler hook replaces whatever the pipeline makes of it."""
-        if run.placeholder is None or run.placeholder[0] != run.steps_run:
-            assert run.output_shape is not None and run.output_dtype is not None
-            velocity = run.estimator.last_velocity()
-            placeholder = _tiled_over_branches(velocity, run.output_shape, run.output_dtype, "the transformer output")
-            run.placeholder = (run.steps_run, placeholder)
-        return run.placeholder[1]
 
 
 def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
@@ -149,42 +173,85 @@ def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
         )
 
 
-def attach_gate(state: MeanCacheState) -> TransformerGate:
-    """Make sure ``state``'s gate is in the call slot of the module ``pipe.transformer`` is now.
+def attach_gates(state: MeanCacheState) -> None:
+    """Make sure a gate of ``state`` is in the call slot of every transformer the pipeline holds now:
+    ``pipe.transformer`` and any further expert (``transformer_2``: Wan2.2's low-noise expert). They share the
+    generation, so one schedule covers the whole trajectory whichever expert runs a step.
 
-    It moves off a module the pipeline no longer calls directly (``torch.compile(pipe.transformer)`` wraps it,
+    A gate moves off a module the pipeline no longer calls directly (``torch.compile(pipe.transformer)`` wraps it,
     and a gate left inside the wrapper would be traced), and re-wraps a call slot that ``module.compile()``
     filled after MeanCache was enabled."""
     pipe = state.pipe
-    target = getattr(pipe, "transformer", None) if pipe is not None else None
-    if not isinstance(target, torch.nn.Module):
-        raise TypeError(f"{state.pipeline_name} has no `transformer` module for MeanCache to skip")
-    current = target.__dict__.get("_compiled_call_impl")
-    if isinstance(current, TransformerGate):
-        if current.state is state:
-            return current
-        raise RuntimeError(
-            "this transformer is already driven by MeanCache on another pipeline; disable it there first "
-            "(or give each pipeline its own transformer)"
-        )
-    if state.gate is not None:
-        state.gate.remove()
-    state.gate = TransformerGate(state, target)
-    return state.gate
+    if pipe is None:
+        return
+    for name in transformer_names(pipe):
+        target = getattr(pipe, name)
+        current = target.__dict__.get("_compiled_call_impl")
+        if isinstance(current, TransformerGate):
+            if current.state is state:
+                continue
+            raise RuntimeError(
+                f"this {name} is already driven by MeanCache on another pipeline; disable it there first "
+                "(or give each pipeline its own transformer)"
+            )
+        if name in state.gates:
+            state.gates[name].remove()
+        state.gates[name] = TransformerGate(state, target)
 
 
-def _tiled_over_branches(velocity: torch.Tensor, shape: torch.Size, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """A copy of the latent-shaped ``velocity`` in ``dtype``, repeated along the batch to ``shape`` when CFG
-    branches are batched into one transformer call (the pipeline must never see the estimator's own tensors)."""
-    if velocity.shape[1:] != shape[1:] or shape[0] % velocity.shape[0]:
+def transformer_names(pipe: Any) -> list[str]:
+    """The pipeline's transformer components: ``transformer``, then ``transformer_2``, ... that are modules."""
+    components = getattr(pipe, "components", {})
+    names = sorted(n for n in components if n == "transformer" or n.startswith("transformer_"))
+    return [n for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+
+
+def _detached_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone()
+
+
+def _batch_of(hidden: Any) -> int | None:
+    """The batch of a transformer input: a tensor's first dimension, or a list of per-sample tensors' length."""
+    if isinstance(hidden, torch.Tensor) and hidden.dim():
+        return hidden.shape[0]
+    if isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, torch.Tensor) for h in hidden):
+        return len(hidden)
+    return None
+
+
+def _cycled_to_batch(output: Any, batch: int | None) -> Any:
+    """``output`` (a tensor, or a list of per-sample tensors) with its samples cycled to ``batch`` (unchanged if
+    ``batch`` is None or already its batch)."""
+    have = _batch_of(output)
+    if batch is None or have is None or have == batch:
+        return output
+    order = [i % have for i in range(batch)]
+    return output[order] if isinstance(output, torch.Tensor) else [output[i] for i in order]
+
+
+def _latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
+    """The leading block of ``tensor`` (all of its batch) in the latents' non-batch dimensions: pipelines append
+    reference-image tokens after the latent tokens and conditioning channels after the latent channels."""
+    if tensor.dim() != len(latents) or any(t < n for t, n in zip(tensor.shape[1:], latents[1:], strict=True)):
         raise RuntimeError(
-            f"MeanCache needs {what} to have the latents' shape (or a multiple of their batch); got "
-            f"{tuple(shape)} for latents {tuple(velocity.shape)}: this pipeline's model output is not the velocity "
-            "the scheduler steps with"
+            f"a transformer input or output of shape {tuple(tensor.shape)} does not contain the latents "
+            f"{tuple(latents)} as its leading block; this pipeline's layout is not supported by the estimator"
         )
-    copy = velocity.to(dtype, copy=True)
-    tiles = shape[0] // velocity.shape[0]
-    return copy.repeat(tiles, *[1] * (velocity.dim() - 1)) if tiles > 1 else copy
+    return tensor[(slice(None), *(slice(0, n) for n in latents[1:]))]
+
+
+def _latents_tangent(velocity: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """A tangent for ``hidden``: ``velocity`` (latent-shaped, tiled over batched CFG branches) on the latents'
+    block, 0 elsewhere."""
+    if hidden.shape[0] % velocity.shape[0]:
+        raise RuntimeError(
+            f"hidden_states of batch {hidden.shape[0]} are not a whole number of latent batches {velocity.shape[0]}"
+        )
+    tangent = torch.zeros_like(hidden)
+    tiles = hidden.shape[0] // velocity.shape[0]
+    block = _latent_block(tangent, velocity.shape).unflatten(0, (tiles, velocity.shape[0]))
+    block.copy_(velocity.unsqueeze(0).expand_as(block))
+    return tangent
 
 
 class SchedulerStepHook:
@@ -207,8 +274,10 @@ class SchedulerStepHook:
             return self.original(model_output, timestep, sample, *args, **kwargs)
         step = run.steps_run
         scheduler_step = self.state.scheduler.step_index  # None before the first step of a generation
-        if scheduler_step != step and not (step == 0 and scheduler_step is None):
-            raise RuntimeError(f"the scheduler is at step {scheduler_step} but MeanCache expected step {step}")
+        if scheduler_step != run.begin + step and not (step == 0 and scheduler_step is None):
+            raise RuntimeError(
+                f"the scheduler is at step {scheduler_step} but MeanCache expected step {run.begin + step}"
+            )
         sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]
         if run.schedule.is_computed(step):
             derivative = guided_derivative(run.branches, model_output) if run.branches else None
@@ -234,7 +303,7 @@ class SetTimestepsHook:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         result = self.original(*args, **kwargs)
-        attach_gate(self.state)
+        attach_gates(self.state)
         self.state.announce_generation()
         return result
 
@@ -246,11 +315,12 @@ def guided_derivative(branches: list[tuple[torch.Tensor, torch.Tensor]], guided:
     ``g = sum_b w_b v_b``, and the same weights combine the derivatives, ``dg = sum_b w_b dv_b``. This is
     exact for linear guidance (one branch, CFG, true CFG); for Qwen-Image's norm rescale, ``g`` is still in
     the branches' span, but the derivative of the rescale factor itself is left out. Batched CFG calls
-    are split into their latent-sized parts."""
+    are split into their latent-sized parts; appended reference-image tokens are dropped, as the pipeline does."""
     batch = guided.shape[0]
     velocities, derivatives = [], []
     for v, d in branches:
-        if v.shape[0] % batch or v.shape[1:] != guided.shape[1:]:
+        v, d = _latent_block(v, guided.shape), _latent_block(d, guided.shape)  # what the pipeline keeps
+        if v.shape[0] % batch:
             raise RuntimeError(
                 f"a transformer output of shape {tuple(v.shape)} does not split into latents {tuple(guided.shape)}"
             )

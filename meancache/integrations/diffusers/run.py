@@ -14,10 +14,10 @@ import logging
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline, SchedulerMixin
 
 from meancache.calibration import calibration_store
 from meancache.config import MeanCacheConfig
@@ -91,11 +91,17 @@ class GenerationRun:
     transformer_calls: int = 0
     skipped_calls: int = 0
     derivative_calls: int = 0
+    begin: int = 0
+    """The scheduler's first step index (``begin_index``: image-to-image and inpainting at ``strength < 1``)."""
     branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
-    output_shape: torch.Size | None = None
-    output_dtype: torch.dtype | None = None
-    placeholder: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
+    calls_this_step: int = 0
+    """Transformer calls so far in the current step (any expert): the index of the next call."""
+    outputs: list[Any] = field(default_factory=list, repr=False)
+    """Copies of the transformer outputs of the last computed step followed by a skipped one, in call order:
+    the placeholders of the skipped steps' calls (:meth:`TransformerGate.placeholder`)."""
+    outputs_step: int = -1
+    """The step ``outputs`` were recorded on."""
     calibration: GenerationCalibration | None = field(default=None, repr=False)
     """Set when this generation calibrates on first use: it observes every step."""
 
@@ -120,10 +126,12 @@ class MeanCacheState:
     def __init__(self, config: MeanCacheConfig, pipe: DiffusionPipeline) -> None:
         self.config = config
         self._pipe = weakref.ref(pipe)
-        self.scheduler: FlowMatchEulerDiscreteScheduler = pipe.scheduler
+        self.scheduler: SchedulerMixin = pipe.scheduler
         self.pipeline_name = type(pipe).__name__
         self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
-        self.gate: TransformerGate | None = None
+        self.model = type(getattr(pipe.transformer, "_orig_mod", pipe.transformer)).__name__
+        self.gates: dict[str, TransformerGate] = {}
+        """Pipeline component name (``transformer``, and ``transformer_2`` for Wan2.2's second expert) -> its gate."""
         self.first_use = FirstUseCalibration(config.calibration_runs, calibration_store())
         self._mapping_warned: set[int] = set()
         self._announced = False
@@ -154,6 +162,7 @@ class MeanCacheState:
 
     def finish_step(self, run: GenerationRun) -> None:
         run.steps_run += 1
+        run.calls_this_step = 0
         if run.steps_run == run.num_steps:
             if run.calibration is not None:
                 run.calibration.finish()
@@ -168,22 +177,22 @@ class MeanCacheState:
     def _start_run(self, latents: torch.Tensor | None) -> None:
         self.end_run()
         scheduler = self.scheduler
-        if scheduler.begin_index not in (None, 0):
-            raise ValueError(
-                f"the scheduler starts at step {scheduler.begin_index}, not 0; MeanCache schedules cover whole "
-                "trajectories (image-to-image with strength < 1 is not supported)"
-            )
-        num_steps = len(scheduler.timesteps)
         sigmas = [float(s) for s in scheduler.sigmas.tolist()]
-        if len(sigmas) != num_steps + 1:
-            raise ValueError(f"expected {num_steps + 1} sigmas for {num_steps} steps, the scheduler has {len(sigmas)}")
+        if len(sigmas) != len(scheduler.timesteps) + 1:
+            raise ValueError(
+                f"expected {len(scheduler.timesteps) + 1} sigmas for {len(scheduler.timesteps)} steps, the scheduler "
+                f"has {len(sigmas)}"
+            )
+        begin = scheduler.begin_index or 0  # strength < 1: the generation runs the last N - begin steps
+        sigmas = sigmas[begin:]
         schedule, calibration = self._schedule_for(sigmas, latents)
-        run = GenerationRun(sigmas=sigmas, estimator=make_estimator(self.config.estimator, schedule))
+        run = GenerationRun(sigmas=sigmas, estimator=make_estimator(self.config.estimator, schedule), begin=begin)
         if calibration is not None and calibration.accumulator is not None:
             run.calibration = calibration
-        if self.gate is not None:
-            self.gate.check_composition(run)
-            check_same_schedule_on_all_ranks(run.schedule, self.gate.transformer)
+        for gate in self.gates.values():
+            gate.check_composition(run)
+        if "transformer" in self.gates:
+            check_same_schedule_on_all_ranks(run.schedule, self.gates["transformer"].transformer)
         self.run = run
 
     def _schedule_for(
@@ -200,11 +209,12 @@ class MeanCacheState:
             def resolve() -> Schedule:
                 nonlocal calibration
                 if config.calibration_runs and (pipe := self.pipe) is not None:
-                    transformer = self.gate.transformer if self.gate is not None else pipe.transformer
+                    gate = self.gates.get("transformer")
+                    transformer = gate.transformer if gate is not None else pipe.transformer
                     calibration = self.first_use.for_generation(
                         lambda: calibration_key(pipe, transformer, self.checkpoint, sigmas, latents)
                     )
-                return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, calibration)
+                return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, self.model, calibration)
 
             return decide_on_rank_zero(resolve), calibration
         schedule = config.schedule.for_steps(num_steps)

@@ -1,0 +1,476 @@
+"""The coverage matrix: every diffusers flow-matching pipeline MeanCache is verified on, built tiny.
+
+Each :class:`Case` builds a real diffusers pipeline with random weights from small configs (no hub, no text
+encoders: prompts enter as precomputed embeddings) and the call arguments of one generation.
+``tests/test_pipeline_matrix.py`` runs every case; README.md's table of verified pipelines is
+:func:`readme_table` (a test checks they agree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import (
+    AdaptiveProjectedMixGuidance,
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLHunyuanVideo15,
+    AutoencoderKLQwenImage,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
+    ClassifierFreeGuidance,
+    CogView4Pipeline,
+    CogView4Transformer2DModel,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    HiDreamImagePipeline,
+    HiDreamImageTransformer2DModel,
+    HunyuanImagePipeline,
+    HunyuanImageTransformer2DModel,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
+    Lumina2Pipeline,
+    Lumina2Transformer2DModel,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    WanPipeline,
+    WanTransformer3DModel,
+    ZImageImg2ImgPipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
+
+from meancache.testing import tiny_inputs, tiny_pipeline
+
+SIZE = 32
+"""Image side in pixels (16 latent tokens for the 8x VAEs)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the matrix: a pipeline class and a way of calling it."""
+
+    name: str
+    pipeline: str
+    """The diffusers pipeline class."""
+    build: Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]
+    """A fresh tiny pipeline and the keyword arguments of one generation (no steps, generator or output type)."""
+    notes: str
+
+
+def _g(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=_g(seed))
+
+
+def _image(seed: int = 0, size: int = SIZE) -> torch.Tensor:
+    """A ``(1, 3, size, size)`` image in [0, 1]."""
+    return torch.rand(1, 3, size, size, generator=_g(seed))
+
+
+def _pil_image(seed: int = 0, size: int = SIZE) -> PIL.Image.Image:
+    return PIL.Image.fromarray((_image(seed, size)[0].permute(1, 2, 0).numpy() * 255).astype("uint8"))
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., SIZE // 4 : 3 * SIZE // 4, SIZE // 4 : 3 * SIZE // 4] = 1.0
+    return mask
+
+
+def _kl_vae(latent_channels: int) -> AutoencoderKL:
+    """A one-level AutoencoderKL (scale factor 1: latents as large as the image; pipelines assume 8 from their
+    ``block_out_channels``, so they are built on a 3-level one)."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=2, sample_size=SIZE, shift_factor=0.0, scaling_factor=1.0,
+    )  # fmt: skip
+
+
+def _flux_transformer(in_channels: int = 16) -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, out_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8], guidance_embeds=True,
+    )  # fmt: skip
+
+
+def _flux_inputs(negative: bool = False) -> dict[str, Any]:
+    inputs = {"prompt_embeds": _randn(1, 8, 32), "pooled_prompt_embeds": _randn(1, 32, seed=1),
+              "height": SIZE, "width": SIZE}  # fmt: skip
+    if negative:
+        inputs |= {"negative_prompt_embeds": _randn(1, 8, 32, seed=2),
+                   "negative_pooled_prompt_embeds": _randn(1, 32, seed=3), "true_cfg_scale": 3.0}  # fmt: skip
+    return inputs
+
+
+def _flux_components() -> dict[str, Any]:
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": _kl_vae(4), "text_encoder": None,
+            "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None,
+            "transformer": _flux_transformer()}  # fmt: skip
+
+
+def _qwen_transformer() -> QwenImageTransformer2DModel:
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )  # fmt: skip
+
+
+def _qwen_components(downsamples: int = 3, **extra: Any) -> dict[str, Any]:
+    """Qwen-Image's components; its VAE downsamples ``downsamples`` times (8x for 3)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1] * (downsamples + 1), num_res_blocks=1,
+        temperal_downsample=[False] * downsamples,
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # fmt: skip
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae, "text_encoder": None, "tokenizer": None,
+            "transformer": _qwen_transformer(), **extra}  # fmt: skip
+
+
+def _qwen_inputs() -> dict[str, Any]:
+    mask = torch.ones(1, 7, dtype=torch.long)
+    return {"prompt_embeds": _randn(1, 7, 16), "prompt_embeds_mask": mask,
+            "negative_prompt_embeds": _randn(1, 7, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+            "true_cfg_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _kind(kind: str) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    return lambda: (tiny_pipeline(kind), tiny_inputs(kind))  # type: ignore[arg-type]
+
+
+def _flux_true_cfg() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    return FluxPipeline(**_flux_components()), _flux_inputs(negative=True)
+
+
+def _flux_img2img(strength: float) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    return lambda: (
+        FluxImg2ImgPipeline(**_flux_components()),
+        {**_flux_inputs(), "image": _image(), "strength": strength},
+    )
+
+
+def _flux_inpaint() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    return FluxInpaintPipeline(**_flux_components()), {**_flux_inputs(), "image": _image(), "mask_image": _mask(),
+                                                       "strength": 0.6}  # fmt: skip
+
+
+def _flux_fill() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Conditioning channels (masked image, mask) appended after the latent channels."""
+    components = _flux_components() | {"transformer": _flux_transformer(in_channels=16 + 16 + 256)}
+    return FluxFillPipeline(**components), {**_flux_inputs(), "image": _image(), "mask_image": _mask()}
+
+
+def _flux_kontext() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    return FluxKontextPipeline(**_flux_components()), {**_flux_inputs(), "image": _image(), "max_area": SIZE * SIZE,
+                                                       "_auto_resize": False}  # fmt: skip
+
+
+def _qwen(pipeline: type, **extra: Any) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    return lambda: (pipeline(**_qwen_components()), {**_qwen_inputs(), **extra})
+
+
+def _qwen_edit(pipeline: type, images: int) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    """Without CFG, and with a 16x VAE: these pipelines encode every reference image at 1024 x 1024."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        pipe = pipeline(**_qwen_components(downsamples=4, processor=None))
+        image = [_pil_image(seed) for seed in range(images)] if images > 1 else _pil_image()
+        inputs = {k: v for k, v in _qwen_inputs().items() if not k.startswith("negative")} | {"true_cfg_scale": 1.0}
+        return pipe, {**inputs, "image": image, "height": 2 * SIZE, "width": 2 * SIZE}
+
+    return build
+
+
+def _z_image(cfg: bool, batch: int, img2img: bool = False) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16],
+        )  # fmt: skip
+        with torch.no_grad():  # initialised with torch.empty
+            transformer.x_pad_token.fill_(1.0)
+            transformer.cap_pad_token.fill_(1.0)
+        pipeline = ZImageImg2ImgPipeline if img2img else ZImagePipeline
+        pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
+                        tokenizer=None, transformer=transformer)  # fmt: skip
+        inputs: dict[str, Any] = {"prompt_embeds": [_randn(5 + i, 16, seed=i) for i in range(batch)],
+                                  "guidance_scale": 4.0 if cfg else 0.0, "height": SIZE, "width": SIZE}  # fmt: skip
+        if cfg:
+            inputs["negative_prompt_embeds"] = [_randn(3 + i, 16, seed=10 + i) for i in range(batch)]
+        if img2img:
+            inputs |= {"image": _image(), "strength": 0.6}
+        return pipe, inputs
+
+    return build
+
+
+def _chroma() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_hidden_dim=32, approximator_layers=1,
+    )  # fmt: skip
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
+                          tokenizer=None, transformer=transformer)  # fmt: skip
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    return pipe, {"prompt_embeds": _randn(1, 8, 32), "negative_prompt_embeds": _randn(1, 8, 32, seed=1),
+                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _cogview4() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=8, condition_dim=4, rope_axes_dim=(4, 4),
+    )  # fmt: skip
+    pipe = CogView4Pipeline(tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75,
+                                                                      base_image_seq_len=256, use_dynamic_shifting=True,
+                                                                      time_shift_type="linear"))  # fmt: skip
+    return pipe, {"prompt_embeds": _randn(1, 16, 32), "negative_prompt_embeds": _randn(1, 16, 32, seed=1),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _lumina2(cfg_trunc_ratio: float) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = Lumina2Transformer2DModel(
+            sample_size=4, patch_size=2, in_channels=4, hidden_size=16, num_layers=1, num_refiner_layers=1,
+            num_attention_heads=2, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(64, 16, 16),
+            cap_feat_dim=16,
+        )  # fmt: skip
+        pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4),
+                               text_encoder=None, tokenizer=None)  # fmt: skip
+        mask = torch.ones(1, 6, dtype=torch.long)
+        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                      "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                      "guidance_scale": 4.0, "cfg_trunc_ratio": cfg_trunc_ratio, "height": SIZE,
+                      "width": SIZE}  # fmt: skip
+
+    return build
+
+
+def _ltx() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=1, caption_channels=16,
+    )  # fmt: skip
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                       transformer=transformer)  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                  "guidance_scale": 3.0, "height": 64, "width": 64, "num_frames": 9}  # fmt: skip
+
+
+def _wan_transformer(seed: int) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=16, num_layers=1, rope_max_seq_len=32,
+    )  # fmt: skip
+
+
+def _wan(experts: int) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        second = {"transformer_2": _wan_transformer(1), "boundary_ratio": 0.875} if experts == 2 else {}
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=5.0), transformer=_wan_transformer(0), **second)  # fmt: skip
+        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                      "guidance_scale": 4.0, "height": 32, "width": 32, "num_frames": 5}  # fmt: skip
+
+    return build
+
+
+def _sana(dpm_solver: bool) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    """Sana with its default scheduler, the flow DPM-Solver++, or with a FlowMatchEulerDiscreteScheduler."""
+    return lambda: _sana_pipeline(
+        DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction",
+                                    algorithm_type="dpmsolver++", solver_order=2)
+        if dpm_solver
+        else FlowMatchEulerDiscreteScheduler(shift=3.0)
+    )  # fmt: skip
+
+
+def _sana_pipeline(scheduler: Any) -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=4,
+    )  # fmt: skip
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                        scheduler=scheduler)  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                  "negative_prompt": None, "guidance_scale": 4.0, "height": 128, "width": 128,
+                  "use_resolution_binning": False}  # fmt: skip
+
+
+def _hidream() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2, num_activated_experts=1,
+        axes_dims_rope=(2, 2, 4), max_resolution=(32, 32), llama_layers=[0, 1], force_inference_output=True,
+    )  # fmt: skip
+    none = dict.fromkeys(["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                          "tokenizer_3", "text_encoder_4", "tokenizer_4"])  # fmt: skip
+    pipe = HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                                transformer=transformer, **none)  # fmt: skip
+    pipe.default_sample_size = SIZE // 8  # HiDream rescales every request to this area (default 1024 x 1024)
+    return pipe, {"prompt_embeds_t5": _randn(1, 6, 8), "prompt_embeds_llama3": _randn(2, 1, 5, 4, seed=1),
+                  "pooled_prompt_embeds": _randn(1, 8, seed=2), "negative_prompt_embeds_t5": _randn(1, 6, 8, seed=3),
+                  "negative_prompt_embeds_llama3": _randn(2, 1, 5, 4, seed=4),
+                  "negative_pooled_prompt_embeds": _randn(1, 8, seed=5), "guidance_scale": 4.0, "height": SIZE,
+                  "width": SIZE}  # fmt: skip
+
+
+def _flux2(reference: bool) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        )  # fmt: skip
+        vae = AutoencoderKLFlux2(block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4,
+                                 norm_num_groups=2, sample_size=SIZE) if reference else None  # fmt: skip
+        pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)  # fmt: skip
+        inputs = {"prompt_embeds": _randn(1, 8, 32), "guidance_scale": 4.0, "height": SIZE, "width": SIZE}
+        return pipe, {**inputs, "image": _pil_image(size=64)} if reference else inputs  # its smallest image
+
+    return build
+
+
+def _hunyuan_image() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(4, 4),
+    )  # fmt: skip
+    guider = AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=2)
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0), vae=None, text_encoder=None,
+                                tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+                                guider=guider)  # fmt: skip
+    mask, mask_2 = torch.ones(1, 6, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "prompt_embeds_2": _randn(1, 4, 8, seed=2), "prompt_embeds_mask_2": mask_2,
+                  "negative_prompt_embeds_2": _randn(1, 4, 8, seed=3), "negative_prompt_embeds_mask_2": mask_2.clone(),
+                  "distilled_guidance_scale": None, "height": 128, "width": 128}  # fmt: skip
+
+
+def _hunyuan_video15() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_refiner_layers=1,
+        text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4), task_type="t2v",
+    )  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
+    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                  tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=4.0))  # fmt: skip
+    mask, mask_2 = torch.ones(1, 6, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "prompt_embeds_2": _randn(1, 4, 8, seed=2), "prompt_embeds_mask_2": mask_2,
+                  "negative_prompt_embeds_2": _randn(1, 4, 8, seed=3), "negative_prompt_embeds_mask_2": mask_2.clone(),
+                  "height": 64, "width": 64, "num_frames": 5}  # fmt: skip
+
+
+CASES: tuple[Case, ...] = (
+    Case("flux", "FluxPipeline", _kind("flux"), "guidance-distilled, one branch"),
+    Case("flux-true-cfg", "FluxPipeline", _flux_true_cfg, "true CFG: two calls per step"),
+    Case("flux-img2img", "FluxImg2ImgPipeline", _flux_img2img(1.0), "strength 1"),
+    Case("flux-img2img-0.6", "FluxImg2ImgPipeline", _flux_img2img(0.6), "strength 0.6: N - b steps over sigmas[b:]"),
+    Case("flux-inpaint", "FluxInpaintPipeline", _flux_inpaint, "strength 0.6"),
+    Case("flux-fill", "FluxFillPipeline", _flux_fill, "masked image and mask as extra input channels"),
+    Case("flux-kontext", "FluxKontextPipeline", _flux_kontext, "reference-image tokens after the latent tokens"),
+    Case("qwen-image", "QwenImagePipeline", _qwen(QwenImagePipeline), "true CFG with norm rescale"),
+    Case(
+        "qwen-image-img2img",
+        "QwenImageImg2ImgPipeline",
+        _qwen(QwenImageImg2ImgPipeline, image=_image(), strength=0.6),
+        "strength 0.6",
+    ),
+    Case(
+        "qwen-image-inpaint",
+        "QwenImageInpaintPipeline",
+        _qwen(QwenImageInpaintPipeline, image=_image(), mask_image=_mask(), strength=0.6),
+        "strength 0.6",
+    ),
+    Case("qwen-image-edit", "QwenImageEditPipeline", _qwen_edit(QwenImageEditPipeline, 1), "reference-image tokens"),
+    Case(
+        "qwen-image-edit-plus",
+        "QwenImageEditPlusPipeline",
+        _qwen_edit(QwenImageEditPlusPipeline, 1),
+        "reference-image tokens",
+    ),
+    Case("z-image", "ZImagePipeline", _z_image(cfg=True, batch=2), "lists of per-sample latents; CFG doubles the list"),
+    Case("z-image-no-cfg", "ZImagePipeline", _z_image(cfg=False, batch=1), "guidance_scale 0: one branch"),
+    Case("z-image-img2img", "ZImageImg2ImgPipeline", _z_image(cfg=True, batch=1, img2img=True), "strength 0.6"),
+    Case("sd3", "StableDiffusion3Pipeline", _kind("sd3"), "CFG branches batched in one call"),
+    Case("hunyuan-video", "HunyuanVideoPipeline", _kind("hunyuan-video"), "video"),
+    Case("chroma", "ChromaPipeline", _chroma, "CFG in two calls"),
+    Case("cogview4", "CogView4Pipeline", _cogview4, "CFG in two calls"),
+    Case("lumina2", "Lumina2Pipeline", _lumina2(1.0), "CFG in two calls"),
+    Case("lumina2-cfg-trunc", "Lumina2Pipeline", _lumina2(0.5), "truncated CFG: one branch after half the steps"),
+    Case("ltx", "LTXPipeline", _ltx, "video, CFG batched"),
+    Case(
+        "wan",
+        "WanPipeline",
+        _wan(experts=1),
+        "video, CFG in two calls; with a FlowMatchEulerDiscreteScheduler (default: UniPC)",
+    ),
+    Case("wan2.2", "WanPipeline", _wan(experts=2), "two experts (transformer_2, boundary_ratio): one schedule"),
+    Case("sana", "SanaPipeline", _sana(dpm_solver=True), "CFG batched; its default flow DPM-Solver++"),
+    Case("sana-euler", "SanaPipeline", _sana(dpm_solver=False), "with a FlowMatchEulerDiscreteScheduler"),
+    Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
+    Case("flux2", "Flux2Pipeline", _flux2(reference=False), "text-to-image"),
+    Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
+    Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
+    Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15, "video, guider (ClassifierFreeGuidance)"),
+)
+"""Every case the matrix test runs."""
+
+
+def readme_table() -> str:
+    """The README's table of verified pipelines (Markdown), one row per case."""
+    rows = ["| Pipeline | Case | Notes |", "| --- | --- | --- |"]
+    rows += [f"| `{case.pipeline}` | {case.name} | {case.notes} |" for case in CASES]
+    return "\n".join(rows)

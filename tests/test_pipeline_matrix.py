@@ -1,0 +1,203 @@
+"""The coverage matrix (``tests/pipeline_matrix.py``): every case, uncached and with MeanCache.
+
+Per case, at N = 10 steps: a full budget is bit-identical to the uncached pipeline; at B = 4 the transformers'
+blocks run on the computed steps only, exactly as often as the uncached pipeline runs them on those steps
+(so B times per CFG branch, whatever the layout), and the summary counts those forwards; after
+``disable_mean_cache`` the pipeline gives the uncached result again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+import meancache
+from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
+from meancache.integrations.diffusers import is_mean_cache_enabled
+from meancache.integrations.diffusers.hooks import transformer_names
+from tests.pipeline_matrix import CASES, Case, readme_table
+from tests.reference_loop import reference_steps
+
+STEPS, BUDGET = 10, 4
+SPANS = Schedule(12, (0, 1, 4, 7, 11), (1, 3, 4, 5))
+CASE = {case.name: case for case in CASES}
+
+
+def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tuple[torch.Tensor, Counter, Counter]:
+    """Final latents, and per step of the generation (step 0 is the scheduler's ``begin_index``) the number of
+    transformer-block forwards and of transformer forwards, over every transformer of the pipeline."""
+    scheduler = pipe.scheduler
+    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter()}
+
+    def counter(kind: str) -> Any:
+        def count(*_: Any) -> None:
+            counts[kind][-1 if scheduler.step_index is None else scheduler.step_index] += 1
+
+        return count
+
+    transformers = [getattr(pipe, name) for name in transformer_names(pipe)]
+    handles = [t.register_forward_pre_hook(counter("forwards")) for t in transformers]
+    handles += [
+        module.register_forward_pre_hook(counter("blocks"))
+        for transformer in transformers
+        for path, module in transformer.named_modules()
+        if re.fullmatch(r"\w*(blocks|layers)\.\d+", path)  # the top-level block lists
+    ]
+    try:
+        out = pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                   output_type="latent", return_dict=False)[0]  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    begin = scheduler.begin_index or 0
+    blocks, forwards = ({0 if s == -1 else s - begin: n for s, n in c.items()} for c in counts.values())
+    return out, Counter(blocks), Counter(forwards)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_pipeline(case: Case):
+    pipe, inputs = case.build()
+    pipe.set_progress_bar_config(disable=True)
+    baseline, blocks, forwards = run_counting_blocks(pipe, inputs)
+    steps = len(forwards)
+    assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
+
+    enable_mean_cache(pipe, MeanCacheConfig(budget=steps))
+    full, full_blocks, _ = run_counting_blocks(pipe, inputs)
+    disable_mean_cache(pipe)
+    assert torch.equal(full, baseline) and full_blocks == blocks
+
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+    cached, cached_blocks, cached_forwards = run_counting_blocks(pipe, inputs)
+    report = meancache.summary(pipe)
+    disable_mean_cache(pipe)
+    computed = report.schedule.compute_steps
+    assert report.num_steps == steps and len(computed) == BUDGET
+    assert cached_blocks == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
+    assert report.transformer_calls == cached_forwards.total()  # the summary counts real forwards
+    assert report.transformer_calls + report.skipped_calls == forwards.total()
+    assert cached.shape == baseline.shape and torch.isfinite(cached).all()
+    assert not torch.equal(cached, baseline)
+
+    assert torch.equal(run_counting_blocks(pipe, inputs)[0], baseline)
+
+
+def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> torch.Tensor:
+    return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
+                return_dict=False)[0]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "config"),
+    [
+        ("z-image", 50, MeanCacheConfig(budget=13)),  # the authors' Z-Image table; CFG, batch 2
+        ("z-image-no-cfg", 50, MeanCacheConfig(budget=15)),
+        ("flux-kontext", 12, MeanCacheConfig(SPANS)),  # reference-image tokens
+        ("qwen-image-edit", 12, MeanCacheConfig(SPANS)),
+        ("flux2-reference", 12, MeanCacheConfig(SPANS)),
+        ("flux-img2img-0.6", 20, MeanCacheConfig(SPANS)),  # strength 0.6: 12 of 20 steps
+        ("hunyuan-video-1.5", 12, MeanCacheConfig(SPANS)),  # a guider without state (ClassifierFreeGuidance)
+        ("sana", 12, MeanCacheConfig(SPANS)),  # the flow DPM-Solver++
+    ],
+)
+def test_matches_the_independent_reference_loop(name: str, steps: int, config: MeanCacheConfig):
+    pipe, inputs = CASE[name].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, config)
+    ours = generate(pipe, inputs, steps)
+    schedule = meancache.summary(pipe).schedule
+    disable_mean_cache(pipe)
+    if name.startswith("z-image"):
+        assert schedule == Schedule.preset("z-image", config.budget)
+    with reference_steps(pipe.scheduler, schedule.compute_steps, schedule.spans):
+        expected = generate(pipe, inputs, steps)
+    plain_reuse = Schedule(schedule.num_steps, schedule.compute_steps, (1,) * len(schedule.spans))
+    with reference_steps(pipe.scheduler, plain_reuse.compute_steps, plain_reuse.spans):
+        reuse = generate(pipe, inputs, steps)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert (ours - reuse).abs().max() > 1e-4  # the spans made a difference
+
+
+def test_stateful_guider_against_the_reference_loop():
+    """HunyuanImage's AdaptiveProjectedMixGuidance keeps a momentum of ``cond - uncond``. The reference loop runs
+    the transformer on every step, so its guider sees real branch predictions on skipped steps too; MeanCache
+    hands it the last computed step's (its momentum evolves as under plain reuse). Measured here (max abs over
+    the final latents): 0.046 off the reference, against 0.050 when the guider is skipped on skipped steps and
+    0.105 with cond == uncond placeholders; the reference itself is 0.094 from the full run."""
+    pipe, inputs = CASE["hunyuan-image"].build()
+    pipe.set_progress_bar_config(disable=True)
+    full = generate(pipe, inputs, 12)
+    with reference_steps(pipe.scheduler, SPANS.compute_steps, SPANS.spans):
+        expected = generate(pipe, inputs, 12)
+    enable_mean_cache(pipe, MeanCacheConfig(SPANS))
+    ours = generate(pipe, inputs, 12)
+    disable_mean_cache(pipe)
+    error, caching_error = (ours - expected).abs().max(), (full - expected).abs().max()
+    assert error < 0.6 * caching_error, (error, caching_error)
+
+
+def test_wan22_experts_share_one_schedule_and_the_summary_counts_their_forwards():
+    pipe, inputs = CASE["wan2.2"].build()
+    pipe.set_progress_bar_config(disable=True)
+    steps: dict[str, list[int]] = {"transformer": [], "transformer_2": []}
+    for name, record in steps.items():
+        getattr(pipe, name).register_forward_pre_hook(lambda *_, r=record: r.append(pipe.scheduler.step_index or 0))
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+    generate(pipe, inputs, STEPS)
+    report = meancache.summary(pipe)
+    computed = report.schedule.compute_steps
+    high, low = sorted(set(steps["transformer"])), sorted(set(steps["transformer_2"]))
+    assert high and low and max(high) < min(low)  # each expert ran on some computed steps
+    assert high + low == list(computed)
+    assert report.transformer_calls == len(steps["transformer"]) + len(steps["transformer_2"]) == 2 * BUDGET
+    assert report.skipped_calls == 2 * (STEPS - BUDGET)
+
+
+def test_published_tables_are_matched_by_model_family():
+    """Qwen-Image's img2img pipeline (any pipeline around a QwenImageTransformer2DModel) gets the Qwen-Image table;
+    at strength 1 the whole 50-step trajectory runs."""
+    pipe, inputs = CASE["qwen-image-img2img"].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=10))
+    generate(pipe, {**inputs, "strength": 1.0}, 50)
+    assert meancache.summary(pipe).schedule == Schedule.preset("qwen-image", 10)
+
+
+@pytest.mark.parametrize("name", ["flux-kontext", "flux2-reference", "flux-fill"])
+def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
+    """The forward-mode tangent covers the latents only (reference tokens and conditioning channels do not move
+    with sigma)."""
+    pipe, inputs = CASE[name].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))
+    out = generate(pipe, inputs, 12)
+    report = meancache.summary(pipe)
+    assert report.derivative_calls == 3 and torch.isfinite(out).all()  # steps 1, 4 and 7 precede skips
+
+
+def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason():
+    pipe, _ = CASE["wan"].build()
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    with pytest.raises(TypeError, match=r"cannot drive WanPipeline with its UniPCMultistepScheduler: .* needs a "
+                       r"FlowMatchEulerDiscreteScheduler"):  # fmt: skip
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+    assert not is_mean_cache_enabled(pipe) and "step" not in vars(pipe.scheduler)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    with pytest.raises(ValueError, match=r"cannot drive WanPipeline: .*stochastic_sampling=True"):
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe.register_modules(transformer=None)
+    with pytest.raises(TypeError, match=r"cannot drive WanPipeline: it has no `transformer` module"):
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+    assert not is_mean_cache_enabled(pipe)
+
+
+def test_readme_lists_the_matrix():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert readme_table() in readme, "README.md's table of verified pipelines is not tests/pipeline_matrix.py's"
