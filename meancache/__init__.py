@@ -4,6 +4,8 @@
 >>> enable_mean_cache(pipe, MeanCacheConfig(schedule=Schedule.preset("qwen-image", budget=10)))  # doctest: +SKIP
 """
 
+from typing import Any
+
 from meancache.calibration import Calibration, CalibrationStore, calibrate, calibration_store
 from meancache.config import MeanCacheConfig
 from meancache.integrations.diffusers import (
@@ -16,7 +18,6 @@ from meancache.integrations.diffusers import (
 )
 from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention
 from meancache.method.sampler import sample
-from meancache.models import load_digits_model
 from meancache.schedule import PRESETS, Schedule
 from meancache.schedule.pssp import solve_pssp
 
@@ -41,3 +42,13 @@ __all__ = [
     "summary",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``meancache.load_digits_model`` is imported on first use: it needs diffusers' pipeline classes (and through
+    them transformers' image processors), which ``import meancache`` itself does not."""
+    if name == "load_digits_model":
+        from meancache.models import load_digits_model
+
+        return load_digits_model
+    raise AttributeError(f"module 'meancache' has no attribute {name!r}")

@@ -156,3 +156,16 @@ def test_cuda_graphs_replay_the_computed_steps():
     torch.testing.assert_close(first, eager, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(generate_latents(pipe, inputs, 20), first, rtol=0, atol=0)
     assert counter.frame_count == graphs and meancache.summary(pipe).transformer_calls == SCHEDULE.budget
+
+
+def test_calibrate_on_first_use_on_a_compiled_pipeline():
+    """The calibrating generation runs every step through the compiled graph; the calibrated schedule reuses it."""
+    pipe, counter = _compiled_pipeline("flux", "transformer.compile", "compile first")
+    disable_mean_cache(pipe)
+    uncached = generate_latents(pipe, tiny_inputs("flux"), 20)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=6, calibration_runs=1))
+    assert torch.equal(generate_latents(pipe, tiny_inputs("flux"), 20), uncached)  # calibrating: the full run
+    generate_latents(pipe, tiny_inputs("flux", seed=1), 20)
+    report = meancache.summary(pipe)
+    assert report.transformer_calls == 6 and "calibrat" in report.schedule.metadata["source"]
+    assert counter.frame_count == 1
