@@ -58,10 +58,10 @@ def _stack_ranks(rank: int, world_size: int, rendezvous: str, stack: str) -> dic
             pipe = tiny_pipeline("flux")
             pipe.set_progress_bar_config(disable=True)
             if order == "mean_cache_first":
-                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
             _parallelize(stack, pipe)
             if order == "mean_cache_last":
-                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
             blocks = count_block_calls(pipe.transformer)
             with CollectiveCounter() as collectives:
                 latents = generate_latents(pipe, tiny_inputs("flux"), STEPS)
@@ -107,7 +107,7 @@ def single_process() -> dict[str, Any]:
         pipe = tiny_pipeline("flux")
         pipe.set_progress_bar_config(disable=True)
         if name == "mean_cache":
-            enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+            enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
         results[name] = generate_latents(pipe, tiny_inputs("flux"), STEPS)
         if name == "mean_cache":
             schedule = summary(pipe).schedule
@@ -116,7 +116,7 @@ def single_process() -> dict[str, Any]:
 
 
 def test_every_rank_resolves_the_same_schedule(ranks, single_process):
-    """``MeanCacheConfig(budget=B)`` resolves to one schedule in every process (three here), in both orders."""
+    """``MeanCacheConfig(budget=B)`` (calibration off) resolves to one schedule in every process, in both orders."""
     schedules = {rank[order]["schedule"] for rank in ranks for order in ORDERS[1:]}
     assert schedules == {single_process["schedule"]}
     assert len(single_process["schedule"][0]) == BUDGET
@@ -179,11 +179,11 @@ def _stock_ring_ranks(rank: int, world_size: int, rendezvous: str) -> dict[str, 
             pipe.set_progress_bar_config(disable=True)
             pipe.transformer.set_attention_backend("_native_cudnn")
             if order in ("mean_cache_first", "single_gpu"):
-                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
             if order != "single_gpu":
                 pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=world_size))
             if order == "mean_cache_last":
-                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+                enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
             blocks = count_block_calls(pipe.transformer)
             inputs = {
                 key: value.to(f"cuda:{rank}", torch.bfloat16) if isinstance(value, torch.Tensor) else value

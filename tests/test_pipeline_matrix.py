@@ -68,12 +68,12 @@ def test_pipeline(case: Case):
     steps = len(forwards)
     assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
 
-    enable_mean_cache(pipe, MeanCacheConfig(budget=steps))
+    enable_mean_cache(pipe, MeanCacheConfig(budget=steps, calibration_runs=0))
     full, full_blocks, _ = run_counting_blocks(pipe, inputs)
     disable_mean_cache(pipe)
     assert torch.equal(full, baseline) and full_blocks == blocks
 
-    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
     cached, cached_blocks, cached_forwards = run_counting_blocks(pipe, inputs)
     report = meancache.summary(pipe)
     disable_mean_cache(pipe)
@@ -96,8 +96,8 @@ def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> tor
 @pytest.mark.parametrize(
     ("name", "steps", "config"),
     [
-        ("z-image", 50, MeanCacheConfig(budget=13)),  # the authors' Z-Image table; CFG, batch 2
-        ("z-image-no-cfg", 50, MeanCacheConfig(budget=15)),
+        ("z-image", 50, MeanCacheConfig(budget=13, calibration_runs=0)),  # the authors' Z-Image table; CFG, batch 2
+        ("z-image-no-cfg", 50, MeanCacheConfig(budget=15, calibration_runs=0)),
         ("flux-kontext", 12, MeanCacheConfig(SPANS)),  # reference-image tokens
         ("qwen-image-edit", 12, MeanCacheConfig(SPANS)),
         ("flux2-reference", 12, MeanCacheConfig(SPANS)),
@@ -148,7 +148,7 @@ def test_wan22_experts_share_one_schedule_and_the_summary_counts_their_forwards(
     steps: dict[str, list[int]] = {"transformer": [], "transformer_2": []}
     for name, record in steps.items():
         getattr(pipe, name).register_forward_pre_hook(lambda *_, r=record: r.append(pipe.scheduler.step_index or 0))
-    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET))
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
     generate(pipe, inputs, STEPS)
     report = meancache.summary(pipe)
     computed = report.schedule.compute_steps
@@ -164,7 +164,7 @@ def test_published_tables_are_matched_by_model_family():
     at strength 1 the whole 50-step trajectory runs."""
     pipe, inputs = CASE["qwen-image-img2img"].build()
     pipe.set_progress_bar_config(disable=True)
-    enable_mean_cache(pipe, MeanCacheConfig(budget=10))
+    enable_mean_cache(pipe, MeanCacheConfig(budget=10, calibration_runs=0))
     generate(pipe, {**inputs, "strength": 1.0}, 50)
     assert meancache.summary(pipe).schedule == Schedule.preset("qwen-image", 10)
 
@@ -186,15 +186,15 @@ def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason(
     pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     with pytest.raises(TypeError, match=r"cannot drive WanPipeline with its UniPCMultistepScheduler: .* needs a "
                        r"FlowMatchEulerDiscreteScheduler"):  # fmt: skip
-        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4, calibration_runs=0))
     assert not is_mean_cache_enabled(pipe) and "step" not in vars(pipe.scheduler)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
     with pytest.raises(ValueError, match=r"cannot drive WanPipeline: .*stochastic_sampling=True"):
-        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4, calibration_runs=0))
     pipe.scheduler = FlowMatchEulerDiscreteScheduler()
     pipe.register_modules(transformer=None)
     with pytest.raises(TypeError, match=r"cannot drive WanPipeline: it has no `transformer` module"):
-        enable_mean_cache(pipe, MeanCacheConfig(budget=4))
+        enable_mean_cache(pipe, MeanCacheConfig(budget=4, calibration_runs=0))
     assert not is_mean_cache_enabled(pipe)
 
 
