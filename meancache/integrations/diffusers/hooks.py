@@ -7,9 +7,8 @@
   ``_call_impl`` with every forward hook (diffusers' offloading, context-parallel and casting hooks,
   accelerate's offload hooks), or the compiled call that ``module.compile()`` put there. On a skipped step
   it answers every call with a copy of the same call's output on the last computed step (whatever its
-  layout) and runs nothing. So it is
-  outermost whatever order hooks were added in, and it is never traced by ``torch.compile``: no graph break,
-  no guard on the step counter, no recompile.
+  layout) and runs nothing. So it is outermost whatever order hooks were added in, and it is never traced by
+  ``torch.compile``: no graph break, no guard on the step counter, no recompile.
 * :class:`SchedulerStepHook`, the scheduler *instance*'s ``step``. It sees the guided, post-CFG velocity
   (Qwen-Image's norm rescale included): on computed steps it logs it; on skipped steps it discards the
   placeholder-derived value and steps with the estimator's average velocity.
