@@ -39,7 +39,10 @@ class Setup:
 
 
 class BlockCounter:
-    """Counts the transformer's repeated blocks that run while active (a forward pre-hook on each)."""
+    """Counts the transformer's repeated blocks (``transformer._repeated_blocks``) that really compute while
+    active. A block caching hook (diffusers' FirstBlockCache, TaylorSeer, MagCache) wraps the block's forward and
+    may answer a call from its cache, so a call is counted only when one of the block's own submodules runs
+    during it (forward pre-hooks on the block arm it, on its children count it)."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         names = set(getattr(transformer, "_repeated_blocks", ()))
@@ -47,21 +50,27 @@ class BlockCounter:
         if not self.blocks:
             raise ValueError(f"{type(transformer).__name__} declares no _repeated_blocks to count")
         self.count = 0
+        self._armed: set[int] = set()
         self._handles: list[Any] = []
 
     def __enter__(self) -> BlockCounter:
-        self._handles = [b.register_forward_pre_hook(self._seen) for b in self.blocks]
+        for index, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(lambda *_, i=index: self._armed.add(i)))
+            for child in block.children():
+                self._handles.append(child.register_forward_pre_hook(lambda *_, i=index: self._computed(i)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
 
-    def _seen(self, *_: Any) -> None:
-        self.count += 1
+    def _computed(self, block: int) -> None:
+        if block in self._armed:
+            self._armed.discard(block)
+            self.count += 1
 
     def evaluations(self, calls_per_evaluation: int, generations: int) -> float:
-        """Full model evaluations per generation that the counted blocks add up to."""
+        """Full model evaluations per generation that the computed blocks add up to."""
         return self.count / (len(self.blocks) * calls_per_evaluation * generations)
 
 
