@@ -6,11 +6,12 @@ compiled, every method timed the same way.
   are blocks run / (blocks per model x transformer calls per evaluation).
 * :func:`median_seconds` times setups interleaved: each repeat runs every setup once, in turn, so a drift of
   the machine's speed touches all of them alike; one timing is one pipeline call that denoises every class
-  of one seed (``output_type="latent"``: the VAE decode is left out). Compiled: each setup gets its own copy
-  of the model with ``compile_repeated_blocks`` (regional compilation, what diffusers documents), switched on
-  once and warmed up until its graphs exist, so no timing includes a compilation. Methods that leave the
-  transformer's forward alone (MeanCache, fewer steps, the reference) share one compiled copy and are switched
-  on and off around each timing, as in eager mode.
+  of one seed (``output_type="latent"``: the VAE decode is left out). Each block cache gets its own copy of
+  the model, switched on once (they patch the model, and not all of them undo every patch when switched off).
+  Methods that leave the transformer's forward alone (MeanCache, fewer steps, the reference) share one copy
+  and are switched on and off around each timing. Compiled: every copy with ``compile_repeated_blocks``
+  (regional compilation, what diffusers documents), warmed up until its graphs exist, so no timing includes
+  a compilation.
 """
 
 from __future__ import annotations
@@ -83,11 +84,12 @@ def median_seconds(
     shared = load_pipe()
     if compiled:
         shared.transformer.compile_repeated_blocks(fullgraph=False)
-    own = {}  # compiled block caches: a model each, switched on for the whole measurement
+    own = {}  # block caches: a model each (peers do not all undo their patches), switched on for the whole run
     for setup in setups:
-        if compiled and setup.touches_forward:
+        if setup.touches_forward:
             own[setup.method] = load_pipe()
-            own[setup.method].transformer.compile_repeated_blocks(fullgraph=False)
+            if compiled:
+                own[setup.method].transformer.compile_repeated_blocks(fullgraph=False)
             setup.enable(own[setup.method])
 
     def generate(setup: Setup) -> float:
