@@ -303,7 +303,8 @@ def test_quality(benchmark, model_name):
                     best.append({**chosen, "budget": budget})
                     cache = by_method[chosen["method"]]
                     setups[chosen["method"], budget] = Setup(chosen["method"], cache.enable, cache.disable, STEPS,
-                                                             touches_forward=True)  # fmt: skip
+                                                             touches_forward=True,
+                                                             patches_class=name.startswith("cache-dit"))  # fmt: skip
         return best, sweep
 
     rows = benchmark.pedantic(evaluate, rounds=1, iterations=1)

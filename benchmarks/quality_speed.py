@@ -36,7 +36,10 @@ class Setup:
     disable: Callable[[Any], None]
     steps: int
     touches_forward: bool
-    """Whether it changes the transformer's forward (block caches do): then compiled, it needs its own model."""
+    """Whether it changes the transformer's forward (block caches do): it then runs on its own model copy."""
+    patches_class: bool = False
+    """Whether switching it on patches the pipeline *class* (cache-dit does): then it is switched on only around
+    its own runs, so that no two copies are patched at once."""
 
 
 class BlockCounter:
@@ -90,11 +93,13 @@ def median_seconds(
             own[setup.method] = load_pipe()
             if compiled:
                 own[setup.method].transformer.compile_repeated_blocks(fullgraph=False)
-            setup.enable(own[setup.method])
+            if not setup.patches_class:
+                setup.enable(own[setup.method])
 
     def generate(setup: Setup) -> float:
         pipe = own.get(setup.method, shared)
-        if pipe is shared:
+        switch = pipe is shared or setup.patches_class
+        if switch:
             setup.enable(pipe)
         try:
             start = time.perf_counter()
@@ -103,7 +108,7 @@ def median_seconds(
                      output_type="latent")  # fmt: skip
             return time.perf_counter() - start
         finally:
-            if pipe is shared:
+            if switch:
                 setup.disable(pipe)
 
     for setup in setups:  # warm-up: compiles every graph a setup needs (two runs: hooks may differ on the first)
@@ -113,7 +118,8 @@ def median_seconds(
     for _ in range(REPEATS):
         for setup in setups:
             times[setup.method].append(generate(setup))
-    for method, pipe in own.items():
-        next(s for s in setups if s.method == method).disable(pipe)
+    for setup in setups:
+        if setup.method in own and not setup.patches_class:
+            setup.disable(own[setup.method])
     torch._dynamo.reset()
     return {method: statistics.median(values) for method, values in times.items()}
