@@ -31,6 +31,7 @@ import math
 import numbers
 from typing import Any
 
+import numpy
 import torch
 
 from meancache.ops._checks import check_floating_group, check_no_overlap
@@ -197,6 +198,8 @@ def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ..
 
     Python floats are validated as floats, so this traces under ``torch.compile(fullgraph=True)``; sigma
     tensors are read on the host."""
+    if all(type(value) is float and math.isfinite(value) for value in sigmas) and sigmas[0] != sigmas[1]:
+        return tuple(torch.from_numpy(numpy.array([value])) for value in sigmas)  # the common case, fast
     names = ("sigma_anchor", "sigma", "sigma_next")
     batch = z.shape[0] if z.dim() else 1
     values: list[list[float]] = []
