@@ -83,6 +83,7 @@ def median_seconds(
 ) -> dict[str, float]:
     """The median over :data:`REPEATS` interleaved rounds of one latent-only generation per setup."""
     torch._dynamo.reset()
+    recompile_limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = 4 * len(setups)  # one model copy per block cache: graphs per copy
     shared = load_pipe()
     if compiled:
@@ -122,4 +123,5 @@ def median_seconds(
         if setup.method in own and not setup.patches_class:
             setup.disable(own[setup.method])
     torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = recompile_limit
     return {method: statistics.median(values) for method, values in times.items()}

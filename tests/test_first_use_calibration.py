@@ -167,20 +167,17 @@ _WORKER = textwrap.dedent("""
 """).format(budget=BUDGET, steps=STEPS)
 
 
+def _python(code: str, *args: str) -> subprocess.Popen:
+    """A new Python process running ``code`` with ``args``, this checkout importable, output captured."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+
+
 def test_new_processes_find_the_stored_calibration_and_write_it_safely(flux):
     enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
     generate_latents(flux, tiny_inputs("flux"), STEPS)
     disable_mean_cache(flux)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        for _ in range(2)
-    ]
+    workers = [_python(_WORKER) for _ in range(2)]
     for worker in workers:
         out, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err
@@ -277,16 +274,7 @@ _RANK = textwrap.dedent("""
 
 
 def test_every_rank_takes_rank_zeros_decision(tmp_path):
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RANK, str(r), str(tmp_path / "rendezvous"), str(RANKS_FILE)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        for r in range(2)
-    ]
+    ranks = [_python(_RANK, str(r), str(tmp_path / "rendezvous"), str(RANKS_FILE)) for r in range(2)]
     for process in ranks:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
