@@ -96,12 +96,47 @@ void check_outputs(const at::Tensor& z, const at::Tensor& z_next, const at::Tens
   }
 }
 
+// [first, last + 1) byte addresses a non-empty tensor touches.
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  int64_t extent = 1;
+  for (int64_t dim = 0; dim < t.dim(); ++dim) extent += (t.size(dim) - 1) * t.stride(dim);
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {start, start + static_cast<uintptr_t>(extent * t.element_size())};
+}
+
+bool same_elements(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
+// No output shares memory with the other output or an input, except in place over exactly the same elements:
+// z_next over any input, u_hat over v_last, z_anchor or v_anchor (not z, which is read again after u_hat).
+void check_no_overlap(const at::Tensor& z, const at::Tensor& v_last, const at::Tensor& z_anchor,
+                      const at::Tensor& v_anchor, const at::Tensor& z_next, const at::Tensor& u_hat) {
+  if (z.numel() == 0) return;
+  const auto overlap = [](const at::Tensor& a, const at::Tensor& b) {
+    const auto [a_start, a_end] = byte_range(a);
+    const auto [b_start, b_end] = byte_range(b);
+    return a_start < b_end && b_start < a_end;
+  };
+  TORCH_CHECK_VALUE(!overlap(z_next, u_hat), "out z_next shares memory with the output u_hat");
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"z", &z}, {"v_last", &v_last}, {"z_anchor", &z_anchor}, {"v_anchor", &v_anchor}};
+  for (const auto& [name, input] : inputs) {
+    TORCH_CHECK_VALUE(!overlap(z_next, *input) || same_elements(z_next, *input), "out z_next shares memory with ",
+                      "the input ", name, " without being exactly its elements");
+    TORCH_CHECK_VALUE(!overlap(u_hat, *input) || (input != &z && same_elements(u_hat, *input)),
+                      "out u_hat shares memory with the input ", name,
+                      input == &z ? "" : " without being exactly its elements");
+  }
+}
+
 std::tuple<at::Tensor&, at::Tensor&> average_velocity_step_cpu_out(
     const at::Tensor& z, const at::Tensor& v_last, const at::Tensor& z_anchor, const at::Tensor& v_anchor,
     const at::Tensor& sigma_anchor, const at::Tensor& sigma, const at::Tensor& sigma_next, at::Tensor& z_next,
     at::Tensor& u_hat) {
   check_inputs(z, v_last, z_anchor, v_anchor, sigma_anchor, sigma, sigma_next);
   check_outputs(z, z_next, u_hat);
+  check_no_overlap(z, v_last, z_anchor, v_anchor, z_next, u_hat);
   TORCH_CHECK(z.device().is_cpu(), "average_velocity_step_cpu takes CPU tensors, got ", z.device());
   const int64_t samples = sigma.numel();
   std::vector<double> d(samples), h(samples);

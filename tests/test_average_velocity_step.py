@@ -234,6 +234,27 @@ def test_the_kernel_checks_its_own_inputs():
         torch.ops.meancache.average_velocity_step(*inputs, same, same, same)
     with pytest.raises(RuntimeError, match="must be a 1-D float64 tensor"):
         torch.ops.meancache.average_velocity_step(*inputs, same.float(), same, same)
+    tables = [torch.tensor([value], dtype=torch.float64) for value in SIGMAS]
+    o = torch.empty(2, 3)
+    flat = torch.empty(7)
+    for out, message in [
+        ((o, o), "out z_next shares memory with the output u_hat"),
+        ((o, inputs[0]), "out u_hat shares memory with the input z"),
+        ((flat[1:].view(2, 3), o), "out z_next shares memory with the input v_last without being exactly"),
+    ]:
+        args = (inputs[0], flat[:6].view(2, 3), *inputs[2:]) if "v_last" in message else inputs
+        with pytest.raises(ValueError, match=message):
+            torch.ops.meancache.average_velocity_step.out(*args, *tables, z_next=out[0], u_hat=out[1])
+
+
+def test_a_derivative_is_recorded_only_when_needed():
+    """The fast path: no tensor needs a derivative, so no autograd node is made (and none is needed)."""
+    inputs = _inputs((2, 3), torch.float32)
+    z_next, u_hat = average_velocity_step(*inputs, *SIGMAS)
+    assert z_next.grad_fn is None and u_hat.grad_fn is None
+    inputs[1].requires_grad_(True)
+    z_next, _ = average_velocity_step(*inputs, *SIGMAS)
+    assert z_next.grad_fn is not None
 
 
 @pytest.mark.parametrize("implementation", ["op", "triton"])

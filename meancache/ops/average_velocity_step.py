@@ -27,12 +27,14 @@ derivative is the same fused op applied to the tangents, and the backward pass i
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any
 
 import numpy
 import torch
+from torch.autograd import forward_ad
 
 from meancache.ops._checks import check_floating_group, check_no_overlap
 from meancache.ops._extension import cpp_ops
@@ -62,19 +64,29 @@ def average_velocity_step(
     (no new memory, so no first-touch page zeroing; not differentiable). They must not share memory with each
     other or with the inputs, except in place over exactly the same elements: ``z_next`` over any input,
     ``u_hat`` over ``v_last``, ``z_anchor`` or ``v_anchor`` (not ``z``, which the kernel reads again after
-    writing ``u_hat``)."""
-    _check_tensors(z, v_last, z_anchor, v_anchor)
-    tables = _sigma_tables(z, sigma_anchor, sigma, sigma_next)
-    if out is None:
-        return AverageVelocityStep.apply(z, v_last, z_anchor, v_anchor, *tables)
-    _check_out(z, out)
-    check_no_overlap(
-        {"z_next": out[0], "u_hat": out[1]}, {"z": z, "v_last": v_last, "z_anchor": z_anchor, "v_anchor": v_anchor},
-        _IN_PLACE,
-    )  # fmt: skip
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, v_last, z_anchor, v_anchor)):
-        raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
-    return _fused(z, v_last, z_anchor, v_anchor, *tables, out=out)
+    writing ``u_hat``).
+
+    The C++ CPU kernel enforces every one of these rules itself, so on CPU the call goes straight to it and
+    the Python checks run only after a failure, to raise the precise error; every other path checks first."""
+    tensors = (z, v_last, z_anchor, v_anchor)
+    if not _checks_itself(z):
+        _check_arguments(tensors, out)
+    try:
+        tables = _sigma_tables(z, sigma_anchor, sigma, sigma_next)
+        if out is None:
+            if _needs_autograd(tensors):
+                return AverageVelocityStep.apply(*tensors, *tables)
+            return _fused(*tensors, *tables)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            raise RuntimeError(
+                "average_velocity_step(out=...) is not differentiable; call it without out= under autograd"
+            )
+        if type(out) is not tuple:
+            raise TypeError(f"out must be a tuple of two tensors (z_next, u_hat), got {type(out).__name__}")
+        return _fused(*tensors, *tables, out=out)
+    except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
+        _check_arguments(tensors, out)
+        raise
 
 
 def average_velocity_step_reference(
@@ -172,6 +184,36 @@ def _broadcastable(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return table.reshape(shape).to(device=like.device, dtype=like.dtype)
 
 
+def _checks_itself(z: torch.Tensor) -> bool:
+    """Whether the call lands in the C++ CPU kernel, which checks all its arguments."""
+    return type(z) is torch.Tensor and z.device.type == "cpu" and "cpu" in _FUSED_DEVICES
+
+
+def _needs_autograd(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a derivative may be taken through this call: a tensor requires grad, a forward-mode dual level
+    is open, a ``torch.func`` transform is active, or Dynamo is tracing (it decides that itself)."""
+    return (
+        (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or forward_ad._current_level >= 0
+        or torch._C._are_functorch_transforms_active()
+        or torch.compiler.is_compiling()
+    )
+
+
+def _check_arguments(tensors: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Raise a precise error for the first rule the arguments break (see :func:`average_velocity_step`)."""
+    _check_tensors(*tensors)
+    if out is None:
+        return
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
+    _check_out(tensors[0], out)
+    check_no_overlap(
+        {"z_next": out[0], "u_hat": out[1]}, dict(zip(("z", "v_last", "z_anchor", "v_anchor"), tensors, strict=True)),
+        _IN_PLACE,
+    )  # fmt: skip
+
+
 def _check_tensors(z: torch.Tensor, v_last: torch.Tensor, z_anchor: torch.Tensor, v_anchor: torch.Tensor) -> None:
     named = {"z": z, "v_last": v_last, "z_anchor": z_anchor, "v_anchor": v_anchor}
     check_floating_group(named)
@@ -198,8 +240,10 @@ def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ..
 
     Python floats are validated as floats, so this traces under ``torch.compile(fullgraph=True)``; sigma
     tensors are read on the host."""
-    if all(type(value) is float and math.isfinite(value) for value in sigmas) and sigmas[0] != sigmas[1]:
-        return tuple(torch.from_numpy(numpy.array([value])) for value in sigmas)  # the common case, fast
+    if all(type(value) is float for value in sigmas):  # the common case, fast
+        tables = _float_tables(*sigmas)
+        if tables is not None:
+            return tables
     names = ("sigma_anchor", "sigma", "sigma_next")
     batch = z.shape[0] if z.dim() else 1
     values: list[list[float]] = []
@@ -235,6 +279,15 @@ def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ..
                 f"difference (sample {sample})"
             )
     return torch.tensor(values, dtype=torch.float64).unbind(0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _float_tables(sigma_anchor: float, sigma: float, sigma_next: float) -> tuple[torch.Tensor, ...] | None:
+    """:func:`_sigma_tables` for three valid Python floats (else ``None``), remembered: a sampler reuses a few
+    dozen triples, and the tables are never written to."""
+    if all(math.isfinite(value) for value in (sigma_anchor, sigma, sigma_next)) and sigma_anchor != sigma:
+        return tuple(torch.from_numpy(numpy.array([value])) for value in (sigma_anchor, sigma, sigma_next))
+    return None
 
 
 def _register_triton_for_cuda() -> tuple[str, ...]:
