@@ -1,17 +1,24 @@
 """The fused average-velocity step on this machine: against the eager PyTorch composite it replaces, and
 against a memory copy moving the same bytes (4 tensor reads + 2 writes).
 
-Rows: ``fused`` and ``eager`` are the public calls (same input checks, then the fused op or the composite);
+Rows: ``fused`` and ``eager`` are the public calls (the fused op, which checks its own arguments on CPU, or
+the checked composite);
 ``fused_out`` is the public call writing into preallocated outputs (what MeanCache's estimator does);
 ``kernel`` is the dispatcher op's ``.out`` overload alone (no Python-side checks, no allocation); ``copy``
 is ``dst.copy_(src)`` over 3 latents' worth of float32 (the same 6 latents of traffic).
 
-Sizes are float32 latents (MeanCache's history dtype) of FLUX 1024x1024 (4096 x 64), Qwen-Image 1664x928
-(6032 x 64) and HunyuanVideo 720p x 129 frames (16 x 33 x 90 x 160). Results:
+Rows are timed interleaved (each round runs every row once, in turn), median of 200 rounds, so a change in
+the machine's load falls on every row alike. Sizes are float32 latents (MeanCache's history dtype) of FLUX
+1024x1024 (4096 x 64), Qwen-Image 1664x928 (6032 x 64) and HunyuanVideo 720p x 129 frames
+(16 x 33 x 90 x 160). Results:
 ``benchmarks/results/average_velocity_step_<device>.json``.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,49 +34,54 @@ SIZES = {
     "hunyuan-video-720p-129f": (1, 16, 33, 90, 160),
 }
 SIGMAS = (0.93, 0.71, 0.64)
-IMPLEMENTATIONS = ("fused", "fused_out", "kernel", "eager", "copy")
+ROUNDS = 200
 _timings: dict[str, dict[str, float]] = {}
+
+
+def _implementations(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
+    """One zero-argument call per row, each on its own tensors."""
+    inputs = [torch.randn(shape, device=DEVICE) for _ in range(4)]
+    src = torch.cat([t.reshape(-1) for t in inputs[:3]])  # the copy: read 3 latents' worth, write 3
+    dst = torch.empty_like(src)
+    tables = _sigma_tables(inputs[0], *SIGMAS)
+    kernel_out = (torch.empty_like(inputs[0]), torch.empty_like(inputs[0]))
+    public_out = (torch.empty_like(inputs[0]), torch.empty_like(inputs[0]))
+    return {
+        "fused": lambda: average_velocity_step(*inputs, *SIGMAS),
+        "fused_out": lambda: average_velocity_step(*inputs, *SIGMAS, out=public_out),
+        "kernel": lambda: torch.ops.meancache.average_velocity_step.out(
+            *inputs, *tables, z_next=kernel_out[0], u_hat=kernel_out[1]
+        ),
+        "eager": lambda: average_velocity_step_reference(*inputs, *SIGMAS),
+        "copy": lambda: dst.copy_(src),
+    }
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_average_velocity_step(benchmark, size):
+    """Every row timed interleaved: each round runs every implementation once, in turn, so a change in the
+    machine's load falls on all of them alike; the median of :data:`ROUNDS` rounds."""
+    calls = _implementations(SIZES[size])
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+
+    def interleaved_rounds() -> None:
+        for _ in range(ROUNDS):
+            for name, call in calls.items():
+                _sync()
+                start = time.perf_counter()
+                call()
+                _sync()
+                seconds[name].append(time.perf_counter() - start)
+
+    interleaved_rounds()  # warm-up: allocator, caches, CPU frequency
+    seconds = {name: [] for name in calls}
+    benchmark.pedantic(interleaved_rounds, rounds=1, iterations=1)
+    _timings[size] = {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("size", SIZES)
-def test_average_velocity_step(benchmark, size, implementation):
-    shape = SIZES[size]
-    inputs = [torch.randn(shape, device=DEVICE) for _ in range(4)]
-    if implementation == "copy":  # the same traffic: read 3 latents' worth, write 3
-        src = torch.cat([t.reshape(-1) for t in inputs[:3]])
-        dst = torch.empty_like(src)
-
-        def run():
-            dst.copy_(src)
-            _sync()
-    elif implementation == "kernel":
-        tables = _sigma_tables(inputs[0], *SIGMAS)
-        z_next, u_hat = torch.empty_like(inputs[0]), torch.empty_like(inputs[0])
-
-        def run():
-            torch.ops.meancache.average_velocity_step.out(*inputs, *tables, z_next=z_next, u_hat=u_hat)
-            _sync()
-    elif implementation == "fused_out":
-        out = (torch.empty_like(inputs[0]), torch.empty_like(inputs[0]))
-
-        def run():
-            average_velocity_step(*inputs, *SIGMAS, out=out)
-            _sync()
-    else:
-        fn = average_velocity_step if implementation == "fused" else average_velocity_step_reference
-
-        def run():
-            fn(*inputs, *SIGMAS)
-            _sync()
-
-    benchmark.pedantic(run, rounds=50, warmup_rounds=5, iterations=1)
-    _timings.setdefault(size, {})[implementation] = benchmark.stats.stats.median
 
 
 def teardown_module() -> None:
