@@ -1,0 +1,82 @@
+"""The settings users stack, all at once: a compiled transformer, offloading, and a schedule MeanCache
+calibrates on first use, on a CFG pipeline (Qwen-Image), in different enable orders.
+
+Each case checks that the calibrating generation is the uncached run, that the calibrated one runs B forwards
+per CFG branch and matches eager MeanCache with the same schedule, that a repeat is bit-identical (no state
+leaks between generations), and that nothing recompiles after the calibrating generation. ``fullgraph=True``
+is left out where offloading is on: diffusers' and accelerate's offload hooks cannot be traced whole
+(``torch.compiler.disable``), with or without MeanCache."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import meancache
+from meancache import MeanCacheConfig, enable_mean_cache
+from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
+
+STEPS, BUDGET, CFG_BRANCHES = 20, 6, 2
+CPU = torch.device("cpu")
+OFFLOAD = {
+    "model CPU offload": lambda pipe: pipe.enable_model_cpu_offload(device="cpu"),
+    "group offload, block level": lambda pipe: pipe.transformer.enable_group_offload(
+        CPU, CPU, offload_type="block_level", num_blocks_per_group=1
+    ),
+}
+COMPILE = {
+    "transformer.compile": lambda pipe, backend: pipe.transformer.compile(backend=backend),
+    "compile_repeated_blocks(fullgraph=True)": lambda pipe, backend: pipe.transformer.compile_repeated_blocks(
+        fullgraph=True, backend=backend
+    ),
+}
+CASES = [  # (compile, offload, enable order): "C" compile, "O" offload, "M" MeanCache
+    ("transformer.compile", "model CPU offload", "MCO"),
+    ("transformer.compile", "group offload, block level", "COM"),
+    ("compile_repeated_blocks(fullgraph=True)", "model CPU offload", "OMC"),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def uncached():
+    pipe = tiny_pipeline("qwen-image")
+    pipe.set_progress_bar_config(disable=True)
+    return generate_latents(pipe, tiny_inputs("qwen-image"), STEPS)
+
+
+@pytest.mark.parametrize(("compile_entry", "offload", "order"), CASES)
+def test_compiled_offloaded_and_calibrated_on_first_use(uncached, compile_entry, offload, order):
+    pipe = tiny_pipeline("qwen-image")
+    pipe.set_progress_bar_config(disable=True)
+    counter = CompileCounterWithBackend("inductor")
+    enable = {
+        "C": lambda: COMPILE[compile_entry](pipe, counter),
+        "O": lambda: OFFLOAD[offload](pipe),
+        "M": lambda: enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1)),
+    }
+    for step in order:
+        enable[step]()
+
+    calibrating = generate_latents(pipe, tiny_inputs("qwen-image"), STEPS)
+    torch.testing.assert_close(calibrating, uncached, rtol=1e-5, atol=1e-5)  # compiled vs eager rounding only
+    assert meancache.summary(pipe).transformer_calls == STEPS * CFG_BRANCHES
+    graphs = counter.frame_count
+
+    cached = generate_latents(pipe, tiny_inputs("qwen-image", seed=1), STEPS)
+    report = meancache.summary(pipe)
+    assert report.transformer_calls == BUDGET * CFG_BRANCHES
+    assert report.schedule.metadata["source"].startswith("calibrated on first use")
+    assert torch.equal(generate_latents(pipe, tiny_inputs("qwen-image", seed=1), STEPS), cached)
+    assert counter.frame_count == graphs
+
+    eager = tiny_pipeline("qwen-image")
+    eager.set_progress_bar_config(disable=True)
+    enable_mean_cache(eager, MeanCacheConfig(report.schedule))
+    torch.testing.assert_close(cached, generate_latents(eager, tiny_inputs("qwen-image", seed=1), STEPS), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
