@@ -11,6 +11,8 @@ attention over NCCL); it is skipped without 2 GPUs.
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,6 +72,7 @@ def _stack_ranks(rank: int, world_size: int, rendezvous: str, stack: str) -> dic
                 "latents": latents, "blocks": dict(blocks), "collectives": dict(collectives.counts),
                 "schedule": (schedule.compute_steps, schedule.spans) if schedule else None,
             }  # fmt: skip
+        results["first_use"] = _calibrate_on_first_use(stack, rendezvous)
         pipe = tiny_pipeline("flux")
         pipe.set_progress_bar_config(disable=True)
         _parallelize(stack, pipe)
@@ -82,6 +85,26 @@ def _stack_ranks(rank: int, world_size: int, rendezvous: str, stack: str) -> dic
     finally:
         dist.destroy_process_group()
     return results
+
+
+def _calibrate_on_first_use(stack: str, rendezvous: str) -> dict[str, Any]:
+    """``MeanCacheConfig(budget=B)`` with nothing stored (the ranks share one fresh ``MEANCACHE_HOME``): one
+    calibrating generation, then two with the schedule the ranks settled on."""
+    os.environ["MEANCACHE_HOME"] = str(Path(rendezvous.removeprefix("file://")).parent / "meancache_home")
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    _parallelize(stack, pipe)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    calibrating = generate_latents(pipe, tiny_inputs("flux"), STEPS)
+    blocks = count_block_calls(pipe.transformer)
+    cached = generate_latents(pipe, tiny_inputs("flux", seed=1), STEPS)
+    cached_blocks = dict(blocks)
+    schedule = summary(pipe).schedule
+    return {
+        "calibrating": calibrating, "cached": cached, "blocks": cached_blocks,
+        "repeat": generate_latents(pipe, tiny_inputs("flux", seed=1), STEPS),
+        "schedule": (schedule.compute_steps, schedule.spans), "source": schedule.metadata["source"],
+    }  # fmt: skip
 
 
 STACKS = [
@@ -153,6 +176,21 @@ def test_different_schedules_on_two_ranks_are_an_error_not_a_hang(ranks):
         assert error is not None and "schedules differ between the ranks" in error
         for budget in (BUDGET, BUDGET + 2):
             assert str(list(Schedule.uniform(STEPS, budget).compute_steps)) in error
+
+
+def test_calibrate_on_first_use_under_context_parallelism(ranks):
+    """The default path, ``budget=B`` on a checkpoint with nothing stored: the calibrating generation is the
+    uncached parallel run, then every rank takes the same calibrated schedule and runs B x blocks; a repeat is
+    bit-identical."""
+    schedules = {rank["first_use"]["schedule"] for rank in ranks}
+    assert len(schedules) == 1 and len(next(iter(schedules))[0]) == BUDGET
+    for rank in ranks:
+        first_use = rank["first_use"]
+        assert torch.equal(first_use["calibrating"], rank["uncached"]["latents"])
+        assert first_use["source"].startswith("calibrated on first use")
+        assert first_use["blocks"] == {"transformer_blocks": BUDGET, "single_transformer_blocks": BUDGET}
+        assert torch.equal(first_use["repeat"], first_use["cached"])
+    torch.testing.assert_close(ranks[0]["first_use"]["cached"], ranks[1]["first_use"]["cached"], atol=1e-5, rtol=0)
 
 
 def test_schedule_fingerprint_is_a_value_of_the_steps_and_spans():
