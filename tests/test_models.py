@@ -29,6 +29,11 @@ def _generate(model, classes, seed=0, steps=50):
                           generator=torch.Generator().manual_seed(seed), output_type="pt").images  # fmt: skip
 
 
+def test_enabling_mean_cache_on_the_loaded_model_points_to_its_pipeline(model):
+    with pytest.raises(TypeError, match=r"cannot drive DigitsModel: .*pass its pipeline, `\.pipe`"):
+        enable_mean_cache(model, MeanCacheConfig(budget=10))
+
+
 def test_bundled_models_load_with_from_pretrained(model):
     pipe, config = model.pipe, model.pipe.transformer.config
     assert type(pipe).__name__ == {"digits-flux": "FluxPipeline", "digits-qwen": "QwenImagePipeline"}[model.recipe.name]

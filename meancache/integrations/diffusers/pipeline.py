@@ -59,9 +59,11 @@ def check_supported(pipe: DiffusionPipeline) -> None:
     lost 0.9 dB to UniPC run with 10 steps), the SDE solvers, and every other scheduler."""
     name = type(pipe).__name__
     if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        inner = getattr(pipe, "pipe", None)
+        hint = f"; pass its pipeline, `.pipe` ({type(inner).__name__})" if hasattr(inner, "transformer") else ""
         raise TypeError(
             f"MeanCache cannot drive {name}: it has no `transformer` module to skip (MeanCache accelerates "
-            "flow-matching transformer pipelines: FLUX, Qwen-Image, Wan, ...)"
+            f"flow-matching transformer pipelines: FLUX, Qwen-Image, Wan, ...){hint}"
         )
     scheduler = getattr(pipe, "scheduler", None)
     config = getattr(scheduler, "config", {})
