@@ -7,10 +7,10 @@ the checked composite);
 ``kernel`` is the dispatcher op's ``.out`` overload alone (no Python-side checks, no allocation); ``copy``
 is ``dst.copy_(src)`` over 3 latents' worth of float32 (the same 6 latents of traffic).
 
-Rows are timed interleaved (each round runs every row once, in turn), median of 200 rounds, so a change in
-the machine's load falls on every row alike. Sizes are float32 latents (MeanCache's history dtype) of FLUX
-1024x1024 (4096 x 64), Qwen-Image 1664x928 (6032 x 64) and HunyuanVideo 720p x 129 frames
-(16 x 33 x 90 x 160). Results:
+Rows are timed interleaved (each round runs every row once, in turn; the eager composite apart), median of
+200 rounds, so a change in the machine's load falls on every row alike. Sizes are float32 latents
+(MeanCache's history dtype) of FLUX 1024x1024 (4096 x 64), Qwen-Image 1664x928 (6032 x 64) and HunyuanVideo
+720p x 129 frames (16 x 33 x 90 x 160). Results:
 ``benchmarks/results/average_velocity_step_<device>.json``.
 """
 
@@ -57,24 +57,31 @@ def _implementations(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
     }
 
 
+INTERLEAVED = (("fused", "fused_out", "kernel", "copy"), ("eager",))
+"""Rows timed interleaved with each other. The eager composite goes apart: freeing its five temporaries per
+call trims the heap, so whichever call follows it would fault fresh pages in."""
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_average_velocity_step(benchmark, size):
-    """Every row timed interleaved: each round runs every implementation once, in turn, so a change in the
-    machine's load falls on all of them alike; the median of :data:`ROUNDS` rounds."""
+    """Each group of :data:`INTERLEAVED` rows timed interleaved: every round runs each row once, in turn, so a
+    change in the machine's load falls on all of them alike; the median of :data:`ROUNDS` rounds."""
     calls = _implementations(SIZES[size])
     seconds: dict[str, list[float]] = {name: [] for name in calls}
 
     def interleaved_rounds() -> None:
-        for _ in range(ROUNDS):
-            for name, call in calls.items():
-                _sync()
-                start = time.perf_counter()
-                call()
-                _sync()
-                seconds[name].append(time.perf_counter() - start)
+        for group in INTERLEAVED:
+            for _ in range(ROUNDS):
+                for name in group:
+                    _sync()
+                    start = time.perf_counter()
+                    calls[name]()
+                    _sync()
+                    seconds[name].append(time.perf_counter() - start)
 
     interleaved_rounds()  # warm-up: allocator, caches, CPU frequency
-    seconds = {name: [] for name in calls}
+    for values in seconds.values():
+        values.clear()
     benchmark.pedantic(interleaved_rounds, rounds=1, iterations=1)
     _timings[size] = {name: statistics.median(values) for name, values in seconds.items()}
 
