@@ -20,3 +20,11 @@ def _meancache_home(tmp_path_factory, monkeypatch):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters empty before and after the test (compiled-graph counts start at zero)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -15,6 +15,8 @@ import meancache
 from meancache import MeanCacheConfig, enable_mean_cache
 from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 STEPS, BUDGET, CFG_BRANCHES = 20, 6, 2
 CPU = torch.device("cpu")
 OFFLOAD = {
@@ -34,13 +36,6 @@ CASES = [  # (compile, offload, enable order): "C" compile, "O" offload, "M" Mea
     ("transformer.compile", "group offload, block level", "COM"),
     ("compile_repeated_blocks(fullgraph=True)", "model CPU offload", "OMC"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")

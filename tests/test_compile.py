@@ -10,6 +10,8 @@ from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean
 from meancache.integrations.diffusers import calibrate_pipeline, select_schedule
 from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 SCHEDULE = Schedule(20, (0, 1, 2, 5, 9, 14, 19), (1, 1, 2, 3, 4, 5))
 
 
@@ -35,13 +37,6 @@ ENTRY_POINTS = {
     "compile_repeated_blocks": _compile_blocks,
     "dynamic=False": _compile_static,
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
