@@ -85,14 +85,14 @@ def test_first_generations_are_the_uncached_pipeline_then_the_budget_runs(caplog
     generate_latents(pipe, inputs, 12, seed=2)
     report = summary(pipe)
     disable_mean_cache(pipe)
-    assert report.schedule.metadata["source"].startswith("calibrated on first use (2 generations")
+    assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay, 2 generations")
     assert (report.computed_steps, report.transformer_calls) == (5, 10)
     assert max(report.schedule.spans) > 1  # average-velocity spans, not plain reuse
     (stored,) = calibration_store().files()
     assert Calibration.load(stored).trajectories == 2
     enable_mean_cache(pipe, MeanCacheConfig(budget=7, calibration_runs=2))  # another budget: same costs
     generate_latents(pipe, inputs, 12)
-    assert summary(pipe).computed_steps == 7 and _source(pipe).startswith("calibrated on first use")
+    assert summary(pipe).computed_steps == 7 and _source(pipe).startswith("calibrated on first use (2 generations")
     disable_mean_cache(pipe)
 
 
@@ -182,7 +182,8 @@ def test_new_processes_find_the_stored_calibration_and_write_it_safely(flux):
         out, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err
         calls, source = out.strip().splitlines()[-1].split(" ", 1)
-        assert int(calls) == BUDGET and source.startswith("calibrated on first use (1 generations"), out
+        assert int(calls) == BUDGET, out
+        assert source.startswith("calibrated on first use (validated by replay, 1 generations"), out
     (path,) = calibration_store().files()
     assert Calibration.load(path).trajectories == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
