@@ -131,20 +131,9 @@ def test_candidate_schedules_include_the_shortest_bridging_gap():
     assert any(c.metadata["max_gap"] == 2 for c in cal.candidate_schedules(8))
 
 
-def _full_run(sigmas: list[float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Latents before each step and velocities of a full-compute Euler run of ``toy_velocity``."""
-    z, latents, velocities = torch.randn(3, 4), [], []
-    for step in range(len(sigmas) - 1):
-        v = toy_velocity(z, sigmas[step])
-        latents.append(z)
-        velocities.append(v)
-        z = z + (sigmas[step + 1] - sigmas[step]) * v
-    return latents, velocities
-
-
 def test_replay_error_is_the_drift_of_the_replayed_run():
     sigmas = torch.linspace(1.0, 0.0, 4).tolist()
-    latents, velocities = _full_run(sigmas)
+    latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
     assert replay_error(Schedule(3, (0, 1, 2), (1, 1)), latents, velocities, sigmas) == pytest.approx(0.0, abs=1e-7)
     # step 1 skipped with plain reuse: z_hat_2 = z_1 + (s2 - s1) v_0 is off by (s2 - s1)(v_0 - v_1), and step 2
     # (computed, with the recorded v_2) carries that offset to z_hat_3
@@ -156,7 +145,7 @@ def test_replay_error_is_the_drift_of_the_replayed_run():
 
 def test_select_by_replay_keeps_the_least_replay_error():
     sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
-    latents, velocities = _full_run(sigmas)
+    latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
     candidates = [
         Schedule.uniform(N, 5, span=1),
         Schedule.uniform(N, 5, span=3),
