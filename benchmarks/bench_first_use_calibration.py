@@ -1,7 +1,8 @@
 """Calibrate on first use against the shipped, validated schedules, on the bundled digits models.
 
 For each bundled model, with its shipped schedules hidden (the pipeline's ``name_or_path`` is renamed, so
-``MeanCacheConfig(budget=B)`` finds no schedule in the model folder and no preset), ``calibration_runs`` R = 1,
+``MeanCacheConfig(budget=B)`` finds no schedule in the model folder) and the presets matched by transformer
+family hidden (digits-qwen runs Qwen-Image's transformer class), ``calibration_runs`` R = 1,
 2, 4 and each budget B (a fresh calibration store per R and B, since the last calibrating generation selects the
 schedule for its own budget): R generations of one digit each (digit ``i mod 10``, seed ``1000 + i``: disjoint
 from the evaluation seeds 0-2 and the shipped calibration's 100-102) run in full while MeanCache calibrates, the
@@ -34,6 +35,7 @@ from meancache.cli.demo import image_metrics
 from meancache.integrations.diffusers.first_use import SELECTED, first_use_schedule
 from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
+from meancache.schedule import defaults
 
 BUDGETS = (8, 10, 13, 17)
 RUNS = (1, 2, 4)
@@ -46,6 +48,7 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     pipe.register_to_config(_name_or_path=f"benchmark/{model_name}-schedules-hidden")
+    monkeypatch.setattr(defaults, "MODEL_FAMILIES", {})  # digits-qwen's transformer would get Qwen-Image's presets
     shipped_calibration = Calibration.load(bundled_model_path(model_name) / "meancache_calibration.json")
     euler = pipe.scheduler
 
