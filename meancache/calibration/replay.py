@@ -14,8 +14,9 @@ computed step, so they miss how one interval's estimated velocities enter the ne
 :func:`select_by_replay` keeps the candidate with the least error.
 
 Measured on the bundled models (``docs/schedule_study.md``): over the candidates of a 2-generation
-calibration, replay error ranks the candidates as running them on the same two calls does (the same pick at
-B = 8, 10, 13, 17 on digits-flux), and its pick is 0.0-4.4 dB above the single PSSP solution.
+calibration, replay error picks what running the candidates on the same two calls picks (at B = 8, 10, 13, 17
+on digits-flux); against the same calibration's single PSSP solution its pick is +0.2 to +3.8 dB at 7 of 8
+budget-model pairs and -1.6 dB at digits-flux B = 10, where the two calibrating digits mislead both.
 """
 
 from __future__ import annotations
