@@ -1,24 +1,26 @@
 """Calibrate on first use against the shipped, validated schedules, on the bundled digits models.
 
 For each bundled model, with its shipped schedules hidden (the pipeline's ``name_or_path`` is renamed, so
-``MeanCacheConfig(budget=B)`` finds no schedule in the model folder and no preset), ``calibration_runs`` R = 1,
-2, 4: R generations of one digit each (digit ``i mod 10``, seed ``1000 + i``: disjoint from the evaluation
-seeds 0-2 and the shipped calibration's 100-102) run in full while MeanCache calibrates; then each budget B
-runs the schedule ``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the stored calibration
-(default solver settings, :func:`meancache.integrations.diffusers.first_use.first_use_schedule`: closed-loop
-costs, gamma 2, spans up to 3, gaps up to 6 or the shortest the budget can bridge). At B = 10 the same
-calibration is also solved with the settings of the shipped calibration's single solution (gamma 2, spans up to
-5, gaps up to 8) and with spans up to 3 and gaps up to 8, to check the defaults.
+``MeanCacheConfig(budget=B)`` finds no schedule in the model folder) and the presets matched by transformer
+family hidden (digits-qwen runs Qwen-Image's transformer class), ``calibration_runs`` R = 1,
+2, 4 and each budget B (a fresh calibration store per R and B, since the last calibrating generation selects the
+schedule for its own budget): R generations of one digit each (digit ``i mod 10``, seed ``1000 + i``: disjoint
+from the evaluation seeds 0-2 and the shipped calibration's 100-102) run in full while MeanCache calibrates, the
+last one also selecting by replay (:mod:`meancache.calibration.replay`); then B runs the schedule
+``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the store. The same calibration's PSSP solution
+with the default solver settings (what a budget gets without a replayed selection) is a row too.
 
 Rows at B = 8, 10, 13, 17, against the full 50-step run over digits 0-9 x seeds 0-2 (PSNR, SSIM): the shipped
 validated schedule, a single PSSP solution (closed-loop, gamma 2) of the shipped 30-trajectory calibration,
 uniform plain reuse (K = 1), and DPM-Solver++ 2M at B steps. Overhead: the median wall time of a calibrating
-generation over a plain generation of the same one-digit call.
+generation over a plain generation of the same one-digit call, for the calibrating generations that only
+measure costs and for the last ones, which also select by replay.
 Results: ``benchmarks/results/first_use_calibration_<model>.json``.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -30,13 +32,13 @@ from benchmarks.helpers import write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration, calibration_store
 from meancache.cli.demo import image_metrics
+from meancache.integrations.diffusers.first_use import SELECTED, first_use_schedule
 from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
-from meancache.schedule.pssp import solve_pssp
+from meancache.schedule import defaults
 
 BUDGETS = (8, 10, 13, 17)
 RUNS = (1, 2, 4)
-OTHER_SOLVER_SETTINGS = [(2.0, 5, 8), (2.0, 3, 8)]  # (gamma, largest span, largest gap), at B = 10 only (CPU time)
 DPM = "fewer steps: DPM-Solver++ 2M"
 
 
@@ -46,6 +48,7 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     pipe.register_to_config(_name_or_path=f"benchmark/{model_name}-schedules-hidden")
+    monkeypatch.setattr(defaults, "MODEL_FAMILIES", {})  # digits-qwen's transformer would get Qwen-Image's presets
     shipped_calibration = Calibration.load(bundled_model_path(model_name) / "meancache_calibration.json")
     euler = pipe.scheduler
 
@@ -72,37 +75,38 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
     def measure() -> tuple[list[dict], dict]:
         references = evaluate()
         rows: list[dict] = []
-        plain_seconds, calibrating_seconds = [], []
+        seconds: dict[str, list[float]] = {"plain": [], "calibrating": [], "selecting": []}
         for _ in range(3):
             start = time.perf_counter()
             generate(model.inputs([0]), 1000)
-            plain_seconds.append(time.perf_counter() - start)
-        for runs in RUNS:
-            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_R{runs}"))
-            enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGETS[0], calibration_runs=runs))
+            seconds["plain"].append(time.perf_counter() - start)
+        for runs, budget in itertools.product(RUNS, BUDGETS):
+            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_R{runs}_B{budget}"))
+            config = MeanCacheConfig(budget=budget, calibration_runs=runs)
+            enable_mean_cache(pipe, config)
             for i in range(runs):
                 start = time.perf_counter()
                 generate(model.inputs([i % 10]), 1000 + i)
-                calibrating_seconds.append(time.perf_counter() - start)
+                seconds["selecting" if i == runs - 1 else "calibrating"].append(time.perf_counter() - start)
                 assert summary(pipe).schedule.metadata["source"].startswith("calibrating on first use")
             disable_mean_cache(pipe)
-            for budget in BUDGETS:
-                enable_mean_cache(pipe, MeanCacheConfig(budget=budget, calibration_runs=runs))
-                images = evaluate()
-                report = summary(pipe)
-                disable_mean_cache(pipe)
-                assert report.schedule.metadata["source"].startswith("calibrated on first use"), report
-                assert report.computed_steps == budget
-                schedule = report.schedule
-                rows.append(row(f"calibrate on first use, R={runs}", budget, images, references,
-                                compute_steps=list(schedule.compute_steps), spans=list(schedule.spans)))  # fmt: skip
-            stored = calibration_store().files()
-            assert len(stored) == 1 and Calibration.load(stored[0]).trajectories == runs
-            calibration = Calibration.load(stored[0])
-            for gamma, span, gap in OTHER_SOLVER_SETTINGS:
-                found = solve_pssp(calibration.closed_loop[..., :span], 10, gamma=gamma, max_gap=gap)
-                rows.append(row(f"first-use calibration R={runs}: gamma={gamma:g}, max span {span}, max gap {gap}", 10,
-                                run_schedule(found), references))  # fmt: skip
+            enable_mean_cache(pipe, config)
+            images = evaluate()
+            report = summary(pipe)
+            disable_mean_cache(pipe)
+            assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay"), report
+            assert report.computed_steps == budget
+            schedule = report.schedule
+            rows.append(row(f"calibrate on first use, R={runs}", budget, images, references,
+                            compute_steps=list(schedule.compute_steps), spans=list(schedule.spans)))  # fmt: skip
+            (stored,) = calibration_store().files()
+            calibration = Calibration.load(stored)
+            assert calibration.trajectories == runs
+            del calibration.metadata[SELECTED]
+            single = first_use_schedule(calibration, budget)
+            rows.append(row(f"first-use calibration R={runs}: PSSP default settings, no replay", budget,
+                            run_schedule(single), references, compute_steps=list(single.compute_steps),
+                            spans=list(single.spans)))  # fmt: skip
         for budget in BUDGETS:
             shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
             single = shipped_calibration.schedule(budget, kind="closed-loop", gamma=2.0)
@@ -117,13 +121,10 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
                 rows.append(row(DPM, budget, evaluate(budget), references))
             finally:
                 pipe.scheduler = euler
-        overhead = {
-            "plain_generation_median_s": float(np.median(plain_seconds)),
-            "calibrating_generation_median_s": float(np.median(calibrating_seconds)),
-        }
-        overhead["calibrating_over_plain"] = (
-            overhead["calibrating_generation_median_s"] / overhead["plain_generation_median_s"]
-        )
+        plain = float(np.median(seconds["plain"]))
+        overhead = {f"{kind}_generation_median_s": float(np.median(values)) for kind, values in seconds.items()}
+        overhead |= {f"{kind}_over_plain": overhead[f"{kind}_generation_median_s"] / plain
+                     for kind in ("calibrating", "selecting")}  # fmt: skip
         return rows, overhead
 
     rows, overhead = benchmark.pedantic(measure, rounds=1, iterations=1)

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from meancache import Schedule
-from meancache.calibration import CANDIDATE_GAMMAS, Calibration, StabilityCostAccumulator, calibrate
+from meancache.calibration import (
+    CANDIDATE_GAMMAS,
+    Calibration,
+    StabilityCostAccumulator,
+    calibrate,
+    replay_error,
+    select_by_replay,
+)
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
 from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
@@ -115,6 +122,43 @@ def test_candidate_schedules_cover_the_solver_grid():
     assert all(max(b - a for a, b in itertools.pairwise(c.compute_steps)) <= c.metadata["max_gap"] for c in candidates)
     with pytest.raises(ValueError, match="no schedule with 2 computed steps bridges gaps of at most 5"):
         cal.candidate_schedules(2)
+
+
+def test_candidate_schedules_include_the_shortest_bridging_gap():
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    cal = calibrate(toy_velocity, [torch.randn(4)], sigmas, MAX_GAP, MAX_SPAN)
+    # budget 8 over 13 intervals bridges gaps of 2 (ceil(13 / 7)), below the grid's 3..5
+    assert any(c.metadata["max_gap"] == 2 for c in cal.candidate_schedules(8))
+
+
+def test_replay_error_is_the_drift_of_the_replayed_run():
+    sigmas = torch.linspace(1.0, 0.0, 4).tolist()
+    latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
+    assert replay_error(Schedule(3, (0, 1, 2), (1, 1)), latents, velocities, sigmas) == pytest.approx(0.0, abs=1e-7)
+    # step 1 skipped with plain reuse: z_hat_2 = z_1 + (s2 - s1) v_0 is off by (s2 - s1)(v_0 - v_1), and step 2
+    # (computed, with the recorded v_2) carries that offset to z_hat_3
+    offset = float(((sigmas[2] - sigmas[1]) * (velocities[0] - velocities[1])).abs().mean())
+    assert replay_error(Schedule(3, (0, 2), (1,)), latents, velocities, sigmas) == pytest.approx(2 * offset, rel=1e-5)
+    with pytest.raises(ValueError, match="cannot replay"):
+        replay_error(Schedule(4, (0, 3), (1,)), latents, velocities, sigmas)
+
+
+def test_select_by_replay_keeps_the_least_replay_error():
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
+    candidates = [
+        Schedule.uniform(N, 5, span=1),
+        Schedule.uniform(N, 5, span=3),
+        Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2)),
+    ]
+    errors = [replay_error(c, latents, velocities, sigmas) for c in candidates]
+    chosen = select_by_replay(candidates, latents, velocities, sigmas)
+    best = min(range(3), key=errors.__getitem__)
+    assert (chosen.compute_steps, chosen.spans) == (candidates[best].compute_steps, candidates[best].spans)
+    assert chosen.metadata["replay_error"] == errors[best] and chosen.metadata["replay_candidates"] == 3
+    assert len(set(errors)) == 3  # the candidates differ, so the choice is not a tie
+    with pytest.raises(ValueError, match="candidates is empty"):
+        select_by_replay([], latents, velocities, sigmas)
 
 
 @pytest.mark.parametrize("kind", ["flux", "qwen-image", "hunyuan-video"])

@@ -17,6 +17,9 @@ from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean
 from meancache.calibration import Calibration, CalibrationStore, calibration_store, combine_calibrations
 from meancache.calibration.store import key_digest
 from meancache.cli.main import main
+from meancache.integrations.diffusers import first_use
+from meancache.integrations.diffusers import key as key_module
+from meancache.integrations.diffusers.key import WeightsFingerprint, weights_fingerprint
 from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
 
 STEPS, BUDGET = 10, 4
@@ -64,6 +67,70 @@ def test_key_follows_trajectory_settings_not_prompt_or_seed(flux):
     assert _key_of(flux, inputs) == base
 
 
+class _AdapterLayer(torch.nn.Module):
+    """The attributes of a PEFT tuner layer that adapter_settings reads (peft is not a dependency)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A = torch.nn.Linear(2, 2)
+        self.scaling = {"style": 1.0, "other": 0.5}
+        self.active_adapters = ["style"]
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+
+def test_fingerprint_follows_adapter_scales_and_is_recomputed_only_on_change(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), _AdapterLayer())
+    layer = model[1]
+    base = weights_fingerprint(model)
+    layer.scaling["style"] = 0.7  # set_adapters("style", 0.7)
+    assert weights_fingerprint(model) != base
+    layer.scaling["style"] = 1.0
+    assert weights_fingerprint(model) == base
+    layer.scaling["other"] = 2.0  # an inactive adapter's scale does not matter
+    assert weights_fingerprint(model) == base
+    for change, undo in [("active_adapters", ["style", "other"]), ("merged_adapters", ["style"]),
+                         ("disable_adapters", True)]:  # fmt: skip
+        saved = getattr(layer, change)
+        setattr(layer, change, undo)
+        assert weights_fingerprint(model) != base, change
+        setattr(layer, change, saved)
+
+    computed = []
+    monkeypatch.setattr(key_module, "weights_fingerprint", lambda m: computed.append(m) or weights_fingerprint(m))
+    cached = WeightsFingerprint()
+    assert cached(model) == cached(model) == base and len(computed) == 1
+    layer.scaling["style"] = 0.7
+    assert cached(model) != base and len(computed) == 2
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # in place: the version counter moves
+    cached(model)
+    model[0].weight = torch.nn.Parameter(torch.zeros(2, 2))  # replaced
+    cached(model)
+    assert len(computed) == 4
+
+
+def test_a_repeated_generation_reads_no_file_and_solves_nothing(flux, monkeypatch):
+    inputs = tiny_inputs("flux")
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    try:
+        generate_latents(flux, inputs, STEPS)  # calibrates
+        calls: list[str] = []
+        for module, name in [(key_module, "weights_fingerprint"), (first_use, "first_use_schedule")]:
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+        load = CalibrationStore.load
+        monkeypatch.setattr(CalibrationStore, "load", lambda *a: calls.append("load") or load(*a))
+        generate_latents(flux, inputs, STEPS, seed=1)  # the fingerprint is the calibrating generation's
+        assert sorted(set(calls)) == ["first_use_schedule", "load"]
+        calls.clear()
+        generate_latents(flux, tiny_inputs("flux", seed=3), STEPS, seed=2)  # same key: another prompt and seed
+        assert calls == [] and _source(flux).startswith("calibrated on first use")
+        assert summary(flux).computed_steps == BUDGET
+    finally:
+        disable_mean_cache(flux)
+
+
 def test_key_follows_true_cfg_scale():
     pipe = tiny_pipeline("qwen-image")
     pipe.set_progress_bar_config(disable=True)
@@ -85,14 +152,14 @@ def test_first_generations_are_the_uncached_pipeline_then_the_budget_runs(caplog
     generate_latents(pipe, inputs, 12, seed=2)
     report = summary(pipe)
     disable_mean_cache(pipe)
-    assert report.schedule.metadata["source"].startswith("calibrated on first use (2 generations")
+    assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay, 2 generations")
     assert (report.computed_steps, report.transformer_calls) == (5, 10)
     assert max(report.schedule.spans) > 1  # average-velocity spans, not plain reuse
     (stored,) = calibration_store().files()
     assert Calibration.load(stored).trajectories == 2
     enable_mean_cache(pipe, MeanCacheConfig(budget=7, calibration_runs=2))  # another budget: same costs
     generate_latents(pipe, inputs, 12)
-    assert summary(pipe).computed_steps == 7 and _source(pipe).startswith("calibrated on first use")
+    assert summary(pipe).computed_steps == 7 and _source(pipe).startswith("calibrated on first use (2 generations")
     disable_mean_cache(pipe)
 
 
@@ -182,7 +249,8 @@ def test_new_processes_find_the_stored_calibration_and_write_it_safely(flux):
         out, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err
         calls, source = out.strip().splitlines()[-1].split(" ", 1)
-        assert int(calls) == BUDGET and source.startswith("calibrated on first use (1 generations"), out
+        assert int(calls) == BUDGET, out
+        assert source.startswith("calibrated on first use (validated by replay, 1 generations"), out
     (path,) = calibration_store().files()
     assert Calibration.load(path).trajectories == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left

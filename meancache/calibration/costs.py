@@ -18,6 +18,7 @@ maximum. Memory is bounded: a window of ``max_span + max_gap + 1`` steps, never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import deque
@@ -91,12 +92,16 @@ class Calibration:
 
     def candidate_schedules(self, budget: int) -> list[Schedule]:
         """Closed-loop PSSP schedules for ``budget`` over a small grid of solver settings, for validation
-        (:func:`meancache.integrations.diffusers.select_schedule`): ``gamma`` in ``CANDIDATE_GAMMAS``, the
-        largest span in ``3 .. max_span`` and the largest gap in ``max_gap - 2 .. max_gap``. The costs only
+        (:func:`meancache.integrations.diffusers.select_schedule`, :func:`meancache.calibration.select_by_replay`):
+        ``gamma`` in ``CANDIDATE_GAMMAS``, the largest span in ``3 .. max_span`` and the largest gap in
+        ``max_gap - 2 .. max_gap`` and, when shorter, the shortest gap the budget can bridge,
+        ``ceil((N - 1) / (budget - 1))`` (at large budgets the evenly spread schedule). The costs only
         approximate the error of a whole run, so the best of these is picked by running them; the grid is
         small because settings close to the calibration's own give nearly the same schedules."""
         candidates: dict[tuple[tuple[int, ...], tuple[int, ...]], Schedule] = {}
-        for gap in range(max(2, self.max_gap - 2), self.max_gap + 1):
+        bridging = math.ceil((self.num_steps - 1) / max(budget - 1, 1))
+        gaps = sorted({*range(max(2, self.max_gap - 2), self.max_gap + 1), max(2, min(bridging, self.max_gap))})
+        for gap in gaps:
             for span in range(min(3, self.max_span), self.max_span + 1):
                 for gamma in CANDIDATE_GAMMAS:
                     try:

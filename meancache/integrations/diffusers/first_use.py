@@ -8,15 +8,24 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
   observes each step's latents and guided velocity (a batch is averaged in: the costs are element means).
 * When it completes, its costs are folded into the key's stored calibration (weighted by generations) and
   saved; an interrupted generation adds nothing.
-* Once the stored calibration has ``calibration_runs`` generations, the run's schedule is its PSSP solution
-  for the budget (:func:`first_use_schedule`); any other budget is solved from the same costs.
-* Costs are measured for gaps up to ``MAX_GAP`` (8) and spans up to ``MAX_SPAN`` (5). The solver uses closed-loop
-  costs, gamma ``GAMMA`` (2), spans up to ``SOLVER_MAX_SPAN`` (3) and gaps up to ``SOLVER_GAP`` (6), or the
-  shortest gap the budget can bridge (``ceil((N - 1) / (B - 1))``) when that is longer. A few calibrating
-  generations rank long intervals and long spans poorly, so they are limited (measured:
-  ``benchmarks/bench_first_use_calibration.py``, ``docs/schedule_study.md``). A budget below
+* The last calibrating generation also keeps its trajectory (latents and velocities of every step, on the CPU
+  in bfloat16: ``2 N`` latents, freed when it ends). Then **validated selection by replay** picks the schedule
+  for the generation's budget: the candidates of :meth:`~meancache.calibration.Calibration.candidate_schedules`
+  (closed-loop PSSP over gamma 1.5/2/3, spans up to 3..5, gaps up to 6..8 and the shortest the budget can
+  bridge) are replayed on that trajectory with no transformer call
+  (:func:`~meancache.calibration.select_by_replay`), and the one with the least replay error is stored in the
+  calibration's metadata (``selected``, by budget).
+* Once the stored calibration has ``calibration_runs`` generations, the run's schedule is the selected one for
+  its budget (:func:`first_use_schedule`); another budget, for which no trajectory was kept, gets the PSSP
+  solution with closed-loop costs, gamma ``GAMMA`` (2), spans up to ``SOLVER_MAX_SPAN`` (3) and gaps up to
+  ``SOLVER_GAP`` (6), or the shortest gap the budget can bridge (``ceil((N - 1) / (B - 1))``) when longer.
+  Measured: ``benchmarks/bench_first_use_calibration.py``, ``docs/schedule_study.md``.
+* Costs are measured for gaps up to ``MAX_GAP`` (8) and spans up to ``MAX_SPAN`` (5). A budget below
   ``ceil((N - 1) / MAX_GAP) + 1`` cannot bridge the run; it is not calibrated (the uniform fallback runs, with a
   log message).
+* Per pipeline, the schedule resolved for a key and budget is kept: a later generation with the same key reads
+  no file and solves nothing (the key's weight fingerprint is cached too:
+  :class:`~meancache.integrations.diffusers.key.WeightsFingerprint`).
 """
 
 from __future__ import annotations
@@ -31,8 +40,15 @@ from typing import Any
 
 import torch
 
-from meancache.calibration import Calibration, CalibrationStore, StabilityCostAccumulator, combine_calibrations
+from meancache.calibration import (
+    Calibration,
+    CalibrationStore,
+    StabilityCostAccumulator,
+    combine_calibrations,
+    select_by_replay,
+)
 from meancache.calibration.store import key_digest
+from meancache.integrations.diffusers.key import WeightsFingerprint
 from meancache.schedule import Schedule
 from meancache.schedule.pssp import solve_pssp
 
@@ -41,17 +57,25 @@ MAX_SPAN = 5
 GAMMA = 2.0
 SOLVER_MAX_SPAN = 3
 SOLVER_GAP = 6
+TRAJECTORY_DTYPE = torch.bfloat16
+"""The dtype the last calibrating generation keeps its trajectory in, for replay (measured: the same picks as
+float32 on both bundled models)."""
+SELECTED = "selected"
+"""Calibration metadata: budget (as a string) -> the schedule validated selection picked for it."""
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class FirstUseCalibration:
-    """Calibrate-on-first-use settings and the keys already announced, for one pipeline."""
+    """Calibrate-on-first-use settings for one pipeline, the keys already announced, and what was resolved per key:
+    the transformer's weight fingerprint and the schedule for each (key digest, budget)."""
 
     runs: int
     store: CalibrationStore
     announced: set[str] = field(default_factory=set)
+    fingerprint: WeightsFingerprint = field(default_factory=WeightsFingerprint)
+    schedules: dict[tuple[str, int], Schedule] = field(default_factory=dict)
 
     def for_generation(self, make_key: Callable[[], dict[str, Any]]) -> GenerationCalibration:
         return GenerationCalibration(self, make_key)
@@ -67,26 +91,36 @@ class GenerationCalibration:
     make_key: Callable[[], dict[str, Any]] = field(repr=False)
     accumulator: StabilityCostAccumulator | None = None
     """Set when this generation calibrates."""
+    budget: int = 0
+    """The budget this generation's calibration selects a schedule for."""
+    trajectory: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None, repr=False)
+    """Latents and velocities of every step, kept by the last calibrating generation for replay."""
     started: float = 0.0
 
     @functools.cached_property
     def key(self) -> dict[str, Any]:
         return self.make_key()
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         return key_digest(self.key)
 
     def stored(self, num_steps: int, budget: int) -> Schedule | None:
+        cached = self.owner.schedules.get((self.digest, budget))
+        if cached is not None:
+            return cached
         calibration = self.owner.store.load(self.key)
         if calibration is None or calibration.trajectories < self.owner.runs or not _bridgeable(num_steps, budget):
             return None
         schedule = first_use_schedule(calibration, budget)
         path = self.owner.store.path(self.key)
         where = f"stored in {path}" if path is not None and path.exists() else "kept in memory"
-        source = f"calibrated on first use ({calibration.trajectories} generations, key {self.digest}, {where})"
-        metadata = {**schedule.metadata, "source": source}
-        return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
+        how = "validated by replay, " if "replay_error" in schedule.metadata else ""
+        source = f"calibrated on first use ({how}{calibration.trajectories} generations, key {self.digest}, {where})"
+        schedule = Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans,
+                            {**schedule.metadata, "source": source})  # fmt: skip
+        self.owner.schedules[(self.digest, budget)] = schedule
+        return schedule
 
     def calibrating(self, num_steps: int, budget: int) -> Schedule | None:
         if self.owner.runs == 0 or not _bridgeable(num_steps, budget) or budget == num_steps:
@@ -103,6 +137,9 @@ class GenerationCalibration:
                 self.owner.runs - done, budget,
             )  # fmt: skip
         self.accumulator = StabilityCostAccumulator(self.key["sigmas"], MAX_GAP, MAX_SPAN)
+        self.budget = budget
+        if done + 1 >= self.owner.runs:
+            self.trajectory = ([], [])
         self.started = time.perf_counter()
         runs = self.owner.runs
         source = f"calibrating on first use: generation {done + 1} of {runs} runs in full (key {self.digest})"
@@ -112,9 +149,13 @@ class GenerationCalibration:
         """Observe step ``step`` (latents before it, guided velocity) of the calibrating generation."""
         assert self.accumulator is not None
         self.accumulator.add_step(step, z, v)
+        if self.trajectory is not None:
+            for kept, tensor in zip(self.trajectory, (z, v), strict=True):
+                kept.append(tensor.detach().to("cpu", TRAJECTORY_DTYPE))
 
     def finish(self) -> None:
-        """Fold the completed generation into the key's stored calibration."""
+        """Fold the completed generation into the key's stored calibration; the last calibrating generation
+        adds the schedule validated selection picks for its budget (module docstring)."""
         assert self.accumulator is not None
         metadata = {
             "cost_kinds": ["one-shot", "closed-loop"], "calibration_seconds": time.perf_counter() - self.started,
@@ -124,17 +165,42 @@ class GenerationCalibration:
         stored = self.owner.store.load(self.key)
         if stored is not None:
             calibration = combine_calibrations(stored, calibration)
+        if self.trajectory is not None and calibration.trajectories >= self.owner.runs:
+            latents, velocities = self.trajectory
+            chosen = select_by_replay(calibration.candidate_schedules(self.budget), latents, velocities,
+                                      calibration.sigmas)  # fmt: skip
+            entry = {name: chosen.metadata[name] for name in ("gamma", "max_gap", "max_span", "replay_error",
+                                                                "replay_candidates")}  # fmt: skip
+            entry |= {"compute_steps": list(chosen.compute_steps), "spans": list(chosen.spans)}
+            calibration.metadata[SELECTED] = {**_selected(calibration), str(self.budget): entry}
         self.owner.store.save(self.key, calibration)
-        self.accumulator = None
+        self.accumulator = self.trajectory = None
 
 
 def first_use_schedule(calibration: Calibration, budget: int) -> Schedule:
-    """The PSSP schedule of a first-use calibration for ``budget`` (solver settings: module docstring)."""
+    """The schedule of a first-use calibration for ``budget``: the one validated selection stored for it, else
+    the PSSP solution with the default solver settings (module docstring)."""
     n = calibration.num_steps
+    selected = _selected(calibration).get(str(budget))
+    if selected is not None:
+        try:
+            steps, spans = tuple(selected["compute_steps"]), tuple(selected["spans"])
+            settings = {k: v for k, v in selected.items() if k not in ("compute_steps", "spans")}
+            metadata = {**calibration.metadata, **settings, "cost_kind": "closed-loop", "budget": budget}
+            return Schedule(n, steps, spans, {k: v for k, v in metadata.items() if k != SELECTED})
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            logger.warning("MeanCache: ignoring the invalid selected schedule for budget %d (%s)", budget, e)
     gap = min(MAX_GAP, max(SOLVER_GAP, math.ceil((n - 1) / max(budget - 1, 1))))
     found = solve_pssp(calibration.closed_loop[..., :SOLVER_MAX_SPAN], budget, gamma=GAMMA, max_gap=gap)
     settings = {"cost_kind": "closed-loop", "max_span": SOLVER_MAX_SPAN, "budget": budget}
-    return Schedule(n, found.compute_steps, found.spans, {**calibration.metadata, **found.metadata, **settings})
+    metadata = {**calibration.metadata, **found.metadata, **settings}
+    return Schedule(n, found.compute_steps, found.spans, {k: v for k, v in metadata.items() if k != SELECTED})
+
+
+def _selected(calibration: Calibration) -> dict[str, Any]:
+    """The calibration's selected schedules by budget (nothing if the metadata entry is not a JSON object)."""
+    selected = calibration.metadata.get(SELECTED)
+    return selected if isinstance(selected, dict) else {}
 
 
 def _bridgeable(num_steps: int, budget: int) -> bool:

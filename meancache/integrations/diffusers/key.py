@@ -3,8 +3,9 @@
 :func:`calibration_key` is a JSON dict (the store names the file by its digest) with:
 
 * ``pipeline``: the pipeline class; ``checkpoint``: ``name_or_path`` (a hub id, or the resolved folder);
-* ``weights``: :func:`weights_fingerprint` of the transformer (a fused LoRA, other fine-tuned weights or
-  adapter layers change it);
+* ``weights``: :func:`weights_fingerprint` of the transformer (a fused LoRA, other fine-tuned weights,
+  adapter layers and their active adapters and scales change it), cached per pipeline by
+  :class:`WeightsFingerprint`;
 * ``sigmas``: the scheduler's sigmas for this run, rounded to 6 decimals: the step count and any shift,
   including the resolution-dependent one of FLUX.1 and Qwen-Image;
 * ``latent_shape`` and ``dtype``: the first transformer call's ``hidden_states`` without the batch dimension
@@ -34,12 +35,12 @@ FINGERPRINT_SAMPLES = 16
 def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMPLES) -> str:
     """SHA-256 (16 hex digits) over every parameter and buffer of ``module`` in ``named_parameters`` order:
     its name, shape and dtype, and ``samples`` elements at fixed, evenly spaced positions of the flattened
-    tensor (first and last included), as float64.
+    tensor (first and last included), as float64; then over :func:`adapter_settings`.
 
     Cost: one small gather per tensor and one device-to-host copy in all, whatever the model's size. A LoRA
     fused into the weights changes every sampled element of the layers it touches (its update is dense); an
-    unfused adapter adds parameters. Tensors on the ``meta`` device (sequential offloading) contribute their
-    name, shape and dtype only."""
+    unfused adapter adds parameters, and its scale and whether it is active are in :func:`adapter_settings`.
+    Tensors on the ``meta`` device (sequential offloading) contribute their name, shape and dtype only."""
     digest = hashlib.sha256()
     values = []
     for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
@@ -51,7 +52,53 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMP
         values.append(flat[positions].to(torch.float64))
     if values:
         digest.update(torch.cat([v.cpu() for v in values]).numpy().tobytes())
+    digest.update(repr(adapter_settings(module)).encode())
     return digest.hexdigest()[:16]
+
+
+AdapterSettings = tuple[str, tuple[str, ...], tuple[float, ...], tuple[str, ...], bool]
+
+
+def adapter_settings(module: torch.nn.Module) -> tuple[AdapterSettings, ...]:
+    """Per adapter layer of ``module`` (a PEFT tuner layer, as diffusers' ``load_lora_weights`` inserts: a
+    submodule holding a ``scaling`` dict, with ``active_adapters``): its name, its active adapters, their scales
+    (what ``set_adapters(names, weights)`` sets), the adapters merged into its weights (``fuse_lora``) and
+    whether adapters are disabled (``disable_lora``). Attribute reads only, no tensor is touched."""
+    settings = []
+    for name, layer in module.named_modules():
+        scaling = layer.__dict__.get("scaling")
+        if not isinstance(scaling, dict):
+            continue
+        active = getattr(layer, "active_adapters", ())
+        names = (active,) if isinstance(active, str) else tuple(active)
+        scales = tuple(round(float(scaling.get(a, 0.0)), 6) for a in names)
+        merged = tuple(getattr(layer, "merged_adapters", ()))
+        settings.append((name, names, scales, merged, bool(getattr(layer, "disable_adapters", False))))
+    return tuple(settings)
+
+
+class WeightsFingerprint:
+    """:func:`weights_fingerprint` of a module, recomputed only when its tensors or adapter settings changed.
+
+    The check is a walk over Python attributes, no device work: every parameter's and buffer's name, storage
+    address (``data_ptr``: weights replaced or moved) and in-place version counter (``_version``: ``copy_``,
+    ``add_``, ``load_state_dict``), and :func:`adapter_settings` (adapters loaded, fused, rescaled or switched).
+    An in-place write through ``tensor.data``, which bumps no version counter, is seen only through the adapter
+    settings it comes with (PEFT's merge, ``fuse_lora``, records the merged adapters)."""
+
+    def __init__(self) -> None:
+        self._signature: tuple[Any, ...] | None = None
+        self._value = ""
+
+    def __call__(self, module: torch.nn.Module) -> str:
+        signature = (
+            tuple((name, tensor.data_ptr(), tensor._version)
+                  for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())),
+            adapter_settings(module),
+        )  # fmt: skip
+        if signature != self._signature:
+            self._value, self._signature = weights_fingerprint(module), signature
+        return self._value
 
 
 def pipeline_guidance(pipe: Any) -> dict[str, Any]:
@@ -81,13 +128,14 @@ def checkpoint_identity(name_or_path: str) -> str:
 
 
 def calibration_key(
-    pipe: Any, transformer: torch.nn.Module, checkpoint: str, sigmas: list[float], latents: torch.Tensor | None
+    pipe: Any, weights: str, checkpoint: str, sigmas: list[float], latents: torch.Tensor | None
 ) -> dict[str, Any]:
-    """The key of a generation of ``pipe`` (module docstring); call it from inside the pipeline call."""
+    """The key of a generation of ``pipe`` whose transformer has :func:`weights_fingerprint` ``weights`` (module
+    docstring); call it from inside the pipeline call."""
     return {
         "pipeline": type(pipe).__name__,
         "checkpoint": checkpoint_identity(checkpoint),
-        "weights": weights_fingerprint(transformer),
+        "weights": weights,
         "sigmas": [round(s, 6) for s in sigmas],
         "latent_shape": list(latents.shape[1:]) if isinstance(latents, torch.Tensor) else None,
         "dtype": str(latents.dtype).removeprefix("torch.") if isinstance(latents, torch.Tensor) else None,

@@ -211,8 +211,9 @@ class MeanCacheState:
                 if config.calibration_runs and (pipe := self.pipe) is not None:
                     gate = self.gates.get("transformer")
                     transformer = gate.transformer if gate is not None else pipe.transformer
+                    weights = self.first_use.fingerprint
                     calibration = self.first_use.for_generation(
-                        lambda: calibration_key(pipe, transformer, self.checkpoint, sigmas, latents)
+                        lambda: calibration_key(pipe, weights(transformer), self.checkpoint, sigmas, latents)
                     )
                 return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, self.model, calibration)
 
