@@ -30,9 +30,17 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2Pipeline,
     Flux2Transformer2DModel,
+    FluxControlImg2ImgPipeline,
+    FluxControlInpaintPipeline,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxControlPipeline,
     FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
+    FluxKontextInpaintPipeline,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -63,6 +71,9 @@ from diffusers import (
 
 from meancache.testing import tiny_inputs, tiny_pipeline
 
+Build = Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]
+"""A fresh tiny pipeline and the keyword arguments of one generation (no steps, generator or output type)."""
+
 SIZE = 32
 """Image side in pixels (16 latent tokens for the 8x VAEs)."""
 
@@ -74,7 +85,7 @@ class Case:
     name: str
     pipeline: str
     """The diffusers pipeline class."""
-    build: Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]
+    build: Build
     """A fresh tiny pipeline and the keyword arguments of one generation (no steps, generator or output type)."""
     notes: str
 
@@ -113,12 +124,14 @@ def _kl_vae(latent_channels: int) -> AutoencoderKL:
     )  # fmt: skip
 
 
-def _flux_transformer(in_channels: int = 16) -> FluxTransformer2DModel:
+def _flux_transformer(in_channels: int = 16, model: type = FluxTransformer2DModel) -> torch.nn.Module:
+    """A one-double-block, one-single-block Flux transformer (or, with ``model``, a Flux ControlNet of that size)."""
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=in_channels, out_channels=16, num_layers=1, num_single_layers=1,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8], guidance_embeds=True,
+    out = {"out_channels": 16} if model is FluxTransformer2DModel else {}
+    return model(
+        patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True, **out,
     )  # fmt: skip
 
 
@@ -131,10 +144,29 @@ def _flux_inputs(negative: bool = False) -> dict[str, Any]:
     return inputs
 
 
-def _flux_components() -> dict[str, Any]:
+def _flux_components(in_channels: int = 16) -> dict[str, Any]:
     return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": _kl_vae(4), "text_encoder": None,
             "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None,
-            "transformer": _flux_transformer()}  # fmt: skip
+            "transformer": _flux_transformer(in_channels)}  # fmt: skip
+
+
+IMG2IMG: dict[str, Any] = {"image": _image(), "strength": 0.6}
+INPAINT: dict[str, Any] = {**IMG2IMG, "mask_image": _mask()}
+CONTROL: dict[str, Any] = {"control_image": _image(1), "controlnet_conditioning_scale": 0.5}
+KONTEXT: dict[str, Any] = {"image": _image(), "max_area": SIZE * SIZE, "_auto_resize": False}
+
+
+def _flux(pipeline: type, in_channels: int = 16, controlnet: bool = False, **extra: Any) -> Build:
+    """A Flux-family pipeline on the tiny Flux components: ``in_channels`` of the transformer (Flux Control appends
+    the control image's latent channels), with a ControlNet of the same size if ``controlnet``."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        components = _flux_components(in_channels)
+        if controlnet:
+            components["controlnet"] = _flux_transformer(model=FluxControlNetModel)
+        return pipeline(**components), {**_flux_inputs(), **extra}
+
+    return build
 
 
 def _qwen_transformer() -> QwenImageTransformer2DModel:
@@ -164,42 +196,15 @@ def _qwen_inputs() -> dict[str, Any]:
             "true_cfg_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
-def _kind(kind: str) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _kind(kind: str) -> Build:
     return lambda: (tiny_pipeline(kind), tiny_inputs(kind))  # type: ignore[arg-type]
 
 
-def _flux_true_cfg() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    return FluxPipeline(**_flux_components()), _flux_inputs(negative=True)
-
-
-def _flux_img2img(strength: float) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
-    return lambda: (
-        FluxImg2ImgPipeline(**_flux_components()),
-        {**_flux_inputs(), "image": _image(), "strength": strength},
-    )
-
-
-def _flux_inpaint() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    return FluxInpaintPipeline(**_flux_components()), {**_flux_inputs(), "image": _image(), "mask_image": _mask(),
-                                                       "strength": 0.6}  # fmt: skip
-
-
-def _flux_fill() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    """Conditioning channels (masked image, mask) appended after the latent channels."""
-    components = _flux_components() | {"transformer": _flux_transformer(in_channels=16 + 16 + 256)}
-    return FluxFillPipeline(**components), {**_flux_inputs(), "image": _image(), "mask_image": _mask()}
-
-
-def _flux_kontext() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    return FluxKontextPipeline(**_flux_components()), {**_flux_inputs(), "image": _image(), "max_area": SIZE * SIZE,
-                                                       "_auto_resize": False}  # fmt: skip
-
-
-def _qwen(pipeline: type, **extra: Any) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _qwen(pipeline: type, **extra: Any) -> Build:
     return lambda: (pipeline(**_qwen_components()), {**_qwen_inputs(), **extra})
 
 
-def _qwen_edit(pipeline: type, images: int) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _qwen_edit(pipeline: type, images: int) -> Build:
     """Without CFG, and with a 16x VAE: these pipelines encode every reference image at 1024 x 1024."""
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -211,7 +216,7 @@ def _qwen_edit(pipeline: type, images: int) -> Callable[[], tuple[DiffusionPipel
     return build
 
 
-def _z_image(cfg: bool, batch: int, img2img: bool = False) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _z_image(cfg: bool, batch: int, img2img: bool = False) -> Build:
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
         transformer = ZImageTransformer2DModel(
@@ -263,7 +268,7 @@ def _cogview4() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
-def _lumina2(cfg_trunc_ratio: float) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _lumina2(cfg_trunc_ratio: float) -> Build:
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
         transformer = Lumina2Transformer2DModel(
@@ -304,7 +309,7 @@ def _wan_transformer(seed: int) -> WanTransformer3DModel:
     )  # fmt: skip
 
 
-def _wan(experts: int) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _wan(experts: int) -> Build:
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         second = {"transformer_2": _wan_transformer(1), "boundary_ratio": 0.875} if experts == 2 else {}
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(
@@ -315,7 +320,7 @@ def _wan(experts: int) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]
     return build
 
 
-def _sana(dpm_solver: bool) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _sana(dpm_solver: bool) -> Build:
     """Sana with its default scheduler, the flow DPM-Solver++, or with a FlowMatchEulerDiscreteScheduler."""
     return lambda: _sana_pipeline(
         DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction",
@@ -360,7 +365,7 @@ def _hidream() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "width": SIZE}  # fmt: skip
 
 
-def _flux2(reference: bool) -> Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]:
+def _flux2(reference: bool) -> Build:
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
         transformer = Flux2Transformer2DModel(
@@ -415,12 +420,76 @@ def _hunyuan_video15() -> tuple[DiffusionPipeline, dict[str, Any]]:
 
 CASES: tuple[Case, ...] = (
     Case("flux", "FluxPipeline", _kind("flux"), "guidance-distilled, one branch"),
-    Case("flux-true-cfg", "FluxPipeline", _flux_true_cfg, "true CFG: two calls per step"),
-    Case("flux-img2img", "FluxImg2ImgPipeline", _flux_img2img(1.0), "strength 1"),
-    Case("flux-img2img-0.6", "FluxImg2ImgPipeline", _flux_img2img(0.6), "strength 0.6: N - b steps over sigmas[b:]"),
-    Case("flux-inpaint", "FluxInpaintPipeline", _flux_inpaint, "strength 0.6"),
-    Case("flux-fill", "FluxFillPipeline", _flux_fill, "masked image and mask as extra input channels"),
-    Case("flux-kontext", "FluxKontextPipeline", _flux_kontext, "reference-image tokens after the latent tokens"),
+    Case(
+        "flux-true-cfg",
+        "FluxPipeline",
+        _flux(FluxPipeline, **_flux_inputs(negative=True)),
+        "true CFG: two calls per step",
+    ),
+    Case(
+        "flux-img2img", "FluxImg2ImgPipeline", _flux(FluxImg2ImgPipeline, **IMG2IMG | {"strength": 1.0}), "strength 1"
+    ),
+    Case(
+        "flux-img2img-0.6",
+        "FluxImg2ImgPipeline",
+        _flux(FluxImg2ImgPipeline, **IMG2IMG),
+        "strength 0.6: N - b steps over sigmas[b:]",
+    ),
+    Case("flux-inpaint", "FluxInpaintPipeline", _flux(FluxInpaintPipeline, **INPAINT), "strength 0.6"),
+    Case(
+        "flux-fill",
+        "FluxFillPipeline",
+        _flux(FluxFillPipeline, 16 + 16 + 256, image=_image(), mask_image=_mask()),
+        "masked image and mask as extra input channels",
+    ),
+    Case(
+        "flux-kontext",
+        "FluxKontextPipeline",
+        _flux(FluxKontextPipeline, **KONTEXT),
+        "reference-image tokens after the latent tokens",
+    ),
+    Case(
+        "flux-kontext-inpaint",
+        "FluxKontextInpaintPipeline",
+        _flux(FluxKontextInpaintPipeline, **KONTEXT, mask_image=_mask(), strength=0.6),
+        "reference-image tokens; inpainting at strength 0.6",
+    ),
+    Case(
+        "flux-control",
+        "FluxControlPipeline",
+        _flux(FluxControlPipeline, 32, control_image=_image(1)),
+        "control image latents as extra input channels",
+    ),
+    Case(
+        "flux-control-img2img",
+        "FluxControlImg2ImgPipeline",
+        _flux(FluxControlImg2ImgPipeline, 32, control_image=_image(1), **IMG2IMG),
+        "control channels; strength 0.6",
+    ),
+    Case(
+        "flux-control-inpaint",
+        "FluxControlInpaintPipeline",
+        _flux(FluxControlInpaintPipeline, 32, control_image=_image(1), **INPAINT),
+        "control channels; inpainting at strength 0.6",
+    ),
+    Case(
+        "flux-controlnet",
+        "FluxControlNetPipeline",
+        _flux(FluxControlNetPipeline, controlnet=True, **CONTROL),
+        "ControlNet: runs on computed steps only",
+    ),
+    Case(
+        "flux-controlnet-img2img",
+        "FluxControlNetImg2ImgPipeline",
+        _flux(FluxControlNetImg2ImgPipeline, controlnet=True, **CONTROL, **IMG2IMG),
+        "ControlNet; strength 0.6",
+    ),
+    Case(
+        "flux-controlnet-inpaint",
+        "FluxControlNetInpaintPipeline",
+        _flux(FluxControlNetInpaintPipeline, controlnet=True, **CONTROL, **INPAINT),
+        "ControlNet; inpainting at strength 0.6",
+    ),
     Case("qwen-image", "QwenImagePipeline", _qwen(QwenImagePipeline), "true CFG with norm rescale"),
     Case(
         "qwen-image-img2img",

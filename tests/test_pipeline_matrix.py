@@ -29,11 +29,12 @@ SPANS = Schedule(12, (0, 1, 4, 7, 11), (1, 3, 4, 5))
 CASE = {case.name: case for case in CASES}
 
 
-def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tuple[torch.Tensor, Counter, Counter]:
+def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Counter]]:
     """Final latents, and per step of the generation (step 0 is the scheduler's ``begin_index``) the number of
-    transformer-block forwards and of transformer forwards, over every transformer of the pipeline."""
+    transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every transformer of
+    the pipeline, and of ControlNet forwards (``"controlnet"``)."""
     scheduler = pipe.scheduler
-    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter()}
+    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
 
     def counter(kind: str) -> Any:
         def count(*_: Any) -> None:
@@ -49,6 +50,8 @@ def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tupl
         for path, module in transformer.named_modules()
         if re.fullmatch(r"\w*(blocks|layers)\.\d+", path)  # the top-level block lists
     ]
+    if isinstance(controlnet := getattr(pipe, "controlnet", None), torch.nn.Module):
+        handles.append(controlnet.register_forward_pre_hook(counter("controlnet")))
     try:
         out = pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                    output_type="latent", return_dict=False)[0]  # fmt: skip
@@ -56,32 +59,38 @@ def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tupl
         for handle in handles:
             handle.remove()
     begin = scheduler.begin_index or 0
-    blocks, forwards = ({0 if s == -1 else s - begin: n for s, n in c.items()} for c in counts.values())
-    return out, Counter(blocks), Counter(forwards)
+    return out, {kind: Counter({0 if s == -1 else s - begin: n for s, n in c.items()}) for kind, c in counts.items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_pipeline(case: Case):
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
-    baseline, blocks, forwards = run_counting_blocks(pipe, inputs)
+    baseline, counts = run_counting_blocks(pipe, inputs)
+    blocks, forwards, controlnet = counts["blocks"], counts["forwards"], counts["controlnet"]
     steps = len(forwards)
     assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=steps, calibration_runs=0))
-    full, full_blocks, _ = run_counting_blocks(pipe, inputs)
+    full, full_counts = run_counting_blocks(pipe, inputs)
     disable_mean_cache(pipe)
-    assert torch.equal(full, baseline) and full_blocks == blocks
+    assert torch.equal(full, baseline) and full_counts == counts
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
-    cached, cached_blocks, cached_forwards = run_counting_blocks(pipe, inputs)
+    cached, cached_counts = run_counting_blocks(pipe, inputs)
     report = meancache.summary(pipe)
     disable_mean_cache(pipe)
     computed = report.schedule.compute_steps
     assert report.num_steps == steps and len(computed) == BUDGET
-    assert cached_blocks == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
-    assert report.transformer_calls == cached_forwards.total()  # the summary counts real forwards
+    assert cached_counts["blocks"] == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
+    assert report.transformer_calls == cached_counts["forwards"].total()  # the summary counts real forwards
     assert report.transformer_calls + report.skipped_calls == forwards.total()
+    # a ControlNet runs with the transformer, on the computed steps only
+    assert cached_counts["controlnet"] == Counter({i: controlnet[i] for i in computed if controlnet[i]})
+    assert (report.controlnet_calls, report.skipped_controlnet_calls) == (
+        cached_counts["controlnet"].total(),
+        controlnet.total() - cached_counts["controlnet"].total(),
+    )
     assert cached.shape == baseline.shape and torch.isfinite(cached).all()
     assert not torch.equal(cached, baseline)
 

@@ -10,8 +10,8 @@ from meancache.integrations.diffusers.hooks import (
     SchedulerStepHook,
     SetTimestepsHook,
     attach_gates,
+    gated_modules,
     refuse_diffusers_cache,
-    transformer_names,
 )
 from meancache.integrations.diffusers.run import MeanCacheState, MeanCacheSummary
 
@@ -36,7 +36,7 @@ def enable_mean_cache(pipe: DiffusionPipeline, config: MeanCacheConfig) -> None:
     scheduler = pipe.scheduler
     if isinstance(scheduler.__dict__.get("step"), SchedulerStepHook):
         raise RuntimeError("this scheduler is already driven by MeanCache on another pipeline; give each its own")
-    for name in transformer_names(pipe):
+    for name in gated_modules(pipe):
         refuse_diffusers_cache(getattr(pipe, name))
     state = MeanCacheState(config, pipe)
     attach_gates(state)
