@@ -8,6 +8,7 @@ encoders: prompts enter as precomputed embeddings) and the call arguments of one
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from diffusers import (
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLQwenImage,
+    ChromaImg2ImgPipeline,
+    ChromaInpaintPipeline,
     ChromaPipeline,
     ChromaTransformer2DModel,
     ClassifierFreeGuidance,
@@ -54,6 +57,9 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
+    QwenImageControlNetInpaintPipeline,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImageImg2ImgPipeline,
@@ -62,9 +68,22 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
+    SD3ControlNetModel,
+    SD3Transformer2DModel,
+    StableDiffusion3ControlNetInpaintingPipeline,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3PAGImg2ImgPipeline,
+    StableDiffusion3PAGPipeline,
+    StableDiffusion3Pipeline,
     WanPipeline,
     WanTransformer3DModel,
+    ZImageControlNetInpaintPipeline,
+    ZImageControlNetModel,
+    ZImageControlNetPipeline,
     ZImageImg2ImgPipeline,
+    ZImageInpaintPipeline,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
@@ -200,8 +219,54 @@ def _kind(kind: str) -> Build:
     return lambda: (tiny_pipeline(kind), tiny_inputs(kind))  # type: ignore[arg-type]
 
 
-def _qwen(pipeline: type, **extra: Any) -> Build:
-    return lambda: (pipeline(**_qwen_components()), {**_qwen_inputs(), **extra})
+def _accepted(pipeline: type, components: dict[str, Any]) -> dict[str, Any]:
+    """The components ``pipeline`` takes (variants of a family take different optional encoders)."""
+    parameters = inspect.signature(pipeline.__init__).parameters
+    return {name: component for name, component in components.items() if name in parameters}
+
+
+def _sd3(pipeline: type, controlnet: int | None = None, **extra: Any) -> Build:
+    """An SD3-family pipeline: a one-block SD3 transformer on 16 latent channels (what the inpainting pipeline
+    requires) and the 8x VAE; with ``controlnet`` (its extra conditioning channels: 1 for the inpainting mask), an
+    SD3 ControlNet of the transformer's size."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        sizes = {"sample_size": SIZE // 8, "patch_size": 1, "in_channels": 16, "num_layers": 1,
+                 "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+                 "caption_projection_dim": 16, "pooled_projection_dim": 32, "out_channels": 16}  # fmt: skip
+        torch.manual_seed(0)
+        components = {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": _kl_vae(16),
+                      "transformer": SD3Transformer2DModel(**sizes), "pag_applied_layers": ["transformer_blocks.0"],
+                      **dict.fromkeys(["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                                       "tokenizer_3"])}  # fmt: skip
+        if controlnet is not None:
+            torch.manual_seed(0)
+            components["controlnet"] = SD3ControlNetModel(**sizes, extra_conditioning_channels=controlnet)
+        inputs = {"prompt_embeds": _randn(1, 7, 32), "pooled_prompt_embeds": _randn(1, 32, seed=1),
+                  "negative_prompt_embeds": _randn(1, 7, 32, seed=2),
+                  "negative_pooled_prompt_embeds": _randn(1, 32, seed=3), "guidance_scale": 5.0, "height": SIZE,
+                  "width": SIZE}  # fmt: skip
+        return pipeline(**_accepted(pipeline, components)), {**inputs, **extra}
+
+    return build
+
+
+def _qwen(pipeline: type, controlnet: int | None = None, **extra: Any) -> Build:
+    """A Qwen-Image-family pipeline; with ``controlnet`` (its extra condition channels: 4 for the packed inpainting
+    mask), a Qwen-Image ControlNet of the transformer's size."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        components = _qwen_components()
+        if controlnet is not None:
+            torch.manual_seed(0)
+            components["controlnet"] = QwenImageControlNetModel(
+                patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+                extra_condition_channels=controlnet,
+            )  # fmt: skip
+        return pipeline(**components), {**_qwen_inputs(), **extra}
+
+    return build
 
 
 def _qwen_edit(pipeline: type, images: int) -> Build:
@@ -216,42 +281,53 @@ def _qwen_edit(pipeline: type, images: int) -> Build:
     return build
 
 
-def _z_image(cfg: bool, batch: int, img2img: bool = False) -> Build:
+def _z_image(pipeline: type, cfg: bool = True, batch: int = 1, controlnet: int | None = None, **extra: Any) -> Build:
+    """A Z-Image-family pipeline; with ``controlnet`` (its control input channels: 4 for the control image's latents,
+    9 with the inpainting mask and masked image), a one-layer Z-Image ControlNet."""
+
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
+        sizes = {"all_patch_size": (2,), "all_f_patch_size": (1,), "dim": 32, "n_refiner_layers": 1, "n_heads": 2,
+                 "n_kv_heads": 2}  # fmt: skip
         transformer = ZImageTransformer2DModel(
-            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
-            n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16],
-        )  # fmt: skip
+            **sizes, in_channels=4, n_layers=1, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16]
+        )
         with torch.no_grad():  # initialised with torch.empty
             transformer.x_pad_token.fill_(1.0)
             transformer.cap_pad_token.fill_(1.0)
-        pipeline = ZImageImg2ImgPipeline if img2img else ZImagePipeline
-        pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
-                        tokenizer=None, transformer=transformer)  # fmt: skip
+        components = {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": _kl_vae(4), "text_encoder": None,
+                      "tokenizer": None, "transformer": transformer}  # fmt: skip
+        if controlnet is not None:
+            torch.manual_seed(0)
+            components["controlnet"] = ZImageControlNetModel(
+                **sizes, control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=controlnet
+            )
         inputs: dict[str, Any] = {"prompt_embeds": [_randn(5 + i, 16, seed=i) for i in range(batch)],
                                   "guidance_scale": 4.0 if cfg else 0.0, "height": SIZE, "width": SIZE}  # fmt: skip
         if cfg:
             inputs["negative_prompt_embeds"] = [_randn(3 + i, 16, seed=10 + i) for i in range(batch)]
-        if img2img:
-            inputs |= {"image": _image(), "strength": 0.6}
-        return pipe, inputs
+        return pipeline(**components), {**inputs, **extra}
 
     return build
 
 
-def _chroma() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = ChromaTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_hidden_dim=32, approximator_layers=1,
-    )  # fmt: skip
-    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
-                          tokenizer=None, transformer=transformer)  # fmt: skip
-    mask = torch.ones(1, 8, dtype=torch.bool)
-    return pipe, {"prompt_embeds": _randn(1, 8, 32), "negative_prompt_embeds": _randn(1, 8, 32, seed=1),
-                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+def _chroma(pipeline: type, **extra: Any) -> Build:
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_hidden_dim=32,
+            approximator_layers=1,
+        )  # fmt: skip
+        transformer.register_to_config(guidance_embeds=False)  # ChromaInpaintPipeline reads it (not in the model)
+        pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
+                        tokenizer=None, transformer=transformer)  # fmt: skip
+        mask = torch.ones(1, 8, dtype=torch.bool)
+        return pipe, {"prompt_embeds": _randn(1, 8, 32), "negative_prompt_embeds": _randn(1, 8, 32, seed=1),
+                      "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                      "guidance_scale": 4.0, "height": SIZE, "width": SIZE, **extra}  # fmt: skip
+
+    return build
 
 
 def _cogview4() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -503,6 +579,18 @@ CASES: tuple[Case, ...] = (
         _qwen(QwenImageInpaintPipeline, image=_image(), mask_image=_mask(), strength=0.6),
         "strength 0.6",
     ),
+    Case(
+        "qwen-image-controlnet",
+        "QwenImageControlNetPipeline",
+        _qwen(QwenImageControlNetPipeline, 0, **CONTROL),
+        "ControlNet: runs on computed steps only",
+    ),
+    Case(
+        "qwen-image-controlnet-inpaint",
+        "QwenImageControlNetInpaintPipeline",
+        _qwen(QwenImageControlNetInpaintPipeline, 4, **CONTROL, control_mask=_mask()),
+        "ControlNet inpainting",
+    ),
     Case("qwen-image-edit", "QwenImageEditPipeline", _qwen_edit(QwenImageEditPipeline, 1), "reference-image tokens"),
     Case(
         "qwen-image-edit-plus",
@@ -510,12 +598,73 @@ CASES: tuple[Case, ...] = (
         _qwen_edit(QwenImageEditPlusPipeline, 1),
         "reference-image tokens",
     ),
-    Case("z-image", "ZImagePipeline", _z_image(cfg=True, batch=2), "lists of per-sample latents; CFG doubles the list"),
-    Case("z-image-no-cfg", "ZImagePipeline", _z_image(cfg=False, batch=1), "guidance_scale 0: one branch"),
-    Case("z-image-img2img", "ZImageImg2ImgPipeline", _z_image(cfg=True, batch=1, img2img=True), "strength 0.6"),
-    Case("sd3", "StableDiffusion3Pipeline", _kind("sd3"), "CFG branches batched in one call"),
+    Case(
+        "z-image",
+        "ZImagePipeline",
+        _z_image(ZImagePipeline, batch=2),
+        "lists of per-sample latents; CFG doubles the list",
+    ),
+    Case("z-image-no-cfg", "ZImagePipeline", _z_image(ZImagePipeline, cfg=False), "guidance_scale 0: one branch"),
+    Case("z-image-img2img", "ZImageImg2ImgPipeline", _z_image(ZImageImg2ImgPipeline, **IMG2IMG), "strength 0.6"),
+    Case("z-image-inpaint", "ZImageInpaintPipeline", _z_image(ZImageInpaintPipeline, **INPAINT), "strength 0.6"),
+    Case(
+        "z-image-controlnet",
+        "ZImageControlNetPipeline",
+        _z_image(ZImageControlNetPipeline, controlnet=4, **CONTROL),
+        "ControlNet: runs on computed steps only",
+    ),
+    Case(
+        "z-image-controlnet-inpaint",
+        "ZImageControlNetInpaintPipeline",
+        _z_image(ZImageControlNetInpaintPipeline, controlnet=9, **CONTROL, image=_image(), mask_image=_mask()),
+        "ControlNet inpainting",
+    ),
+    Case("sd3", "StableDiffusion3Pipeline", _sd3(StableDiffusion3Pipeline), "CFG branches batched in one call"),
+    Case(
+        "sd3-img2img",
+        "StableDiffusion3Img2ImgPipeline",
+        _sd3(StableDiffusion3Img2ImgPipeline, **IMG2IMG),
+        "strength 0.6",
+    ),
+    Case(
+        "sd3-inpaint",
+        "StableDiffusion3InpaintPipeline",
+        _sd3(StableDiffusion3InpaintPipeline, **INPAINT),
+        "strength 0.6",
+    ),
+    Case(
+        "sd3-pag",
+        "StableDiffusion3PAGPipeline",
+        _sd3(StableDiffusion3PAGPipeline, pag_scale=3.0),
+        "perturbed-attention guidance: three branches batched",
+    ),
+    Case(
+        "sd3-pag-img2img",
+        "StableDiffusion3PAGImg2ImgPipeline",
+        _sd3(StableDiffusion3PAGImg2ImgPipeline, pag_scale=3.0, **IMG2IMG),
+        "PAG; strength 0.6",
+    ),
+    Case(
+        "sd3-controlnet",
+        "StableDiffusion3ControlNetPipeline",
+        _sd3(StableDiffusion3ControlNetPipeline, 0, **CONTROL),
+        "ControlNet: runs on computed steps only",
+    ),
+    Case(
+        "sd3-controlnet-inpaint",
+        "StableDiffusion3ControlNetInpaintingPipeline",
+        _sd3(StableDiffusion3ControlNetInpaintingPipeline, 1, **CONTROL, control_mask=_mask()),
+        "ControlNet with a mask channel",
+    ),
     Case("hunyuan-video", "HunyuanVideoPipeline", _kind("hunyuan-video"), "video"),
-    Case("chroma", "ChromaPipeline", _chroma, "CFG in two calls"),
+    Case("chroma", "ChromaPipeline", _chroma(ChromaPipeline), "CFG in two calls"),
+    Case("chroma-img2img", "ChromaImg2ImgPipeline", _chroma(ChromaImg2ImgPipeline, **IMG2IMG), "strength 0.6"),
+    Case(
+        "chroma-inpaint",
+        "ChromaInpaintPipeline",
+        _chroma(ChromaInpaintPipeline, **INPAINT),
+        "strength 0.6; the transformer's config given `guidance_embeds`, which the pipeline reads",
+    ),
     Case("cogview4", "CogView4Pipeline", _cogview4, "CFG in two calls"),
     Case("lumina2", "Lumina2Pipeline", _lumina2(1.0), "CFG in two calls"),
     Case("lumina2-cfg-trunc", "Lumina2Pipeline", _lumina2(0.5), "truncated CFG: one branch after half the steps"),

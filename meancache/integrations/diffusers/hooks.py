@@ -125,18 +125,8 @@ class TransformerGate:
         if not outputs:
             raise RuntimeError(f"step {run.steps_run} is skipped but no {self.kind} output was recorded before it")
         output = outputs[min(call, len(outputs) - 1)]
-        if isinstance(output, torch.Tensor):
-            output = _cycled_to_batch(output, batch)
-        elif isinstance(output, tuple):
-            output = (_cycled_to_batch(output[0], batch), *output[1:])
-        elif isinstance(output, BaseOutput):
-            first = next(iter(output))
-            output = type(output)(**{**output, first: _cycled_to_batch(output[first], batch)})
-        else:
-            raise TypeError(
-                f"MeanCache cannot answer a skipped call of a transformer returning {type(output).__name__}; it "
-                "supports tensors, tuples and diffusers output classes"
-            )
+        if self.kind == "transformer":  # a ControlNet's residuals feed a skipped transformer call: any layout
+            output = _cycled_output(output, batch)
         return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, output)
 
     def forward_with_derivative(self, run: GenerationRun, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -247,6 +237,21 @@ def _cycled_to_batch(output: Any, batch: int | None) -> Any:
         return output
     order = [i % have for i in range(batch)]
     return output[order] if isinstance(output, torch.Tensor) else [output[i] for i in order]
+
+
+def _cycled_output(output: Any, batch: int | None) -> Any:
+    """A transformer output with its prediction (a tensor, or a list of per-sample tensors) cycled to ``batch``."""
+    if isinstance(output, torch.Tensor):
+        return _cycled_to_batch(output, batch)
+    if isinstance(output, tuple):
+        return (_cycled_to_batch(output[0], batch), *output[1:])
+    if isinstance(output, BaseOutput):
+        first = next(iter(output))
+        return type(output)(**{**output, first: _cycled_to_batch(output[first], batch)})
+    raise TypeError(
+        f"MeanCache cannot answer a skipped call of a transformer returning {type(output).__name__}; it "
+        "supports tensors, tuples and diffusers output classes"
+    )
 
 
 def _latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
