@@ -21,6 +21,7 @@ from diffusers import (
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     ChromaImg2ImgPipeline,
     ChromaInpaintPipeline,
     ChromaPipeline,
@@ -77,8 +78,12 @@ from diffusers import (
     StableDiffusion3PAGImg2ImgPipeline,
     StableDiffusion3PAGPipeline,
     StableDiffusion3Pipeline,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
+    WanVideoToVideoPipeline,
     ZImageControlNetInpaintPipeline,
     ZImageControlNetModel,
     ZImageControlNetPipeline,
@@ -87,6 +92,7 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from meancache.testing import tiny_inputs, tiny_pipeline
 
@@ -377,23 +383,48 @@ def _ltx() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "guidance_scale": 3.0, "height": 64, "width": 64, "num_frames": 9}  # fmt: skip
 
 
-def _wan_transformer(seed: int) -> WanTransformer3DModel:
+def _wan_transformer(seed: int, model: type = WanTransformer3DModel, in_channels: int = 4, **extra: Any) -> Any:
     torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=32, ffn_dim=16, num_layers=1, rope_max_seq_len=32,
+    return model(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=in_channels, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=16, num_layers=1, rope_max_seq_len=32, **extra,
     )  # fmt: skip
 
 
-def _wan(experts: int) -> Build:
+def _wan(pipeline: type = WanPipeline, experts: int = 1, transformer: Any = None, **extra: Any) -> Build:
+    """A Wan-family pipeline on 4 latent channels; its Wan VAE only when an image or video is encoded."""
+
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         second = {"transformer_2": _wan_transformer(1), "boundary_ratio": 0.875} if experts == 2 else {}
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=5.0), transformer=_wan_transformer(0), **second)  # fmt: skip
-        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-                      "guidance_scale": 4.0, "height": 32, "width": 32, "num_frames": 5}  # fmt: skip
+        vae = None
+        if any(key in extra for key in ("image", "video")):
+            torch.manual_seed(0)
+            vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                   latents_std=[1.0] * 4)  # fmt: skip
+        components = {"tokenizer": None, "text_encoder": None, "vae": vae, "image_encoder": _clip_vision(8),
+                      "image_processor": CLIPImageProcessor(crop_size=32, size=32),
+                      "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
+                      "transformer": transformer() if transformer else _wan_transformer(0), **second}  # fmt: skip
+        return pipeline(**_accepted(pipeline, components)), {
+            "prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+            "guidance_scale": 4.0, "height": 32, "width": 32, **extra,
+        }  # fmt: skip
 
     return build
+
+
+def _clip_vision(width: int) -> CLIPVisionModelWithProjection:
+    """A one-layer CLIP image encoder (built from a config: nothing is downloaded)."""
+    torch.manual_seed(0)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=width, projection_dim=width, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        intermediate_size=16, patch_size=8,
+    )).eval()  # fmt: skip
+
+
+def _frames(count: int = 5, mode: str = "RGB") -> list[PIL.Image.Image]:
+    return [_pil_image(seed).convert(mode) for seed in range(count)]
 
 
 def _sana(dpm_solver: bool) -> Build:
@@ -672,10 +703,46 @@ CASES: tuple[Case, ...] = (
     Case(
         "wan",
         "WanPipeline",
-        _wan(experts=1),
+        _wan(num_frames=5),
         "video, CFG in two calls; with a FlowMatchEulerDiscreteScheduler (default: UniPC)",
     ),
-    Case("wan2.2", "WanPipeline", _wan(experts=2), "two experts (transformer_2, boundary_ratio): one schedule"),
+    Case(
+        "wan2.2",
+        "WanPipeline",
+        _wan(experts=2, num_frames=5),
+        "two experts (transformer_2, boundary_ratio): one schedule",
+    ),
+    Case(
+        "wan-i2v",
+        "WanImageToVideoPipeline",
+        _wan(
+            WanImageToVideoPipeline,
+            transformer=lambda: _wan_transformer(0, in_channels=4 + 4 + 4, image_dim=8),
+            image=_pil_image(),
+            num_frames=5,
+        ),
+        "image latents and mask as extra input channels; CLIP image embeddings",
+    ),
+    Case(
+        "wan-vace",
+        "WanVACEPipeline",
+        _wan(
+            WanVACEPipeline,
+            transformer=lambda: _wan_transformer(
+                0, WanVACETransformer3DModel, vace_layers=[0], vace_in_channels=4 * 2 + 64
+            ),
+            video=_frames(),
+            mask=_frames(mode="L"),
+            num_frames=5,
+        ),
+        "VACE control video and mask through the VACE blocks",
+    ),
+    Case(
+        "wan-v2v",
+        "WanVideoToVideoPipeline",
+        _wan(WanVideoToVideoPipeline, video=_frames(), strength=0.6),
+        "strength 0.6",
+    ),
     Case("sana", "SanaPipeline", _sana(dpm_solver=True), "CFG batched; its default flow DPM-Solver++"),
     Case("sana-euler", "SanaPipeline", _sana(dpm_solver=False), "with a FlowMatchEulerDiscreteScheduler"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),

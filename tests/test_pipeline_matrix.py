@@ -29,10 +29,13 @@ SPANS = Schedule(12, (0, 1, 4, 7, 11), (1, 3, 4, 5))
 CASE = {case.name: case for case in CASES}
 
 
-def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Counter]]:
-    """Final latents, and per step of the generation (step 0 is the scheduler's ``begin_index``) the number of
+def run_counting_blocks(
+    pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None
+) -> tuple[torch.Tensor, dict[str, Counter], int]:
+    """Final latents; per step of the generation (step 0 is the scheduler's first, ``begin``) the number of
     transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every transformer of
-    the pipeline, and of ControlNet forwards (``"controlnet"``)."""
+    the pipeline, and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that calls the transformer
+    on every step tells when it is not given (the scheduler's ``step_index`` is None on the first step only)."""
     scheduler = pipe.scheduler
     counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
 
@@ -58,26 +61,28 @@ def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tupl
     finally:
         for handle in handles:
             handle.remove()
-    begin = scheduler.begin_index or 0
-    return out, {kind: Counter({0 if s == -1 else s - begin: n for s, n in c.items()}) for kind, c in counts.items()}
+    if begin is None:
+        begin = min(step for step in counts["forwards"] if step != -1) - 1
+    relative = {kind: Counter({0 if s == -1 else s - begin: n for s, n in c.items()}) for kind, c in counts.items()}
+    return out, relative, begin
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_pipeline(case: Case):
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
-    baseline, counts = run_counting_blocks(pipe, inputs)
+    baseline, counts, begin = run_counting_blocks(pipe, inputs)
     blocks, forwards, controlnet = counts["blocks"], counts["forwards"], counts["controlnet"]
     steps = len(forwards)
     assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=steps, calibration_runs=0))
-    full, full_counts = run_counting_blocks(pipe, inputs)
+    full, full_counts, _ = run_counting_blocks(pipe, inputs, begin)
     disable_mean_cache(pipe)
     assert torch.equal(full, baseline) and full_counts == counts
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
-    cached, cached_counts = run_counting_blocks(pipe, inputs)
+    cached, cached_counts, _ = run_counting_blocks(pipe, inputs, begin)
     report = meancache.summary(pipe)
     disable_mean_cache(pipe)
     computed = report.schedule.compute_steps

@@ -106,7 +106,9 @@ class TransformerGate:
         else:
             output = self.call_transformer(*args, **kwargs)
         run.calls[kind] += 1
-        if step + 1 < run.num_steps and not run.schedule.is_computed(step + 1):
+        # step 0 too: if the first scheduler step shows the generation starts later (MeanCacheState.rebase_run),
+        # the schedule for the steps that really run may skip step 1
+        if step + 1 < run.num_steps and (step == 0 or not run.schedule.is_computed(step + 1)):
             if run.outputs_step != step:
                 run.outputs, run.outputs_step = {}, step
             copy = torch.utils._pytree.tree_map_only(torch.Tensor, _detached_copy, output)
@@ -298,7 +300,14 @@ class SchedulerStepHook:
         if run is None:  # a generation that began before MeanCache was enabled
             return self.original(model_output, timestep, sample, *args, **kwargs)
         step = run.steps_run
-        scheduler_step = self.state.scheduler.step_index  # None before the first step of a generation
+        scheduler = self.state.scheduler
+        if step == 0 and scheduler.step_index is None and scheduler.begin_index is None:
+            # the step the scheduler will take from the timestep: pipelines that slice their timesteps without
+            # set_begin_index (Wan video-to-video) start later than MeanCache could see at the first transformer call
+            begin = scheduler.index_for_timestep(timestep)
+            if begin != run.begin:
+                run = self.state.rebase_run(run, begin, sample)
+        scheduler_step = scheduler.step_index  # None before the first step of a generation
         if scheduler_step != run.begin + step and not (step == 0 and scheduler_step is None):
             raise RuntimeError(
                 f"the scheduler is at step {scheduler_step} but MeanCache expected step {run.begin + step}"

@@ -186,7 +186,21 @@ class MeanCacheState:
             self.last_summary = self.run.summary()
         self.run = None
 
-    def _start_run(self, latents: torch.Tensor | None) -> None:
+    def rebase_run(self, run: GenerationRun, begin: int, latents: torch.Tensor) -> GenerationRun:
+        """The first scheduler step of ``run`` is at ``begin``, not at ``run.begin``: a pipeline that slices its
+        timesteps without telling the scheduler (no ``set_begin_index``). Restart the generation on the steps that
+        really run, keeping what happened on its first step (the transformer calls, their recorded outputs)."""
+        self._start_run(latents, begin)
+        rebased = self.run
+        assert rebased is not None
+        rebased.calls, rebased.calls_this_step, rebased.derivative_calls = (
+            run.calls, run.calls_this_step, run.derivative_calls
+        )  # fmt: skip
+        rebased.outputs, rebased.outputs_step, rebased.branches = run.outputs, run.outputs_step, run.branches
+        return rebased
+
+    def _start_run(self, latents: torch.Tensor | None, begin: int | None = None) -> None:
+        """Start a generation at the scheduler's step ``begin`` (default: its ``begin_index``, or 0)."""
         self.end_run()
         scheduler = self.scheduler
         sigmas = [float(s) for s in scheduler.sigmas.tolist()]
@@ -195,7 +209,8 @@ class MeanCacheState:
                 f"expected {len(scheduler.timesteps) + 1} sigmas for {len(scheduler.timesteps)} steps, the scheduler "
                 f"has {len(sigmas)}"
             )
-        begin = scheduler.begin_index or 0  # strength < 1: the generation runs the last N - begin steps
+        if begin is None:  # strength < 1: the generation runs the last N - begin steps
+            begin = scheduler.begin_index or 0
         sigmas = sigmas[begin:]
         schedule, calibration = self._schedule_for(sigmas, latents)
         run = GenerationRun(sigmas=sigmas, estimator=make_estimator(self.config.estimator, schedule), begin=begin)
