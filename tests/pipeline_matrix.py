@@ -17,6 +17,9 @@ import PIL.Image
 import torch
 from diffusers import (
     AdaptiveProjectedMixGuidance,
+    AuraFlowPipeline,
+    AuraFlowTransformer2DModel,
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
@@ -58,6 +61,10 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
+    LuminaNextDiT2DModel,
+    LuminaPipeline,
+    MochiPipeline,
+    MochiTransformer3DModel,
     QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
@@ -67,6 +74,9 @@ from diffusers import (
     QwenImageInpaintPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaControlNetModel,
+    SanaControlNetPipeline,
+    SanaPAGPipeline,
     SanaPipeline,
     SanaTransformer2DModel,
     SD3ControlNetModel,
@@ -427,30 +437,94 @@ def _frames(count: int = 5, mode: str = "RGB") -> list[PIL.Image.Image]:
     return [_pil_image(seed).convert(mode) for seed in range(count)]
 
 
-def _sana(dpm_solver: bool) -> Build:
-    """Sana with its default scheduler, the flow DPM-Solver++, or with a FlowMatchEulerDiscreteScheduler."""
-    return lambda: _sana_pipeline(
-        DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction",
-                                    algorithm_type="dpmsolver++", solver_order=2)
-        if dpm_solver
-        else FlowMatchEulerDiscreteScheduler(shift=3.0)
-    )  # fmt: skip
+FLOW_DPM_SOLVER = {"flow_shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                   "algorithm_type": "dpmsolver++", "solver_order": 2}  # fmt: skip
+"""Sana's default scheduler: the flow DPM-Solver++."""
 
 
-def _sana_pipeline(scheduler: Any) -> tuple[DiffusionPipeline, dict[str, Any]]:
+def _sana(pipeline: type = SanaPipeline, dpm_solver: bool = True, controlnet: bool = False, **extra: Any) -> Build:
+    """A Sana-family pipeline with its default scheduler, the flow DPM-Solver++, or with a
+    FlowMatchEulerDiscreteScheduler; with a Sana ControlNet of the transformer's size if ``controlnet``."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        sizes = {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+                 "num_layers": 1, "num_cross_attention_heads": 2, "cross_attention_head_dim": 8,
+                 "cross_attention_dim": 16, "caption_channels": 16, "sample_size": 4}  # fmt: skip
+        torch.manual_seed(0)
+        scheduler = (DPMSolverMultistepScheduler(**FLOW_DPM_SOLVER) if dpm_solver
+                     else FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+        components = {"tokenizer": None, "text_encoder": None, "vae": _dc_vae() if controlnet else None,
+                      "transformer": SanaTransformer2DModel(**sizes), "scheduler": scheduler,
+                      "pag_applied_layers": ["transformer_blocks.0"]}  # fmt: skip
+        if controlnet:
+            torch.manual_seed(0)
+            components["controlnet"] = SanaControlNetModel(**sizes)
+        mask = torch.ones(1, 6, dtype=torch.long)
+        return pipeline(**_accepted(pipeline, components)), {
+            "prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+            "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(), "negative_prompt": None,
+            "guidance_scale": 4.0, "height": 128, "width": 128, "use_resolution_binning": False, **extra,
+        }  # fmt: skip
+
+    return build
+
+
+def _dc_vae() -> AutoencoderDC:
+    """A six-level DC-AE of residual blocks only (32x, as Sana's): the ControlNet pipeline encodes its control
+    image."""
     torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-        sample_size=4,
+    levels = 6
+    return AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock",) * levels,
+        decoder_block_types=("ResBlock",) * levels, encoder_block_out_channels=(4,) * levels,
+        decoder_block_out_channels=(4,) * levels, encoder_qkv_multiscales=((),) * levels,
+        decoder_qkv_multiscales=((),) * levels, encoder_layers_per_block=(1,) * levels,
+        decoder_layers_per_block=(1,) * levels, downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
     )  # fmt: skip
-    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                        scheduler=scheduler)  # fmt: skip
+
+
+def _mochi() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=6,
+    )  # fmt: skip
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                         transformer=transformer)  # fmt: skip
     mask = torch.ones(1, 6, dtype=torch.long)
     return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
                   "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                  "negative_prompt": None, "guidance_scale": 4.0, "height": 128, "width": 128,
-                  "use_resolution_binning": False}  # fmt: skip
+                  "guidance_scale": 4.0, "height": 32, "width": 32, "num_frames": 7}  # fmt: skip
+
+
+def _auraflow() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=SIZE // 8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=64,
+    )  # fmt: skip
+    pipe = AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _lumina() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = LuminaNextDiT2DModel(
+        sample_size=SIZE // 8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1, num_attention_heads=2,
+        num_kv_heads=2, multiple_of=16, learn_sigma=True, cross_attention_dim=16,
+    )  # fmt: skip
+    pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4),
+                          text_encoder=None, tokenizer=None)  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
 def _hidream() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -743,8 +817,23 @@ CASES: tuple[Case, ...] = (
         _wan(WanVideoToVideoPipeline, video=_frames(), strength=0.6),
         "strength 0.6",
     ),
-    Case("sana", "SanaPipeline", _sana(dpm_solver=True), "CFG batched; its default flow DPM-Solver++"),
+    Case("sana", "SanaPipeline", _sana(), "CFG batched; its default flow DPM-Solver++"),
     Case("sana-euler", "SanaPipeline", _sana(dpm_solver=False), "with a FlowMatchEulerDiscreteScheduler"),
+    Case(
+        "sana-pag",
+        "SanaPAGPipeline",
+        _sana(SanaPAGPipeline, pag_scale=3.0),
+        "perturbed-attention guidance: three branches batched; flow DPM-Solver++",
+    ),
+    Case(
+        "sana-controlnet",
+        "SanaControlNetPipeline",
+        _sana(SanaControlNetPipeline, controlnet=True, **CONTROL),
+        "ControlNet: runs on computed steps only; flow DPM-Solver++",
+    ),
+    Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
+    Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
+    Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
     Case("flux2", "Flux2Pipeline", _flux2(reference=False), "text-to-image"),
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
