@@ -23,6 +23,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
+    AutoencoderKLLTXVideo,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     ChromaImg2ImgPipeline,
@@ -30,6 +31,7 @@ from diffusers import (
     ChromaPipeline,
     ChromaTransformer2DModel,
     ClassifierFreeGuidance,
+    CogView4ControlPipeline,
     CogView4Pipeline,
     CogView4Transformer2DModel,
     DiffusionPipeline,
@@ -57,6 +59,7 @@ from diffusers import (
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    LTXImageToVideoPipeline,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     Lumina2Pipeline,
@@ -346,18 +349,24 @@ def _chroma(pipeline: type, **extra: Any) -> Build:
     return build
 
 
-def _cogview4() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = CogView4Transformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        text_embed_dim=32, time_embed_dim=8, condition_dim=4, rope_axes_dim=(4, 4),
-    )  # fmt: skip
-    pipe = CogView4Pipeline(tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=transformer,
-                            scheduler=FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75,
-                                                                      base_image_seq_len=256, use_dynamic_shifting=True,
-                                                                      time_shift_type="linear"))  # fmt: skip
-    return pipe, {"prompt_embeds": _randn(1, 16, 32), "negative_prompt_embeds": _randn(1, 16, 32, seed=1),
-                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+def _cogview4(pipeline: type = CogView4Pipeline, in_channels: int = 4, **extra: Any) -> Build:
+    """A CogView4-family pipeline; ``in_channels`` of the transformer (the control pipeline appends the control
+    image's latent channels)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = CogView4Transformer2DModel(
+            patch_size=2, in_channels=in_channels, out_channels=4, num_layers=1, attention_head_dim=8,
+            num_attention_heads=2, text_embed_dim=32, time_embed_dim=8, condition_dim=4, rope_axes_dim=(4, 4),
+        )  # fmt: skip
+        scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                    use_dynamic_shifting=True, time_shift_type="linear")  # fmt: skip
+        pipe = pipeline(tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=transformer,
+                        scheduler=scheduler)  # fmt: skip
+        return pipe, {"prompt_embeds": _randn(1, 16, 32), "negative_prompt_embeds": _randn(1, 16, 32, seed=1),
+                      "guidance_scale": 4.0, "height": SIZE, "width": SIZE, **extra}  # fmt: skip
+
+    return build
 
 
 def _lumina2(cfg_trunc_ratio: float) -> Build:
@@ -379,18 +388,32 @@ def _lumina2(cfg_trunc_ratio: float) -> Build:
     return build
 
 
-def _ltx() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = LTXVideoTransformer3DModel(
-        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-        num_layers=1, caption_channels=16,
-    )  # fmt: skip
-    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                       transformer=transformer)  # fmt: skip
-    mask = torch.ones(1, 6, dtype=torch.long)
-    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                  "guidance_scale": 3.0, "height": 64, "width": 64, "num_frames": 9}  # fmt: skip
+def _ltx(pipeline: type = LTXPipeline, **extra: Any) -> Build:
+    """An LTX-Video-family pipeline; its VAE (4x spatial, 4x temporal) only when an image is encoded."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+            num_layers=1, caption_channels=16,
+        )  # fmt: skip
+        vae, size = None, 64
+        if "image" in extra:
+            vae, size = AutoencoderKLLTXVideo(
+                latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+                spatio_temporal_scaling=(True, True, False, False),
+                decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+                upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1,
+            ), 32  # fmt: skip
+        pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        transformer=transformer)  # fmt: skip
+        mask = torch.ones(1, 6, dtype=torch.long)
+        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                      "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+                      "guidance_scale": 3.0, "height": size, "width": size, "num_frames": 9, **extra}  # fmt: skip
+
+    return build
 
 
 def _wan_transformer(seed: int, model: type = WanTransformer3DModel, in_channels: int = 4, **extra: Any) -> Any:
@@ -770,10 +793,22 @@ CASES: tuple[Case, ...] = (
         _chroma(ChromaInpaintPipeline, **INPAINT),
         "strength 0.6; the transformer's config given `guidance_embeds`, which the pipeline reads",
     ),
-    Case("cogview4", "CogView4Pipeline", _cogview4, "CFG in two calls"),
+    Case("cogview4", "CogView4Pipeline", _cogview4(), "CFG in two calls"),
+    Case(
+        "cogview4-control",
+        "CogView4ControlPipeline",
+        _cogview4(CogView4ControlPipeline, 8, control_image=_image(1)),
+        "control image latents as extra input channels",
+    ),
     Case("lumina2", "Lumina2Pipeline", _lumina2(1.0), "CFG in two calls"),
     Case("lumina2-cfg-trunc", "Lumina2Pipeline", _lumina2(0.5), "truncated CFG: one branch after half the steps"),
-    Case("ltx", "LTXPipeline", _ltx, "video, CFG batched"),
+    Case("ltx", "LTXPipeline", _ltx(), "video, CFG batched"),
+    Case(
+        "ltx-i2v",
+        "LTXImageToVideoPipeline",
+        _ltx(LTXImageToVideoPipeline, image=_pil_image()),
+        "the first frame is the image's latents; the scheduler steps the others",
+    ),
     Case(
         "wan",
         "WanPipeline",

@@ -55,6 +55,7 @@ def run_counting_blocks(
     ]
     if isinstance(controlnet := getattr(pipe, "controlnet", None), torch.nn.Module):
         handles.append(controlnet.register_forward_pre_hook(counter("controlnet")))
+    torch.manual_seed(0)  # some pipelines sample from the global generator (CogView4 Control's VAE encoding)
     try:
         out = pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                    output_type="latent", return_dict=False)[0]  # fmt: skip

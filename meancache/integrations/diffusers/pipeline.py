@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -63,6 +66,8 @@ def check_supported(pipe: DiffusionPipeline) -> None:
             f"MeanCache cannot drive {name}: it has no `transformer` module to skip (MeanCache accelerates "
             "flow-matching transformer pipelines: FLUX, Qwen-Image, Wan, ...)"
         )
+    if (reason := _loop_it_cannot_follow(type(pipe))) is not None:
+        raise TypeError(f"MeanCache cannot drive {name}: {reason}")
     scheduler = getattr(pipe, "scheduler", None)
     config = getattr(scheduler, "config", {})
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
@@ -90,6 +95,28 @@ def check_supported(pipe: DiffusionPipeline) -> None:
         f"pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=...) with the model's flow shift, or keep {kind} "
         "without MeanCache and run fewer steps"
     )
+
+
+def _loop_it_cannot_follow(pipeline: type) -> str | None:
+    """Why the denoising loop of ``pipeline`` (read from its class's source) steps in a way MeanCache does not follow,
+    or None. Refused rather than run wrong: a scheduler step with ``per_token_timesteps`` moves each token from its
+    own sigma (LTX-Video's condition pipeline), and a second latent stream stepped by a ``copy.deepcopy`` of the
+    scheduler (LTX-2's audio) would carry a copy of MeanCache's hooks, with its own state and generation."""
+    try:
+        source = inspect.getsource(pipeline)
+    except (OSError, TypeError):  # no source (compiled or built at run time): nothing to read
+        return None
+    if re.search(r"per_token_timesteps\s*=", source):
+        return (
+            "its loop steps the scheduler with per_token_timesteps (each token from its own sigma); MeanCache's "
+            "estimate needs one sigma per step"
+        )
+    if re.search(r"deepcopy\(\s*self\.scheduler\s*\)", source):
+        return (
+            "its loop steps a second latent stream (e.g. audio) with a copy of the scheduler, which would carry a "
+            "copy of MeanCache's hooks and estimate that stream on its own"
+        )
+    return None
 
 
 def disable_mean_cache(pipe: DiffusionPipeline) -> None:
