@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -21,7 +22,9 @@ import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
 from meancache.integrations.diffusers import is_mean_cache_enabled
 from meancache.integrations.diffusers.hooks import transformer_names
-from tests.pipeline_matrix import CASES, Case, readme_table
+from meancache.integrations.diffusers.pipeline import unsupported_loop
+from tests.flow_pipelines import flow_pipeline_classes
+from tests.pipeline_matrix import CASES, NOT_COVERED, REFUSED, Case, Refusal, coverage_text, readme_table
 from tests.reference_loop import reference_steps
 
 STEPS, BUDGET = 10, 4
@@ -213,6 +216,27 @@ def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason(
     assert not is_mean_cache_enabled(pipe)
 
 
+@pytest.mark.parametrize("refusal", REFUSED, ids=[refusal.pipeline for refusal in REFUSED])
+def test_refused_at_enable_time(refusal: Refusal):
+    pipe, _ = refusal.build()
+    assert type(pipe).__name__ == refusal.pipeline
+    with pytest.raises(TypeError, match=rf"cannot drive {refusal.pipeline}\b.*{refusal.error}"):
+        enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
+    assert not is_mean_cache_enabled(pipe) and "step" not in vars(pipe.scheduler)
+
+
+def test_every_flow_pipeline_class_is_verified_refused_or_listed_with_a_reason():
+    flow = flow_pipeline_classes()
+    verified, refused = {case.pipeline for case in CASES}, {refusal.pipeline for refusal in REFUSED}
+    assert verified.isdisjoint(refused) and not (verified | refused) & NOT_COVERED.keys()
+    assert verified | refused | NOT_COVERED.keys() == flow
+    # the loops enable_mean_cache refuses from the pipeline's source are exactly the ones listed as refused for it
+    loop_refused = {name for name in flow if unsupported_loop(getattr(diffusers, name)) is not None}
+    listed = {name for name, why in NOT_COVERED.items() if "its loop steps" in why} | {"LTXConditionPipeline"}
+    assert loop_refused == listed
+
+
 def test_readme_lists_the_matrix():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert readme_table() in readme, "README.md's table of verified pipelines is not tests/pipeline_matrix.py's"
+    assert coverage_text() in readme, "README.md's coverage statement is not tests/pipeline_matrix.py's"

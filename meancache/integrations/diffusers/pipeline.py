@@ -66,7 +66,7 @@ def check_supported(pipe: DiffusionPipeline) -> None:
             f"MeanCache cannot drive {name}: it has no `transformer` module to skip (MeanCache accelerates "
             "flow-matching transformer pipelines: FLUX, Qwen-Image, Wan, ...)"
         )
-    if (reason := _loop_it_cannot_follow(type(pipe))) is not None:
+    if (reason := unsupported_loop(type(pipe))) is not None:
         raise TypeError(f"MeanCache cannot drive {name}: {reason}")
     scheduler = getattr(pipe, "scheduler", None)
     config = getattr(scheduler, "config", {})
@@ -97,7 +97,7 @@ def check_supported(pipe: DiffusionPipeline) -> None:
     )
 
 
-def _loop_it_cannot_follow(pipeline: type) -> str | None:
+def unsupported_loop(pipeline: type) -> str | None:
     """Why the denoising loop of ``pipeline`` (read from its class's source) steps in a way MeanCache does not follow,
     or None. Refused rather than run wrong: a scheduler step with ``per_token_timesteps`` moves each token from its
     own sigma (LTX-Video's condition pipeline), and a second latent stream stepped by a ``copy.deepcopy`` of the
