@@ -27,6 +27,8 @@ from diffusers import (
     AutoencoderKLLTXVideo,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    BriaPipeline,
+    BriaTransformer2DModel,
     ChromaImg2ImgPipeline,
     ChromaInpaintPipeline,
     ChromaPipeline,
@@ -60,6 +62,8 @@ from diffusers import (
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    Kandinsky5T2IPipeline,
+    Kandinsky5Transformer3DModel,
     LTXConditionPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
@@ -154,6 +158,13 @@ def _mask() -> torch.Tensor:
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., SIZE // 4 : 3 * SIZE // 4, SIZE // 4 : 3 * SIZE // 4] = 1.0
     return mask
+
+
+def _masked_embeds(length: int = 6, width: int = 16) -> dict[str, Any]:
+    """Prompt and negative-prompt embeddings with their (all-ones) attention masks."""
+    mask = torch.ones(1, length, dtype=torch.long)
+    return {"prompt_embeds": _randn(1, length, width), "negative_prompt_embeds": _randn(1, length, width, seed=1),
+            "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone()}  # fmt: skip
 
 
 def _kl_vae(latent_channels: int) -> AutoencoderKL:
@@ -384,10 +395,7 @@ def _lumina2(cfg_trunc_ratio: float) -> Build:
         )  # fmt: skip
         pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4),
                                text_encoder=None, tokenizer=None)  # fmt: skip
-        mask = torch.ones(1, 6, dtype=torch.long)
-        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-                      "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                      "guidance_scale": 4.0, "cfg_trunc_ratio": cfg_trunc_ratio, "height": SIZE,
+        return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "cfg_trunc_ratio": cfg_trunc_ratio, "height": SIZE,
                       "width": SIZE}  # fmt: skip
 
     return build
@@ -413,10 +421,8 @@ def _ltx(pipeline: type = LTXPipeline, **extra: Any) -> Build:
             ), 32  # fmt: skip
         pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                         transformer=transformer)  # fmt: skip
-        mask = torch.ones(1, 6, dtype=torch.long)
-        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-                      "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                      "guidance_scale": 3.0, "height": size, "width": size, "num_frames": 9, **extra}  # fmt: skip
+        return pipe, {**_masked_embeds(), "guidance_scale": 3.0, "height": size, "width": size, "num_frames": 9,
+                      **extra}  # fmt: skip
 
     return build
 
@@ -487,11 +493,9 @@ def _sana(pipeline: type = SanaPipeline, dpm_solver: bool = True, controlnet: bo
         if controlnet:
             torch.manual_seed(0)
             components["controlnet"] = SanaControlNetModel(**sizes)
-        mask = torch.ones(1, 6, dtype=torch.long)
         return pipeline(**_accepted(pipeline, components)), {
-            "prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-            "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(), "negative_prompt": None,
-            "guidance_scale": 4.0, "height": 128, "width": 128, "use_resolution_binning": False, **extra,
+            **_masked_embeds(), "negative_prompt": None, "guidance_scale": 4.0, "height": 128, "width": 128,
+            "use_resolution_binning": False, **extra,
         }  # fmt: skip
 
     return build
@@ -512,6 +516,35 @@ def _dc_vae() -> AutoencoderDC:
     )  # fmt: skip
 
 
+def _kandinsky5() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(1, 1, 2), visual_cond=False,
+        attention_type="regular",
+    )  # fmt: skip
+    pipe = Kandinsky5T2IPipeline(transformer=transformer, vae=_kl_vae(4), text_encoder=None, tokenizer=None,
+                                 text_encoder_2=None, tokenizer_2=None,
+                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))  # fmt: skip
+    lengths = torch.tensor([0, 6], dtype=torch.int32)
+    return pipe, {"prompt_embeds_qwen": _randn(6, 16), "prompt_embeds_clip": _randn(1, 8, seed=1),
+                  "prompt_cu_seqlens": lengths, "negative_prompt_embeds_qwen": _randn(6, 16, seed=2),
+                  "negative_prompt_embeds_clip": _randn(1, 8, seed=3), "negative_prompt_cu_seqlens": lengths.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _bria() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = BriaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4],
+    )  # fmt: skip
+    pipe = BriaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4),
+                        text_encoder=None, tokenizer=None)  # fmt: skip
+    return pipe, {"prompt_embeds": _randn(1, 8, 32), "negative_prompt_embeds": _randn(1, 8, 32, seed=1),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
 def _mochi() -> tuple[DiffusionPipeline, dict[str, Any]]:
     torch.manual_seed(0)
     transformer = MochiTransformer3DModel(
@@ -520,10 +553,7 @@ def _mochi() -> tuple[DiffusionPipeline, dict[str, Any]]:
     )  # fmt: skip
     pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
                          transformer=transformer)  # fmt: skip
-    mask = torch.ones(1, 6, dtype=torch.long)
-    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                  "guidance_scale": 4.0, "height": 32, "width": 32, "num_frames": 7}  # fmt: skip
+    return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "height": 32, "width": 32, "num_frames": 7}  # fmt: skip
 
 
 def _auraflow() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -535,10 +565,7 @@ def _auraflow() -> tuple[DiffusionPipeline, dict[str, Any]]:
     )  # fmt: skip
     pipe = AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=transformer,
                             scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
-    mask = torch.ones(1, 6, dtype=torch.long)
-    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+    return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
 def _lumina() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -549,10 +576,7 @@ def _lumina() -> tuple[DiffusionPipeline, dict[str, Any]]:
     )  # fmt: skip
     pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4),
                           text_encoder=None, tokenizer=None)  # fmt: skip
-    mask = torch.ones(1, 6, dtype=torch.long)
-    return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
-                  "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
-                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+    return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
 def _hidream() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -872,6 +896,8 @@ CASES: tuple[Case, ...] = (
         "ControlNet: runs on computed steps only; flow DPM-Solver++",
     ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
+    Case("kandinsky5-t2i", "Kandinsky5T2IPipeline", _kandinsky5, "CFG in two calls"),
+    Case("bria", "BriaPipeline", _bria, "CFG batched"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
     Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
@@ -918,7 +944,6 @@ NOT_COVERED: dict[str, str] = {
     "BriaFibo2Pipeline": _NOT_BUILT,
     "BriaFiboEditPipeline": _NOT_BUILT,
     "BriaFiboPipeline": _NOT_BUILT,
-    "BriaPipeline": _NOT_BUILT,
     "ChronoEditPipeline": f"Wan-based editing with a CLIP image encoder; {_NOT_BUILT}",
     "Cosmos2TextToImagePipeline": f"needs a safety checker component; {_NOT_BUILT}",
     "Cosmos2VideoToWorldPipeline": f"needs a safety checker component; {_NOT_BUILT}",
@@ -948,7 +973,6 @@ NOT_COVERED: dict[str, str] = {
     "JoyImageEditPlusPipeline": _NOT_BUILT,
     "Kandinsky5I2IPipeline": _NOT_BUILT,
     "Kandinsky5I2VPipeline": _NOT_BUILT,
-    "Kandinsky5T2IPipeline": _NOT_BUILT,
     "Kandinsky5T2VPipeline": _NOT_BUILT,
     "Kandinsky6SRPipeline": _NOT_BUILT,
     "Kandinsky6TI2VAPipeline": _LOOP,
