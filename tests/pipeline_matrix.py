@@ -40,6 +40,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxControlImg2ImgPipeline,
@@ -89,6 +90,8 @@ from diffusers import (
     SanaPipeline,
     SanaSprintPipeline,
     SanaTransformer2DModel,
+    SanaVideoPipeline,
+    SanaVideoTransformer3DModel,
     SCMScheduler,
     SD3ControlNetModel,
     SD3Transformer2DModel,
@@ -516,6 +519,19 @@ def _dc_vae() -> AutoencoderDC:
     )  # fmt: skip
 
 
+def _sana_video() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=4, patch_size=(1, 2, 2),
+    )  # fmt: skip
+    pipe = SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=DPMSolverMultistepScheduler(**FLOW_DPM_SOLVER))  # fmt: skip
+    return pipe, {**_masked_embeds(), "negative_prompt": None, "guidance_scale": 4.0, "height": 32, "width": 32,
+                  "frames": 5, "use_resolution_binning": False}  # fmt: skip
+
+
 def _kandinsky5() -> tuple[DiffusionPipeline, dict[str, Any]]:
     torch.manual_seed(0)
     transformer = Kandinsky5Transformer3DModel(
@@ -598,18 +614,21 @@ def _hidream() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "width": SIZE}  # fmt: skip
 
 
-def _flux2(reference: bool) -> Build:
+def _flux2(pipeline: type = Flux2Pipeline, reference: bool = False, **extra: Any) -> Build:
+    """A Flux2-family pipeline; Klein's transformer has no guidance embedding (it runs true CFG)."""
+
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
         transformer = Flux2Transformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=pipeline is Flux2Pipeline,
         )  # fmt: skip
         vae = AutoencoderKLFlux2(block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4,
-                                 norm_num_groups=2, sample_size=SIZE) if reference else None  # fmt: skip
-        pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                             transformer=transformer)  # fmt: skip
-        inputs = {"prompt_embeds": _randn(1, 8, 32), "guidance_scale": 4.0, "height": SIZE, "width": SIZE}
+                                 norm_num_groups=2, sample_size=SIZE)  # fmt: skip
+        pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        transformer=transformer)  # fmt: skip
+        inputs = {"prompt_embeds": _randn(1, 8, 32), "guidance_scale": 4.0, "height": SIZE, "width": SIZE, **extra}
         return pipe, {**inputs, "image": _pil_image(size=64)} if reference else inputs  # its smallest image
 
     return build
@@ -895,13 +914,20 @@ CASES: tuple[Case, ...] = (
         _sana(SanaControlNetPipeline, controlnet=True, **CONTROL),
         "ControlNet: runs on computed steps only; flow DPM-Solver++",
     ),
+    Case("sana-video", "SanaVideoPipeline", _sana_video, "video, CFG batched; flow DPM-Solver++"),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("kandinsky5-t2i", "Kandinsky5T2IPipeline", _kandinsky5, "CFG in two calls"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
     Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
-    Case("flux2", "Flux2Pipeline", _flux2(reference=False), "text-to-image"),
+    Case("flux2", "Flux2Pipeline", _flux2(), "text-to-image"),
+    Case(
+        "flux2-klein",
+        "Flux2KleinPipeline",
+        _flux2(Flux2KleinPipeline, negative_prompt_embeds=_randn(1, 8, 32, seed=1)),
+        "true CFG: two calls per step",
+    ),
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
     Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15, "video, guider (ClassifierFreeGuidance)"),
@@ -959,7 +985,6 @@ NOT_COVERED: dict[str, str] = {
     "ErnieImagePipeline": _NOT_BUILT,
     "Flux2KleinInpaintPipeline": _NOT_BUILT,
     "Flux2KleinKVPipeline": _NOT_BUILT,
-    "Flux2KleinPipeline": _NOT_BUILT,
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
     "HunyuanImageRefinerPipeline": _NOT_BUILT,
     "HunyuanSkyreelsImageToVideoPipeline": _NOT_BUILT,
@@ -1000,7 +1025,6 @@ NOT_COVERED: dict[str, str] = {
     "QwenImageLayeredPipeline": _NOT_BUILT,
     "SanaImageToVideoPipeline": _NOT_BUILT,
     "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
-    "SanaVideoPipeline": _NOT_BUILT,
     "SanaWMLTX2Refiner": _NOT_BUILT,
     "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",
     "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
