@@ -40,6 +40,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinInpaintPipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
@@ -63,8 +64,6 @@ from diffusers import (
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
-    Kandinsky5T2IPipeline,
-    Kandinsky5Transformer3DModel,
     LTXConditionPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
@@ -532,23 +531,6 @@ def _sana_video() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "frames": 5, "use_resolution_binning": False}  # fmt: skip
 
 
-def _kandinsky5() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = Kandinsky5Transformer3DModel(
-        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
-        model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(1, 1, 2), visual_cond=False,
-        attention_type="regular",
-    )  # fmt: skip
-    pipe = Kandinsky5T2IPipeline(transformer=transformer, vae=_kl_vae(4), text_encoder=None, tokenizer=None,
-                                 text_encoder_2=None, tokenizer_2=None,
-                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))  # fmt: skip
-    lengths = torch.tensor([0, 6], dtype=torch.int32)
-    return pipe, {"prompt_embeds_qwen": _randn(6, 16), "prompt_embeds_clip": _randn(1, 8, seed=1),
-                  "prompt_cu_seqlens": lengths, "negative_prompt_embeds_qwen": _randn(6, 16, seed=2),
-                  "negative_prompt_embeds_clip": _randn(1, 8, seed=3), "negative_prompt_cu_seqlens": lengths.clone(),
-                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
-
-
 def _bria() -> tuple[DiffusionPipeline, dict[str, Any]]:
     torch.manual_seed(0)
     transformer = BriaTransformer2DModel(
@@ -916,7 +898,6 @@ CASES: tuple[Case, ...] = (
     ),
     Case("sana-video", "SanaVideoPipeline", _sana_video, "video, CFG batched; flow DPM-Solver++"),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
-    Case("kandinsky5-t2i", "Kandinsky5T2IPipeline", _kandinsky5, "CFG in two calls"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
     Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
@@ -927,6 +908,18 @@ CASES: tuple[Case, ...] = (
         "Flux2KleinPipeline",
         _flux2(Flux2KleinPipeline, negative_prompt_embeds=_randn(1, 8, 32, seed=1)),
         "true CFG: two calls per step",
+    ),
+    Case(
+        "flux2-klein-inpaint",
+        "Flux2KleinInpaintPipeline",
+        _flux2(
+            Flux2KleinInpaintPipeline,
+            image=_pil_image(),
+            mask_image=_mask(),
+            strength=0.6,
+            negative_prompt_embeds=_randn(1, 8, 32, seed=1),
+        ),
+        "true CFG; inpainting at strength 0.6",
     ),
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
@@ -963,6 +956,10 @@ REFUSED: tuple[Refusal, ...] = (
 
 _LOOP = "refused at enable: its loop steps a second (audio) latent stream with a deep copy of the scheduler"
 _NOT_BUILT = "not built in the matrix yet"
+_KANDINSKY5 = (
+    "resizes every request to a trained resolution (1024 x 1024 and up: 4096 tokens, seconds a step on the tiny "
+    "model here): left out of the matrix's time budget"
+)
 NOT_COVERED: dict[str, str] = {
     "AceStepPipeline": f"audio; {_NOT_BUILT}",
     "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
@@ -983,7 +980,6 @@ NOT_COVERED: dict[str, str] = {
     "EasyAnimateInpaintPipeline": _NOT_BUILT,
     "EasyAnimatePipeline": _NOT_BUILT,
     "ErnieImagePipeline": _NOT_BUILT,
-    "Flux2KleinInpaintPipeline": _NOT_BUILT,
     "Flux2KleinKVPipeline": _NOT_BUILT,
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
     "HunyuanImageRefinerPipeline": _NOT_BUILT,
@@ -998,7 +994,8 @@ NOT_COVERED: dict[str, str] = {
     "JoyImageEditPlusPipeline": _NOT_BUILT,
     "Kandinsky5I2IPipeline": _NOT_BUILT,
     "Kandinsky5I2VPipeline": _NOT_BUILT,
-    "Kandinsky5T2VPipeline": _NOT_BUILT,
+    "Kandinsky5T2IPipeline": _KANDINSKY5,
+    "Kandinsky5T2VPipeline": _KANDINSKY5,
     "Kandinsky6SRPipeline": _NOT_BUILT,
     "Kandinsky6TI2VAPipeline": _LOOP,
     "Krea2Pipeline": _NOT_BUILT,
