@@ -3,7 +3,9 @@
 Each :class:`Case` builds a real diffusers pipeline with random weights from small configs (no hub, no text
 encoders: prompts enter as precomputed embeddings) and the call arguments of one generation.
 ``tests/test_pipeline_matrix.py`` runs every case; README.md's table of verified pipelines is
-:func:`readme_table` (a test checks they agree).
+:func:`readme_table` (a test checks they agree). Against the flow-matching pipeline classes computed from the
+installed diffusers (``tests/flow_pipelines.py``), every class is a case, a :class:`Refusal` checked on a tiny
+instance, or in :data:`NOT_COVERED` with its reason; README.md's :func:`coverage_text` says which.
 """
 
 from __future__ import annotations
