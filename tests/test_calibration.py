@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from meancache import Schedule
+from meancache import MeanCacheConfig, Schedule, disable_mean_cache, summary
 from meancache.calibration import (
     CANDIDATE_GAMMAS,
     Calibration,
@@ -18,6 +18,7 @@ from meancache.calibration import (
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
 from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
+from tests.pipeline_matrix import CASES
 from tests.reference_loop import ReferenceMeanCache, toy_velocity
 
 N, MAX_GAP, MAX_SPAN = 14, 5, 3
@@ -198,6 +199,22 @@ def test_calibrating_a_real_pipeline(tmp_path):
     assert Calibration.load(tmp_path / "c.json").schedule(8).budget == 8
 
 
+@pytest.mark.parametrize("name", ["flux-img2img-0.6", "wan-v2v"])
+def test_calibrating_a_pipeline_that_starts_later(name: str):
+    """At strength 0.6 of 10 steps the scheduler starts at step 4 (told by set_begin_index, or for Wan
+    video-to-video only by the timestep): calibration covers the 6 steps that run, and its schedule drives them."""
+    pipe, inputs = next(case for case in CASES if case.name == name).build()
+    pipe.set_progress_bar_config(disable=True)
+    calls = [{**inputs, "generator": torch.Generator().manual_seed(s)} for s in range(2)]
+    cal = calibrate_pipeline(pipe, calls, num_inference_steps=10, max_gap=4, max_span=2)
+    assert cal.trajectories == 2 and cal.num_steps == 6
+    enable_mean_cache(pipe, MeanCacheConfig(cal.schedule(3)))
+    pipe(**calls[0], num_inference_steps=10, output_type="latent")
+    report = summary(pipe)
+    disable_mean_cache(pipe)
+    assert report.num_steps == 6 and report.computed_steps == 3
+
+
 def test_bad_calibration_inputs_get_clear_errors(tmp_path):
     sigmas = torch.linspace(1.0, 0.0, 11).tolist()
     with pytest.raises(ValueError, match=r"max_gap \(an edge must skip a step\) must be an integer >= 2, got 1"):
@@ -219,8 +236,6 @@ def test_bad_calibration_inputs_get_clear_errors(tmp_path):
     pipe = tiny_pipeline("flux")
     with pytest.raises(ValueError, match="calls is empty"):
         calibrate_pipeline(pipe, [], 10)
-    from meancache import MeanCacheConfig
-
     enable_mean_cache(pipe, MeanCacheConfig(Schedule.uniform(10, 5)))
     with pytest.raises(RuntimeError, match="already wrapped"):
         calibrate_pipeline(pipe, [tiny_inputs("flux")], 10)

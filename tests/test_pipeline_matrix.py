@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -21,7 +22,9 @@ import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
 from meancache.integrations.diffusers import is_mean_cache_enabled
 from meancache.integrations.diffusers.hooks import transformer_names
-from tests.pipeline_matrix import CASES, Case, readme_table
+from meancache.integrations.diffusers.pipeline import unsupported_loop
+from tests.flow_pipelines import flow_pipeline_classes
+from tests.pipeline_matrix import CASES, NOT_COVERED, REFUSED, Case, Refusal, coverage_text, readme_table
 from tests.reference_loop import reference_steps
 
 STEPS, BUDGET = 10, 4
@@ -29,11 +32,15 @@ SPANS = Schedule(12, (0, 1, 4, 7, 11), (1, 3, 4, 5))
 CASE = {case.name: case for case in CASES}
 
 
-def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tuple[torch.Tensor, Counter, Counter]:
-    """Final latents, and per step of the generation (step 0 is the scheduler's ``begin_index``) the number of
-    transformer-block forwards and of transformer forwards, over every transformer of the pipeline."""
+def run_counting_blocks(
+    pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None
+) -> tuple[torch.Tensor, dict[str, Counter], int]:
+    """Final latents; per step of the generation (step 0 is the scheduler's first, ``begin``) the number of
+    transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every transformer of
+    the pipeline, and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that calls the transformer
+    on every step tells when it is not given (the scheduler's ``step_index`` is None on the first step only)."""
     scheduler = pipe.scheduler
-    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter()}
+    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
 
     def counter(kind: str) -> Any:
         def count(*_: Any) -> None:
@@ -49,39 +56,50 @@ def run_counting_blocks(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> tupl
         for path, module in transformer.named_modules()
         if re.fullmatch(r"\w*(blocks|layers)\.\d+", path)  # the top-level block lists
     ]
+    if isinstance(controlnet := getattr(pipe, "controlnet", None), torch.nn.Module):
+        handles.append(controlnet.register_forward_pre_hook(counter("controlnet")))
+    torch.manual_seed(0)  # some pipelines sample from the global generator (CogView4 Control's VAE encoding)
     try:
         out = pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                    output_type="latent", return_dict=False)[0]  # fmt: skip
     finally:
         for handle in handles:
             handle.remove()
-    begin = scheduler.begin_index or 0
-    blocks, forwards = ({0 if s == -1 else s - begin: n for s, n in c.items()} for c in counts.values())
-    return out, Counter(blocks), Counter(forwards)
+    if begin is None:
+        begin = min(step for step in counts["forwards"] if step != -1) - 1
+    relative = {kind: Counter({0 if s == -1 else s - begin: n for s, n in c.items()}) for kind, c in counts.items()}
+    return out, relative, begin
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_pipeline(case: Case):
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
-    baseline, blocks, forwards = run_counting_blocks(pipe, inputs)
+    baseline, counts, begin = run_counting_blocks(pipe, inputs)
+    blocks, forwards, controlnet = counts["blocks"], counts["forwards"], counts["controlnet"]
     steps = len(forwards)
     assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=steps, calibration_runs=0))
-    full, full_blocks, _ = run_counting_blocks(pipe, inputs)
+    full, full_counts, _ = run_counting_blocks(pipe, inputs, begin)
     disable_mean_cache(pipe)
-    assert torch.equal(full, baseline) and full_blocks == blocks
+    assert torch.equal(full, baseline) and full_counts == counts
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
-    cached, cached_blocks, cached_forwards = run_counting_blocks(pipe, inputs)
+    cached, cached_counts, _ = run_counting_blocks(pipe, inputs, begin)
     report = meancache.summary(pipe)
     disable_mean_cache(pipe)
     computed = report.schedule.compute_steps
     assert report.num_steps == steps and len(computed) == BUDGET
-    assert cached_blocks == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
-    assert report.transformer_calls == cached_forwards.total()  # the summary counts real forwards
+    assert cached_counts["blocks"] == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
+    assert report.transformer_calls == cached_counts["forwards"].total()  # the summary counts real forwards
     assert report.transformer_calls + report.skipped_calls == forwards.total()
+    # a ControlNet runs with the transformer, on the computed steps only
+    assert cached_counts["controlnet"] == Counter({i: controlnet[i] for i in computed if controlnet[i]})
+    assert (report.controlnet_calls, report.skipped_controlnet_calls) == (
+        cached_counts["controlnet"].total(),
+        controlnet.total() - cached_counts["controlnet"].total(),
+    )
     assert cached.shape == baseline.shape and torch.isfinite(cached).all()
     assert not torch.equal(cached, baseline)
 
@@ -198,6 +216,27 @@ def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason(
     assert not is_mean_cache_enabled(pipe)
 
 
+@pytest.mark.parametrize("refusal", REFUSED, ids=[refusal.pipeline for refusal in REFUSED])
+def test_refused_at_enable_time(refusal: Refusal):
+    pipe, _ = refusal.build()
+    assert type(pipe).__name__ == refusal.pipeline
+    with pytest.raises(TypeError, match=rf"cannot drive {refusal.pipeline}\b.*{refusal.error}"):
+        enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
+    assert not is_mean_cache_enabled(pipe) and "step" not in vars(pipe.scheduler)
+
+
+def test_every_flow_pipeline_class_is_verified_refused_or_listed_with_a_reason():
+    flow = flow_pipeline_classes()
+    verified, refused = {case.pipeline for case in CASES}, {refusal.pipeline for refusal in REFUSED}
+    assert verified.isdisjoint(refused) and not (verified | refused) & NOT_COVERED.keys()
+    assert verified | refused | NOT_COVERED.keys() == flow
+    # the loops enable_mean_cache refuses from the pipeline's source are exactly the ones listed as refused for it
+    loop_refused = {name for name in flow if unsupported_loop(getattr(diffusers, name)) is not None}
+    listed = {name for name, why in NOT_COVERED.items() if "its loop steps" in why} | {"LTXConditionPipeline"}
+    assert loop_refused == listed
+
+
 def test_readme_lists_the_matrix():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert readme_table() in readme, "README.md's table of verified pipelines is not tests/pipeline_matrix.py's"
+    assert coverage_text() in readme, "README.md's coverage statement is not tests/pipeline_matrix.py's"

@@ -18,16 +18,25 @@ StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 @contextmanager
 def observe_steps(pipe: DiffusionPipeline, observer: StepObserver) -> Iterator[None]:
     """While active, call ``observer(step, z, v, sigmas)`` on every scheduler step of ``pipe``: the latent
-    before the step, the guided velocity it steps with, and the scheduler's sigmas. MeanCache must be off."""
+    before the step, the guided velocity it steps with, and the sigmas of the steps the generation runs. ``step``
+    counts from the generation's first step: image-to-image and inpainting at ``strength < 1`` start the scheduler
+    at step ``b`` (told by ``set_begin_index``, or only by the timestep, as Wan video-to-video), and are observed as
+    ``N - b`` steps over ``sigmas[b:]``. MeanCache must be off."""
     scheduler = getattr(pipe, "scheduler", None)
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         raise TypeError(f"observing steps needs a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
     if "step" in scheduler.__dict__:
         raise RuntimeError("the scheduler's step is already wrapped (MeanCache enabled?); disable it first")
     original = scheduler.step
+    begin = 0
 
     def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        observer(scheduler.step_index or 0, sample, model_output, scheduler.sigmas)
+        nonlocal begin
+        index = scheduler.step_index
+        if index is None:  # a generation's first step: where the scheduler is about to start
+            begin = scheduler.index_for_timestep(timestep) if scheduler.begin_index is None else scheduler.begin_index
+            index = begin
+        observer(index - begin, sample, model_output, scheduler.sigmas[begin:])
         return original(model_output, timestep, sample, *args, **kwargs)
 
     scheduler.step = step

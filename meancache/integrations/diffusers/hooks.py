@@ -3,7 +3,8 @@
 
 * :class:`TransformerGate` sits in the call slot (``module._compiled_call_impl``, the first thing
   ``torch.nn.Module.__call__`` looks at) of every transformer the pipeline holds (``transformer``, and
-  ``transformer_2`` for Wan2.2's second expert). On a computed step it calls what it replaced: the eager
+  ``transformer_2`` for Wan2.2's second expert) and of its ControlNet (``controlnet``: a second model run each
+  step whose residuals only feed the transformer). On a computed step it calls what it replaced: the eager
   ``_call_impl`` with every forward hook (diffusers' offloading, context-parallel and casting hooks,
   accelerate's offload hooks), or the compiled call that ``module.compile()`` put there. On a skipped step
   it answers every call with a copy of the same call's output on the last computed step (whatever its
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.utils._pytree
@@ -38,13 +39,18 @@ from torch._dynamo.eval_frame import OptimizedModule
 from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
 from meancache.integrations.jvp_attention import sdpa_as_jvp_attention
 
+GateKind = Literal["transformer", "controlnet"]
+"""What a gated module is: one of the pipeline's transformers (experts share a step's calls), or its ControlNet."""
+
 
 class TransformerGate:
     """``pipe.transformer``'s call while MeanCache is on: runs the transformer on computed steps only."""
 
-    def __init__(self, state: MeanCacheState, module: torch.nn.Module) -> None:
+    def __init__(self, state: MeanCacheState, module: torch.nn.Module, kind: GateKind = "transformer") -> None:
         self.state = state
         self.module = module
+        self.kind: GateKind = kind
+        """``"transformer"`` (every expert: they share the step's calls) or ``"controlnet"``."""
         self.inner = module.__dict__.get("_compiled_call_impl")
         """What the call slot held: ``module.compile()``'s compiled call, or None (the eager ``_call_impl``)."""
         module._compiled_call_impl = self
@@ -87,45 +93,42 @@ class TransformerGate:
         run = self.state.run_for_call(kwargs.get("hidden_states", args[0] if args else None))
         if run is None:  # not part of a generation: a direct call
             return self.call_transformer(*args, **kwargs)
-        call, run.calls_this_step = run.calls_this_step, run.calls_this_step + 1
+        kind = self.kind
+        call = run.calls_this_step[kind]
+        run.calls_this_step[kind] += 1
         step = run.steps_run
         if not run.schedule.is_computed(step):
-            run.skipped_calls += 1
-            return self.placeholder(run, call, _batch_of(args[0] if args else kwargs.get("hidden_states")))
-        if run.estimator.needs_derivative(step):
+            run.calls[f"{kind} skipped"] += 1
+            batch = _batch_of(args[0] if args else kwargs.get("hidden_states")) if kind == "transformer" else None
+            return self.placeholder(run, call, batch)
+        if kind == "transformer" and run.estimator.needs_derivative(step):
             output = self.forward_with_derivative(run, args, kwargs)
         else:
             output = self.call_transformer(*args, **kwargs)
-        run.transformer_calls += 1
-        if step + 1 < run.num_steps and not run.schedule.is_computed(step + 1):
+        run.calls[kind] += 1
+        # step 0 too: if the first scheduler step shows the generation starts later (MeanCacheState.rebase_run),
+        # the schedule for the steps that really run may skip step 1
+        if step + 1 < run.num_steps and (step == 0 or not run.schedule.is_computed(step + 1)):
             if run.outputs_step != step:
-                run.outputs, run.outputs_step = [], step
-            run.outputs.append(torch.utils._pytree.tree_map_only(torch.Tensor, _detached_copy, output))
+                run.outputs, run.outputs_step = {}, step
+            copy = torch.utils._pytree.tree_map_only(torch.Tensor, _detached_copy, output)
+            run.outputs.setdefault(kind, []).append(copy)
         return output
 
-    @staticmethod
-    def placeholder(run: GenerationRun, call: int, batch: int | None) -> Any:
-        """The answer to call number ``call`` of a skipped step: a copy of what the same call returned on the last
-        computed step (the last call's, if this step makes more calls), so it has the transformer *output*'s
-        layout (a tensor, a list of per-sample tensors, extra reference-image tokens, ...) and a stateful
-        guider sees the last real branch predictions. When this call's input batch (a tensor's first dimension,
-        or a list's length) differs from that output's (CFG switched on or off between steps), its samples are
-        cycled to that batch. The scheduler hook replaces whatever the pipeline makes of it."""
-        if not run.outputs:
-            raise RuntimeError(f"step {run.steps_run} is skipped but no transformer output was recorded before it")
-        output = run.outputs[min(call, len(run.outputs) - 1)]
-        if isinstance(output, torch.Tensor):
-            output = _cycled_to_batch(output, batch)
-        elif isinstance(output, tuple):
-            output = (_cycled_to_batch(output[0], batch), *output[1:])
-        elif isinstance(output, BaseOutput):
-            first = next(iter(output))
-            output = type(output)(**{**output, first: _cycled_to_batch(output[first], batch)})
-        else:
-            raise TypeError(
-                f"MeanCache cannot answer a skipped call of a transformer returning {type(output).__name__}; it "
-                "supports tensors, tuples and diffusers output classes"
-            )
+    def placeholder(self, run: GenerationRun, call: int, batch: int | None) -> Any:
+        """The answer to call number ``call`` of this kind of model on a skipped step: a copy of what the same call
+        returned on the last computed step (the last call's, if this step makes more calls), so it has the
+        *output*'s layout (a tensor, a list of per-sample tensors, extra reference-image tokens, a ControlNet's
+        residuals, ...) and a stateful guider sees the last real branch predictions. When ``batch`` (this call's
+        input batch: a tensor's first dimension, or a list's length) differs from that output's (CFG switched on
+        or off between steps), its samples are cycled to that batch. The scheduler hook replaces whatever the
+        pipeline makes of it."""
+        outputs = run.outputs.get(self.kind)
+        if not outputs:
+            raise RuntimeError(f"step {run.steps_run} is skipped but no {self.kind} output was recorded before it")
+        output = outputs[min(call, len(outputs) - 1)]
+        if self.kind == "transformer":  # a ControlNet's residuals feed a skipped transformer call: any layout
+            output = _cycled_output(output, batch)
         return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, output)
 
     def forward_with_derivative(self, run: GenerationRun, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -148,7 +151,7 @@ class TransformerGate:
 
         if run.steps_run == 0:
             tangent = velocity(hidden, timestep)
-            run.transformer_calls += 1
+            run.calls["transformer"] += 1
         else:
             tangent = _latents_tangent(run.estimator.last_velocity(), hidden)
         timestep = timestep.contiguous()  # pipelines may pass an expanded (stride-0) batch of timesteps
@@ -173,9 +176,10 @@ def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
 
 
 def attach_gates(state: MeanCacheState) -> None:
-    """Make sure a gate of ``state`` is in the call slot of every transformer the pipeline holds now:
-    ``pipe.transformer`` and any further expert (``transformer_2``: Wan2.2's low-noise expert). They share the
-    generation, so one schedule covers the whole trajectory whichever expert runs a step.
+    """Make sure a gate of ``state`` is in the call slot of every model the pipeline runs per step
+    (:func:`gated_modules`): ``pipe.transformer``, any further expert (``transformer_2``: Wan2.2's low-noise expert)
+    and a ControlNet. They share the generation, so one schedule covers the whole trajectory whichever expert runs
+    a step, and a ControlNet runs only on the steps whose transformer call it feeds.
 
     A gate moves off a module the pipeline no longer calls directly (``torch.compile(pipe.transformer)`` wraps it,
     and a gate left inside the wrapper would be traced), and re-wraps a call slot that ``module.compile()``
@@ -183,7 +187,7 @@ def attach_gates(state: MeanCacheState) -> None:
     pipe = state.pipe
     if pipe is None:
         return
-    for name in transformer_names(pipe):
+    for name, kind in gated_modules(pipe).items():
         target = getattr(pipe, name)
         current = target.__dict__.get("_compiled_call_impl")
         if isinstance(current, TransformerGate):
@@ -195,7 +199,7 @@ def attach_gates(state: MeanCacheState) -> None:
             )
         if name in state.gates:
             state.gates[name].remove()
-        state.gates[name] = TransformerGate(state, target)
+        state.gates[name] = TransformerGate(state, target, kind)
 
 
 def transformer_names(pipe: Any) -> list[str]:
@@ -203,6 +207,15 @@ def transformer_names(pipe: Any) -> list[str]:
     components = getattr(pipe, "components", {})
     names = sorted(n for n in components if n == "transformer" or n.startswith("transformer_"))
     return [n for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+
+
+def gated_modules(pipe: Any) -> dict[str, GateKind]:
+    """The pipeline's components MeanCache gates, and their kind: the transformers (:func:`transformer_names`),
+    then ``controlnet`` (ControlNet pipelines: Flux, SD3, Qwen-Image, Z-Image, Sana) if it is a module."""
+    gated: dict[str, GateKind] = dict.fromkeys(transformer_names(pipe), "transformer")
+    if isinstance(getattr(pipe, "controlnet", None), torch.nn.Module):
+        gated["controlnet"] = "controlnet"
+    return gated
 
 
 def _detached_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -226,6 +239,21 @@ def _cycled_to_batch(output: Any, batch: int | None) -> Any:
         return output
     order = [i % have for i in range(batch)]
     return output[order] if isinstance(output, torch.Tensor) else [output[i] for i in order]
+
+
+def _cycled_output(output: Any, batch: int | None) -> Any:
+    """A transformer output with its prediction (a tensor, or a list of per-sample tensors) cycled to ``batch``."""
+    if isinstance(output, torch.Tensor):
+        return _cycled_to_batch(output, batch)
+    if isinstance(output, tuple):
+        return (_cycled_to_batch(output[0], batch), *output[1:])
+    if isinstance(output, BaseOutput):
+        first = next(iter(output))
+        return type(output)(**{**output, first: _cycled_to_batch(output[first], batch)})
+    raise TypeError(
+        f"MeanCache cannot answer a skipped call of a transformer returning {type(output).__name__}; it "
+        "supports tensors, tuples and diffusers output classes"
+    )
 
 
 def _latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
@@ -272,7 +300,14 @@ class SchedulerStepHook:
         if run is None:  # a generation that began before MeanCache was enabled
             return self.original(model_output, timestep, sample, *args, **kwargs)
         step = run.steps_run
-        scheduler_step = self.state.scheduler.step_index  # None before the first step of a generation
+        scheduler = self.state.scheduler
+        if step == 0 and scheduler.step_index is None and scheduler.begin_index is None:
+            # the step the scheduler will take from the timestep: pipelines that slice their timesteps without
+            # set_begin_index (Wan video-to-video) start later than MeanCache could see at the first transformer call
+            begin = scheduler.index_for_timestep(timestep)
+            if begin != run.begin:
+                run = self.state.rebase_run(run, begin, sample)
+        scheduler_step = scheduler.step_index  # None before the first step of a generation
         if scheduler_step != run.begin + step and not (step == 0 and scheduler_step is None):
             raise RuntimeError(
                 f"the scheduler is at step {scheduler_step} but MeanCache expected step {run.begin + step}"

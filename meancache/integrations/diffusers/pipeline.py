@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -10,8 +13,8 @@ from meancache.integrations.diffusers.hooks import (
     SchedulerStepHook,
     SetTimestepsHook,
     attach_gates,
+    gated_modules,
     refuse_diffusers_cache,
-    transformer_names,
 )
 from meancache.integrations.diffusers.run import MeanCacheState, MeanCacheSummary
 
@@ -36,7 +39,7 @@ def enable_mean_cache(pipe: DiffusionPipeline, config: MeanCacheConfig) -> None:
     scheduler = pipe.scheduler
     if isinstance(scheduler.__dict__.get("step"), SchedulerStepHook):
         raise RuntimeError("this scheduler is already driven by MeanCache on another pipeline; give each its own")
-    for name in transformer_names(pipe):
+    for name in gated_modules(pipe):
         refuse_diffusers_cache(getattr(pipe, name))
     state = MeanCacheState(config, pipe)
     attach_gates(state)
@@ -65,6 +68,8 @@ def check_supported(pipe: DiffusionPipeline) -> None:
             f"MeanCache cannot drive {name}: it has no `transformer` module to skip (MeanCache accelerates "
             f"flow-matching transformer pipelines: FLUX, Qwen-Image, Wan, ...){hint}"
         )
+    if (reason := unsupported_loop(type(pipe))) is not None:
+        raise TypeError(f"MeanCache cannot drive {name}: {reason}")
     scheduler = getattr(pipe, "scheduler", None)
     config = getattr(scheduler, "config", {})
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
@@ -92,6 +97,28 @@ def check_supported(pipe: DiffusionPipeline) -> None:
         f"pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=...) with the model's flow shift, or keep {kind} "
         "without MeanCache and run fewer steps"
     )
+
+
+def unsupported_loop(pipeline: type) -> str | None:
+    """Why the denoising loop of ``pipeline`` (read from its class's source) steps in a way MeanCache does not follow,
+    or None. Refused rather than run wrong: a scheduler step with ``per_token_timesteps`` moves each token from its
+    own sigma (LTX-Video's condition pipeline), and a second latent stream stepped by a ``copy.deepcopy`` of the
+    scheduler (LTX-2's audio) would carry a copy of MeanCache's hooks, with its own state and generation."""
+    try:
+        source = inspect.getsource(pipeline)
+    except (OSError, TypeError):  # no source (compiled or built at run time): nothing to read
+        return None
+    if re.search(r"per_token_timesteps\s*=", source):
+        return (
+            "its loop steps the scheduler with per_token_timesteps (each token from its own sigma); MeanCache's "
+            "estimate needs one sigma per step"
+        )
+    if re.search(r"deepcopy\(\s*self\.scheduler\s*\)", source):
+        return (
+            "its loop steps a second latent stream (e.g. audio) with a copy of the scheduler, which would carry a "
+            "copy of MeanCache's hooks and estimate that stream on its own"
+        )
+    return None
 
 
 def disable_mean_cache(pipe: DiffusionPipeline) -> None:

@@ -46,6 +46,9 @@ class MeanCacheSummary:
     skipped_calls: int
     derivative_calls: int = 0
     """Transformer calls run as forward-mode (JVP) passes; included in ``transformer_calls``."""
+    controlnet_calls: int = 0
+    """ControlNet forwards that ran (ControlNet pipelines: the ControlNet runs on computed steps only)."""
+    skipped_controlnet_calls: int = 0
 
     @property
     def computed_steps(self) -> int:
@@ -73,10 +76,16 @@ class MeanCacheSummary:
         unfinished = "" if self.steps_run == self.num_steps else f" of {self.num_steps} (interrupted)"
         jvp = f" ({self.derivative_calls} forward-mode)" if self.derivative_calls else ""
         source = self.schedule.metadata.get("source")
+        controlnet = self.controlnet_calls + self.skipped_controlnet_calls
+        controlnet_text = (
+            f"; controlnet calls: {self.controlnet_calls} run, {self.skipped_controlnet_calls} skipped"
+            if controlnet
+            else ""
+        )
         return (
             f"MeanCache: {self.steps_run} steps{unfinished}{origin}, {self.computed_steps} computed, "
             f"{self.reused_steps} reused (spans {spans}); transformer calls: {self.transformer_calls} run{jvp}, "
-            f"{self.skipped_calls} skipped; ideal speedup {self.ideal_speedup:.2f}x"
+            f"{self.skipped_calls} skipped{controlnet_text}; ideal speedup {self.ideal_speedup:.2f}x"
             + (f"; schedule: {source}" if source else "")
         )
 
@@ -88,18 +97,20 @@ class GenerationRun:
     sigmas: list[float]
     estimator: Estimator
     steps_run: int = 0
-    transformer_calls: int = 0
-    skipped_calls: int = 0
+    calls: Counter[str] = field(default_factory=Counter)
+    """Forwards that ran (``"transformer"``, ``"controlnet"``) and calls answered without running
+    (``"transformer skipped"``, ``"controlnet skipped"``)."""
     derivative_calls: int = 0
     begin: int = 0
     """The scheduler's first step index (``begin_index``: image-to-image and inpainting at ``strength < 1``)."""
     branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
-    calls_this_step: int = 0
-    """Transformer calls so far in the current step (any expert): the index of the next call."""
-    outputs: list[Any] = field(default_factory=list, repr=False)
-    """Copies of the transformer outputs of the last computed step followed by a skipped one, in call order:
-    the placeholders of the skipped steps' calls (:meth:`TransformerGate.placeholder`)."""
+    calls_this_step: Counter[str] = field(default_factory=Counter)
+    """Calls so far in the current step, per kind of gated model (``"transformer"``: any expert; ``"controlnet"``):
+    the index of the next call of that kind."""
+    outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+    """Per kind of gated model, copies of its outputs on the last computed step followed by a skipped one, in call
+    order: the placeholders of the skipped steps' calls (:meth:`TransformerGate.placeholder`)."""
     outputs_step: int = -1
     """The step ``outputs`` were recorded on."""
     calibration: GenerationCalibration | None = field(default=None, repr=False)
@@ -114,9 +125,10 @@ class GenerationRun:
         return self.estimator.schedule
 
     def summary(self) -> MeanCacheSummary:
+        calls = self.calls
         return MeanCacheSummary(
-            self.num_steps, self.steps_run, self.schedule, self.transformer_calls, self.skipped_calls,
-            self.derivative_calls,
+            self.num_steps, self.steps_run, self.schedule, calls["transformer"], calls["transformer skipped"],
+            self.derivative_calls, calls["controlnet"], calls["controlnet skipped"],
         )  # fmt: skip
 
 
@@ -162,7 +174,7 @@ class MeanCacheState:
 
     def finish_step(self, run: GenerationRun) -> None:
         run.steps_run += 1
-        run.calls_this_step = 0
+        run.calls_this_step.clear()
         if run.steps_run == run.num_steps:
             if run.calibration is not None:
                 run.calibration.finish()
@@ -174,7 +186,21 @@ class MeanCacheState:
             self.last_summary = self.run.summary()
         self.run = None
 
-    def _start_run(self, latents: torch.Tensor | None) -> None:
+    def rebase_run(self, run: GenerationRun, begin: int, latents: torch.Tensor) -> GenerationRun:
+        """The first scheduler step of ``run`` is at ``begin``, not at ``run.begin``: a pipeline that slices its
+        timesteps without telling the scheduler (no ``set_begin_index``). Restart the generation on the steps that
+        really run, keeping what happened on its first step (the transformer calls, their recorded outputs)."""
+        self._start_run(latents, begin)
+        rebased = self.run
+        assert rebased is not None
+        rebased.calls, rebased.calls_this_step, rebased.derivative_calls = (
+            run.calls, run.calls_this_step, run.derivative_calls
+        )  # fmt: skip
+        rebased.outputs, rebased.outputs_step, rebased.branches = run.outputs, run.outputs_step, run.branches
+        return rebased
+
+    def _start_run(self, latents: torch.Tensor | None, begin: int | None = None) -> None:
+        """Start a generation at the scheduler's step ``begin`` (default: its ``begin_index``, or 0)."""
         self.end_run()
         scheduler = self.scheduler
         sigmas = [float(s) for s in scheduler.sigmas.tolist()]
@@ -183,7 +209,8 @@ class MeanCacheState:
                 f"expected {len(scheduler.timesteps) + 1} sigmas for {len(scheduler.timesteps)} steps, the scheduler "
                 f"has {len(sigmas)}"
             )
-        begin = scheduler.begin_index or 0  # strength < 1: the generation runs the last N - begin steps
+        if begin is None:  # strength < 1: the generation runs the last N - begin steps
+            begin = scheduler.begin_index or 0
         sigmas = sigmas[begin:]
         schedule, calibration = self._schedule_for(sigmas, latents)
         run = GenerationRun(sigmas=sigmas, estimator=make_estimator(self.config.estimator, schedule), begin=begin)
