@@ -24,7 +24,12 @@ def _deterministic():
 
 @pytest.fixture
 def fresh_dynamo():
-    """Dynamo's caches and counters empty before and after the test (compiled-graph counts start at zero)."""
-    torch._dynamo.reset()
+    """Dynamo's caches and counters (graph breaks included: ``reset`` keeps those) empty before and after."""
+    _reset_dynamo()
     yield
+    _reset_dynamo()
+
+
+def _reset_dynamo():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
