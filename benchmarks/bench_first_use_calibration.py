@@ -30,7 +30,7 @@ from benchmarks.helpers import write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration, calibration_store
 from meancache.cli.demo import image_metrics
-from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
+from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
 from meancache.schedule.pssp import solve_pssp
 
@@ -40,7 +40,7 @@ OTHER_SOLVER_SETTINGS = [(2.0, 5, 8), (2.0, 3, 8)]  # (gamma, largest span, larg
 DPM = "fewer steps: DPM-Solver++ 2M"
 
 
-@pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
+@pytest.mark.parametrize("model_name", IMAGE_MODELS)
 def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
     model = load_digits_model(model_name)
     pipe = model.pipe
