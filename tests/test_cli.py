@@ -106,8 +106,12 @@ def test_generate_with_a_bundled_model_and_a_budget(tmp_path, capsys, model):
 def test_generate_writes_the_video_model_as_an_animated_image(tmp_path, capsys):
     from PIL import Image
 
+    from meancache import Schedule
+
+    Schedule.uniform(6, 4).save(tmp_path / "s.json")
     out = tmp_path / "seven.gif"
-    main(["generate", "--model", "digits-video", "--prompt", "7", "--steps", "6", "--budget", "4", "--out", str(out)])
+    main(["generate", "--model", "digits-video", "--prompt", "7", "--steps", "6",
+          "--schedule", str(tmp_path / "s.json"), "--out", str(out)])  # fmt: skip
     assert "4 computed, 2 reused" in capsys.readouterr().out
     with Image.open(out) as video:
         assert video.size == (32, 32) and video.n_frames == 9

@@ -239,8 +239,8 @@ class QwenImageDigits(DigitsRecipe):
 
 class HunyuanVideoDigits(DigitsRecipe):
     """``HunyuanVideoPipeline``: 1 double- and 3 single-stream blocks after a 1-block token refiner, guidance
-    embedding; a causal 3D VAE takes 9 frames of 32x32 to 3 x 8 x 8 latents (4x in time and in space), which the
-    transformer patches 2x2: 48 video tokens."""
+    embedding; a causal 3D VAE takes 9 frames of 32x32 to 3 x 16 x 16 latents (4x in time, 2x in space), which
+    the transformer patches 2x2: 192 video tokens."""
 
     name = "digits-video"
     pipeline_class = HunyuanVideoPipeline
@@ -250,10 +250,10 @@ class HunyuanVideoDigits(DigitsRecipe):
     }
     frames = FRAMES
     guidance = 6.0  # HunyuanVideoPipeline's default
-    vae_steps = 200
+    vae_steps = 300
     vae_batch = 16
-    transformer_steps = 1400
-    transformer_batch = 64
+    transformer_steps = 1000
+    transformer_batch = 32
 
     def dataset(self) -> tuple[torch.Tensor, torch.Tensor]:
         return moving_digits_dataset()
@@ -263,15 +263,15 @@ class HunyuanVideoDigits(DigitsRecipe):
 
     def build_vae(self) -> AutoencoderKLHunyuanVideo:
         return AutoencoderKLHunyuanVideo(
-            in_channels=1, out_channels=1, latent_channels=8, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+            in_channels=1, out_channels=1, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
             up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-            norm_num_groups=8, spatial_compression_ratio=4, temporal_compression_ratio=4,
+            norm_num_groups=8, spatial_compression_ratio=2, temporal_compression_ratio=4,
             mid_block_add_attention=False,
         )  # fmt: skip
 
     def build_transformer(self) -> HunyuanVideoTransformer3DModel:
         return HunyuanVideoTransformer3DModel(
-            in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
             num_single_layers=3, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
             text_embed_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, rope_axes_dim=(8, 12, 12),
         )  # fmt: skip

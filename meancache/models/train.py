@@ -172,7 +172,7 @@ def evaluate_bundle(folder: Path, steps: int = 50) -> dict[str, float]:
         with torch.inference_mode():
             latents = model.pipe(**model.inputs(CLASSES), num_inference_steps=steps, output_type="latent",
                                  generator=torch.Generator().manual_seed(seed), return_dict=False)[0]  # fmt: skip
-        samples = torch.from_numpy(model.decode(latents))
+            samples = torch.from_numpy(model.decode(latents))
         predicted = classify_frames(classifier, samples) if video else classify(classifier, samples)[:, None]
         agree.append((predicted == torch.tensor(CLASSES)[:, None]).float().flatten())
         if video:
