@@ -33,7 +33,7 @@ from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean
 from meancache.calibration import Calibration, calibration_store
 from meancache.cli.demo import image_metrics
 from meancache.integrations.diffusers.first_use import SELECTED, first_use_schedule
-from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
+from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
 from meancache.schedule import defaults
 
@@ -42,7 +42,7 @@ RUNS = (1, 2, 4)
 DPM = "fewer steps: DPM-Solver++ 2M"
 
 
-@pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
+@pytest.mark.parametrize("model_name", IMAGE_MODELS)
 def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
     model = load_digits_model(model_name)
     pipe = model.pipe

@@ -30,7 +30,7 @@ from benchmarks.helpers import FLOW_MULTISTEP_SCHEDULERS, write_results
 from meancache import Schedule
 from meancache.cli.demo import image_metrics
 from meancache.method.estimators import PaperRuleEstimator
-from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
+from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
 
 STEPS = 50
@@ -63,7 +63,7 @@ def mean_cache_velocities(scheduler: Any, schedule: Schedule) -> Iterator[None]:
         del scheduler.step
 
 
-@pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
+@pytest.mark.parametrize("model_name", IMAGE_MODELS)
 def test_multistep_schedulers(benchmark, model_name):
     model = load_digits_model(model_name)
     pipe = model.pipe

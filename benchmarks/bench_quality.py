@@ -50,7 +50,7 @@ from meancache.calibration import Calibration
 from meancache.cli.demo import image_metrics
 from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention
 from meancache.method.estimators import ExactJVPEstimator
-from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
+from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES, classify, digit_classifier
 from meancache.models.train import calibration_calls
 
@@ -198,7 +198,7 @@ def plot_measured_speed(model_name: str, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-@pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
+@pytest.mark.parametrize("model_name", IMAGE_MODELS)
 def test_quality(benchmark, model_name):
     model = load_digits_model(model_name)
     pipe = model.pipe

@@ -103,6 +103,22 @@ def test_generate_with_a_bundled_model_and_a_budget(tmp_path, capsys, model):
         assert image.size == (32, 32)
 
 
+def test_generate_writes_the_video_model_as_an_animated_image(tmp_path, capsys):
+    from PIL import Image
+
+    from meancache import Schedule
+
+    Schedule.uniform(6, 4).save(tmp_path / "s.json")
+    out = tmp_path / "seven.gif"
+    main(["generate", "--model", "digits-video", "--prompt", "7", "--steps", "6",
+          "--schedule", str(tmp_path / "s.json"), "--out", str(out)])  # fmt: skip
+    assert "4 computed, 2 reused" in capsys.readouterr().out
+    with Image.open(out) as video:
+        assert video.size == (32, 32) and video.n_frames == 9
+    assert main(["generate", "--model", "digits-video", "--prompt", "7", "--out", str(tmp_path / "seven.jpg")]) == 2
+    assert "needs an animated image file extension" in capsys.readouterr().err
+
+
 def test_generate_with_a_checkpoint_folder_and_a_schedule_file(tmp_path, capsys):
     from meancache import Schedule
     from meancache.testing import tiny_flux_pipeline_with_text_encoders

@@ -29,15 +29,22 @@ def check_device(device: str, flag: str = "--device") -> str:
     return device
 
 
-def image_suffixes() -> set[str]:
-    """File extensions PIL can write an image to (``.png``, ``.jpg``, ...)."""
-    return {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.SAVE}
+def image_suffixes(animated: bool = False) -> set[str]:
+    """File extensions PIL can write an image to (``.png``, ``.jpg``, ...); ``animated``: an animated image to
+    (``.gif``, ``.png``, ``.webp``, ...)."""
+    writers = Image.SAVE_ALL if animated else Image.SAVE
+    return {suffix for suffix, kind in Image.registered_extensions().items() if kind in writers}
 
 
-def check_output_file(path: Path, flag: str, image: bool = False) -> None:
+def check_output_file(path: Path, flag: str, image: bool = False, animated: bool = False) -> None:
     """``path`` can be written: it is not a directory, an existing file there is writable, and its nearest
     existing folder is a writable directory (missing folders are created when the file is written); an image
-    also needs an extension PIL can write."""
+    also needs an extension PIL can write, an ``animated`` one an extension PIL writes animations to."""
+    if animated and path.suffix.lower() not in image_suffixes(animated=True):
+        raise ValueError(
+            f"{flag} {str(path)!r} needs an animated image file extension PIL can write (e.g. .gif, .png, .webp), "
+            f"got {path.suffix or 'none'!r}"
+        )
     if image and path.suffix.lower() not in image_suffixes():
         raise ValueError(
             f"{flag} {str(path)!r} needs an image file extension PIL can write (e.g. .png, .jpg, .webp), "

@@ -1,5 +1,5 @@
-"""``meancache generate``: one image from a checkpoint (a folder, a hub id, or a bundled digits model),
-with MeanCache at a budget or from a schedule file, or without it."""
+"""``meancache generate``: one image from a checkpoint (a folder, a hub id, or a bundled digits model; a video
+model's frames as an animated image), with MeanCache at a budget or from a schedule file, or without it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import torch
 from meancache import MeanCacheConfig, Schedule, enable_mean_cache, summary
 from meancache.cli.arguments import check_device, check_output_file, check_prompts
 from meancache.cli.pipelines import DTYPES, load_pipeline
-from meancache.models import BUNDLED_MODELS
+from meancache.models import BUNDLED_MODELS, digits_model_frames
 from meancache.validation import MAX_STEPS, check_int
+
+FRAME_MILLISECONDS = 100
+"""How long each frame of a video shows in the animated image written for it."""
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +33,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="image width (default: the pipeline's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, required=True, help="image file to write (PNG, JPEG, ...)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="image file to write (PNG, JPEG, ...; a video model: GIF, PNG, WebP)"
+    )
 
 
 def check_generate_arguments(args: argparse.Namespace) -> None:
@@ -48,7 +53,7 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
             check_int(size, flag, 1)
     check_device(args.device)
     check_prompts(args.model, [args.prompt])
-    check_output_file(args.out, "--out", image=True)
+    check_output_file(args.out, "--out", image=True, animated=digits_model_frames(args.model) > 1)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -58,10 +63,14 @@ def run_generate(args: argparse.Namespace) -> None:
         enable_mean_cache(pipe, MeanCacheConfig(schedule=args.schedule, budget=args.budget))
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     start = time.perf_counter()
-    image = pipe(**prompt_inputs(args.prompt), **size, num_inference_steps=args.steps,
-                 generator=torch.Generator(args.device).manual_seed(args.seed)).images[0]  # fmt: skip
+    output = pipe(**prompt_inputs(args.prompt), **size, num_inference_steps=args.steps,
+                  generator=torch.Generator(args.device).manual_seed(args.seed))  # fmt: skip
+    frames = output.frames[0] if hasattr(output, "frames") else [output.images[0]]  # a video pipeline: its frames
     seconds = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    if len(frames) == 1:
+        frames[0].save(args.out)
+    else:
+        frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=FRAME_MILLISECONDS, loop=0)
     print(summary(pipe) if cached else f"no cache: {args.steps} steps, every step computed")
     print(f"wrote {args.out} in {seconds:.2f} s")

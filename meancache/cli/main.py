@@ -27,6 +27,7 @@ from meancache.cli.schedules import (
     run_calibrate,
     run_schedule,
 )
+from meancache.models import IMAGE_MODELS
 from meancache.models.recipes import RECIPES
 from meancache.validation import MAX_STEPS, check_int
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     demo.add_argument("--out", type=Path, default=Path("meancache_demo.png"), help="PNG grid to write")
-    demo.add_argument("--model", choices=sorted(RECIPES), default="digits-flux", help="bundled model")
+    demo.add_argument("--model", choices=IMAGE_MODELS, default="digits-flux", help="bundled image model")
     add_calibrate_arguments(
         commands.add_parser("calibrate", help="measure stability costs on full-compute generations of a pipeline")
     )

@@ -1,9 +1,11 @@
 """Models bundled with meancache: diffusers ``save_pretrained`` folders inside the package.
 
 * ``digits-flux``: a small class-conditional FLUX (real ``FluxPipeline``, guidance embedding);
-* ``digits-qwen``: a small class-conditional Qwen-Image (real ``QwenImagePipeline``, true CFG).
+* ``digits-qwen``: a small class-conditional Qwen-Image (real ``QwenImagePipeline``, true CFG);
+* ``digits-video``: a small class-conditional HunyuanVideo (real ``HunyuanVideoPipeline``, guidance embedding,
+  causal 3D VAE): 9 frames of a digit sliding across the frame.
 
-Both were trained on scikit-learn's digits; :mod:`meancache.models.recipes` describes them and
+All were trained on scikit-learn's digits; :mod:`meancache.models.recipes` describes them and
 :mod:`meancache.models.train` reproduces them.
 """
 
@@ -25,6 +27,9 @@ from meancache.models.recipes import EMBEDDING_ROWS, RECIPES, DigitsRecipe
 from meancache.validation import load_json_object
 
 BUNDLED_MODELS = {name: Path(__file__).parent / name for name in RECIPES}
+_RECIPE_OF_PIPELINE = {recipe.pipeline_class.__name__: recipe for recipe in RECIPES.values()}
+IMAGE_MODELS = sorted(name for name, recipe in RECIPES.items() if recipe.frames == 1)
+"""The bundled models that generate images (the others generate videos)."""
 _REQUIRED = (
     "model_index.json",
     "transformer/config.json",
@@ -50,17 +55,17 @@ class DigitsModel:
     recipe: DigitsRecipe
 
     def inputs(self, classes: list[int]) -> dict[str, Any]:
-        """Pipeline arguments generating ``classes`` (one 32x32 image each, in order; 10 is "no class")."""
+        """Pipeline arguments generating ``classes`` (one 32x32 image or video each, in order; 10 is "no class")."""
         bad = [c for c in classes if not 0 <= c < EMBEDDING_ROWS]
         if bad:
             raise ValueError(f"classes {bad} are out of range: digits 0..9, or 10 for unconditional")
         return self.recipe.inputs(self.embeddings, torch.tensor(classes))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Images ``(N, 32, 32)`` in [0, 1] from the packed latents of a run with ``output_type="latent"``: what
-        the same run with ``output_type="np"`` returns (one channel), so a run can be timed without its decode."""
-        images = self.recipe.decode(self.pipe.vae, latents.to(self.pipe.vae.dtype))
-        return self.pipe.image_processor.postprocess(images, output_type="np")[..., 0]
+        """Images ``(N, 32, 32)`` (videos: ``(N, frames, 32, 32)``) in [0, 1] from the packed latents of a run with
+        ``output_type="latent"``: what the same run with ``output_type="np"`` returns (one channel), so a run can be
+        timed without its decode."""
+        return self.recipe.postprocess(self.pipe, self.recipe.decode(self.pipe.vae, latents.to(self.pipe.vae.dtype)))
 
 
 def is_digits_model(model: str | os.PathLike[str]) -> bool:
@@ -68,9 +73,23 @@ def is_digits_model(model: str | os.PathLike[str]) -> bool:
     return str(model) in BUNDLED_MODELS or (Path(model) / "class_embeddings.safetensors").is_file()
 
 
+def digits_model_frames(model: str | os.PathLike[str]) -> int:
+    """Frames per sample that ``model`` generates if it names a bundled digits model or a folder holding one: 1
+    for an image model, more for a video model; 1 for anything else (not a digits model, or unreadable)."""
+    if str(model) in BUNDLED_MODELS:
+        return RECIPES[str(model)].frames
+    if not is_digits_model(model):
+        return 1
+    try:
+        pipeline_class = load_json_object(Path(model) / "model_index.json", "config").get("_class_name")
+    except (OSError, ValueError):
+        return 1  # load_digits_model names the problem
+    return _RECIPE_OF_PIPELINE[pipeline_class].frames if pipeline_class in _RECIPE_OF_PIPELINE else 1
+
+
 def load_digits_model(model: str | os.PathLike[str] = "digits-flux", dtype: torch.dtype = torch.float32) -> DigitsModel:
     """``from_pretrained`` on a digits model folder: a bundled model's name (``digits-flux``,
-    ``digits-qwen``) or the path of a folder one was saved to.
+    ``digits-qwen``, ``digits-video``) or the path of a folder one was saved to.
 
     Checks that ``model`` is a name or a path, ``dtype`` a floating ``torch.dtype``, the folder holds every
     part of a digits model with JSON-object configs, of a known pipeline class, and embeddings of its shape;
@@ -92,10 +111,9 @@ def load_digits_model(model: str | os.PathLike[str] = "digits-flux", dtype: torc
     except (OSError, ValueError) as e:
         raise ValueError(f"{str(folder)!r} holds a corrupt digits model: {e}") from e
     pipeline_class = configs["model_index.json"].get("_class_name")
-    recipes = {r.pipeline_class.__name__: r for r in RECIPES.values()}
-    if pipeline_class not in recipes:
-        raise ValueError(f"{str(folder)!r} holds a {pipeline_class}; digits models are {sorted(recipes)}")
-    recipe = recipes[pipeline_class]
+    if pipeline_class not in _RECIPE_OF_PIPELINE:
+        raise ValueError(f"{str(folder)!r} holds a {pipeline_class}; digits models are {sorted(_RECIPE_OF_PIPELINE)}")
+    recipe = _RECIPE_OF_PIPELINE[pipeline_class]
     # Conditioning comes from the class embeddings, so the pipeline has no text encoders or tokenizers.
     components = inspect.signature(recipe.pipeline_class.__init__).parameters
     no_text = {k: None for k in components if k.startswith(("text_encoder", "tokenizer"))}
