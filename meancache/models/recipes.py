@@ -250,9 +250,9 @@ class HunyuanVideoDigits(DigitsRecipe):
     }
     frames = FRAMES
     guidance = 6.0  # HunyuanVideoPipeline's default
-    vae_steps = 300
+    vae_steps = 1000
     vae_batch = 16
-    transformer_steps = 1000
+    transformer_steps = 4000
     transformer_batch = 32
 
     def dataset(self) -> tuple[torch.Tensor, torch.Tensor]:
