@@ -69,21 +69,17 @@ def average_velocity_step(
     The C++ CPU kernel enforces every one of these rules itself, so on CPU the call goes straight to it and
     the Python checks run only after a failure, to raise the precise error; every other path checks first."""
     tensors = (z, v_last, z_anchor, v_anchor)
+    if out is not None:
+        _check_out_call(tensors, out)
     if not _checks_itself(z):
         _check_arguments(tensors, out)
     try:
         tables = _sigma_tables(z, sigma_anchor, sigma, sigma_next)
-        if out is None:
-            if _needs_autograd(tensors):
-                return AverageVelocityStep.apply(*tensors, *tables)
-            return _fused(*tensors, *tables)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            raise RuntimeError(
-                "average_velocity_step(out=...) is not differentiable; call it without out= under autograd"
-            )
-        if type(out) is not tuple:
-            raise TypeError(f"out must be a tuple of two tensors (z_next, u_hat), got {type(out).__name__}")
-        return _fused(*tensors, *tables, out=out)
+        if out is not None:
+            return _fused(*tensors, *tables, out=out)
+        if _needs_autograd(tensors):
+            return AverageVelocityStep.apply(*tensors, *tables)
+        return _fused(*tensors, *tables)
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
         _check_arguments(tensors, out)
         raise
@@ -201,12 +197,11 @@ def _needs_autograd(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def _check_arguments(tensors: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Raise a precise error for the first rule the arguments break (see :func:`average_velocity_step`)."""
+    """Raise a precise error for the first rule the tensors break (see :func:`average_velocity_step`); the
+    kernel enforces the same rules."""
     _check_tensors(*tensors)
     if out is None:
         return
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
     _check_out(tensors[0], out)
     check_no_overlap(
         {"z_next": out[0], "u_hat": out[1]}, dict(zip(("z", "v_last", "z_anchor", "v_anchor"), tensors, strict=True)),
@@ -222,9 +217,15 @@ def _check_tensors(z: torch.Tensor, v_last: torch.Tensor, z_anchor: torch.Tensor
             raise ValueError(f"{name} has shape {tuple(t.shape)} but z has shape {tuple(z.shape)}; all must match")
 
 
-def _check_out(z: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+def _check_out_call(tensors: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The rules of ``out=`` no kernel sees: two tensors in a tuple, and no autograd."""
+    if not (type(out) is tuple and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
         raise TypeError(f"out must be a tuple of two tensors (z_next, u_hat), got {type(out).__name__}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
+
+
+def _check_out(z: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
     for name, t in zip(("z_next", "u_hat"), out, strict=True):
         if t.shape != z.shape or t.dtype != z.dtype or t.device != z.device:
             raise ValueError(
