@@ -142,8 +142,8 @@ def _fused(
     *args: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel for the inputs' device (into ``out`` if given), else the PyTorch reference."""
-    ops = cpp_ops()
-    fused = ops is not None and args[0].device.type in _FUSED_DEVICES
+    ops = torch.ops.meancache
+    fused = args[0].device.type in _FUSED_DEVICES  # empty without the C++ extension
     if out is None:
         return ops.average_velocity_step(*args) if fused else _reference(*args)
     if fused:
@@ -242,7 +242,8 @@ def _sigma_tables(z: torch.Tensor, *sigmas: SigmaLike) -> tuple[torch.Tensor, ..
     Python floats are validated as floats, so this traces under ``torch.compile(fullgraph=True)``; sigma
     tensors are read on the host."""
     if all(type(value) is float for value in sigmas):  # the common case, fast
-        tables = _float_tables(*sigmas)
+        # Dynamo traces the function itself (it cannot guard on a cache: it would warn of silent incorrectness)
+        tables = (_float_tables.__wrapped__ if torch.compiler.is_compiling() else _float_tables)(*sigmas)
         if tables is not None:
             return tables
     names = ("sigma_anchor", "sigma", "sigma_next")
