@@ -1,6 +1,7 @@
 """The guidance part of the calibration key comes from what MeanCache observes on the first step, not from the
-pipeline call's frame: it holds through wrappers and ``**kwargs``, follows guider components and only the
-guidance that acts, and a guidance it cannot identify is not calibrated."""
+pipeline call's frame: it follows guider components, holds through wrappers, keys only the guidance that acts
+(the frame-reading key split on an unused ``true_cfg_scale`` and on differences below its rounding), and a
+guidance it cannot identify is not calibrated."""
 
 import re
 
@@ -26,8 +27,8 @@ def _key_of(pipe, inputs, **kwargs) -> str:
 
 
 def _wrapped(pipe):
-    """``pipe`` as an instance of a subclass whose ``__call__`` takes only ``**kwargs`` and forwards them: the
-    guidance arguments are in no frame's named arguments (what the frame-reading key missed)."""
+    """``pipe`` as an instance of a subclass whose ``__call__`` takes only ``**kwargs`` and forwards them to the
+    pipeline's own: the key must not depend on how the call reaches the pipeline."""
 
     def __call__(self, **kwargs):
         return super(type(self), self).__call__(**kwargs)
