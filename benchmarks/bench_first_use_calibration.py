@@ -31,10 +31,10 @@ from benchmarks.bench_quality import SEEDS, SOLVERS, STEPS
 from benchmarks.helpers import write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration, calibration_store
-from meancache.cli.demo import image_metrics
 from meancache.integrations.diffusers.first_use import SELECTED, first_use_schedule
 from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
+from meancache.models.quality import image_metrics
 from meancache.schedule import defaults
 
 BUDGETS = (8, 10, 13, 17)

@@ -28,10 +28,10 @@ import torch
 
 from benchmarks.helpers import FLOW_MULTISTEP_SCHEDULERS, write_results
 from meancache import Schedule
-from meancache.cli.demo import image_metrics
 from meancache.method.estimators import PaperRuleEstimator
 from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
+from meancache.models.quality import image_metrics
 
 STEPS = 50
 BUDGET = 10

@@ -1,8 +1,9 @@
 """Quality against speed at equal transformer compute, on the bundled digits models.
 
 For each bundled model (``digits-flux``: FluxPipeline, guidance embedding; ``digits-qwen``:
-QwenImagePipeline, true CFG), the reference is the full 50-step Euler run of the same pipeline, over digits
-0-9 x seeds 0, 1, 2 (the shipped calibrations used seeds 100-102). ``nfe`` counts model evaluations per
+QwenImagePipeline, true CFG; ``digits-video``: HunyuanVideoPipeline, guidance embedding, 9-frame videos), the
+reference is the full 50-step Euler run of the same pipeline, over digits 0-9 x seeds 0, 1, 2 (the shipped
+calibrations used seeds 100-102). ``nfe`` counts model evaluations per
 image, a CFG pair counting once (digits-qwen runs two transformer calls per evaluation). Rows per budget
 B (model evaluations):
 
@@ -21,10 +22,14 @@ B (model evaluations):
 * block-level peers (:mod:`benchmarks.quality_peers`: diffusers' FirstBlockCache, TaylorSeer and MagCache,
   cache-dit's DBCache with and without TaylorSeer): for each B and family, the best-PSNR setting whose
   measured compute is at most B full evaluations. Compute is counted in blocks: a peer that runs its first
-  block on a skipped step is charged for that block (:class:`benchmarks.quality_speed.BlockCounter`).
+  block on a skipped step is charged for that block (:class:`benchmarks.quality_speed.BlockCounter`);
+* on the video model also the attention-level peers (diffusers' PyramidAttentionBroadcast and FasterCache),
+  charged by the FLOPs they really run (:class:`benchmarks.quality_speed.FlopCounter`).
 
-Metrics: PSNR and SSIM against the reference (scikit-image), and how often a digit classifier recognises the
-requested class. Measured speed (:func:`benchmarks.quality_speed.median_seconds`): the reference and, per B,
+Metrics: PSNR and SSIM against the reference (scikit-image; a video: over all its frames), how often a digit
+classifier recognises the requested class (a video: in each frame), and for videos the temporal error: how far
+the frame-to-frame changes stray from the full run's (:func:`~meancache.models.quality.temporal_error`).
+Measured speed (:func:`benchmarks.quality_speed.median_seconds`): the reference and, per B,
 the shipped MeanCache schedule, uniform plain reuse, the three fewer-steps solvers and each peer family's best
 setting are timed the same way, interleaved, median of 5, denoising loop only, eager and with regional
 compilation; ``speedup_eager`` / ``speedup_compiled`` are over the reference in the same mode.
@@ -43,15 +48,15 @@ import pytest
 import torch
 
 from benchmarks.helpers import FLOW_MULTISTEP_SCHEDULERS, RESULTS_DIR, write_results
-from benchmarks.quality_peers import block_caches, magcache_ratios
-from benchmarks.quality_speed import BlockCounter, Setup, median_seconds
+from benchmarks.quality_peers import attention_caches, block_caches, magcache_ratios
+from benchmarks.quality_speed import BlockCounter, FlopCounter, Setup, median_seconds
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration
-from meancache.cli.demo import image_metrics
 from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention
 from meancache.method.estimators import ExactJVPEstimator
-from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
-from meancache.models.digits import CLASSES, classify, digit_classifier
+from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
+from meancache.models.digits import CLASSES, recognised
+from meancache.models.quality import image_metrics, temporal_error
 from meancache.models.train import calibration_calls
 
 STEPS = 50
@@ -198,32 +203,37 @@ def plot_measured_speed(model_name: str, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-@pytest.mark.parametrize("model_name", IMAGE_MODELS)
+@pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
 def test_quality(benchmark, model_name):
     model = load_digits_model(model_name)
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     calibration = Calibration.load(bundled_model_path(model_name) / "meancache_calibration.json")
-    classifier = digit_classifier()
     inputs = model.inputs(CLASSES)
     euler = pipe.scheduler
+    video = model.recipe.frames > 1
 
     def generate(seed: int, steps: int = STEPS) -> np.ndarray:
+        """Images (N, H, W) or videos (N, T, H, W) in [0, 1]: the pipeline's ``output_type="np"`` output."""
         with torch.inference_mode():
-            return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                        output_type="np").images[..., 0]  # fmt: skip
+            latents = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                           output_type="latent", return_dict=False)[0]  # fmt: skip
+            return model.decode(latents)
 
     def run(steps: int = STEPS) -> dict[int, np.ndarray]:
         return {seed: generate(seed, steps) for seed in SEEDS}
 
     def row(method: str, budget: int, nfe: float, images: dict, references: dict) -> dict:
         metrics = [image_metrics(images[s], references[s]) for s in SEEDS]
-        predicted = torch.cat([classify(classifier, torch.from_numpy(images[s])) for s in SEEDS])
-        return {
+        seen = torch.cat([recognised(torch.from_numpy(images[s]), CLASSES).flatten() for s in SEEDS])
+        result = {
             "method": method, "budget": budget, "nfe": nfe,
             "psnr": float(np.mean([m[0] for m in metrics])), "ssim": float(np.mean([m[1] for m in metrics])),
-            "class_acc": float((predicted == torch.tensor(CLASSES * len(SEEDS))).float().mean()),
+            "class_acc": float(seen.float().mean()),
         }  # fmt: skip
+        if video:
+            result["temporal_error"] = float(np.mean([temporal_error(images[s], references[s]) for s in SEEDS]))
+        return result
 
     def meancache_setup(method: str, schedule: Schedule) -> Setup:
         return Setup(method, lambda p: enable_mean_cache(p, MeanCacheConfig(schedule)), disable_mean_cache, STEPS,
@@ -245,8 +255,9 @@ def test_quality(benchmark, model_name):
     jvp_cost = _jvp_cost_in_forwards(pipe, inputs)
 
     def evaluate() -> list[dict]:
-        references = run()
-        reference.update(images=references)
+        with FlopCounter(pipe.transformer) as flops:
+            references = run()
+        reference.update(images=references, flops_per_evaluation=flops.flops / (STEPS * len(SEEDS)))
         rows = [row("full 50 steps (reference)", STEPS, STEPS, references, references)]
         setups["full 50 steps (reference)", STEPS] = Setup("full 50 steps (reference)", lambda p: None,
                                                            lambda p: None, STEPS, touches_forward=False)  # fmt: skip
@@ -285,12 +296,20 @@ def test_quality(benchmark, model_name):
 
     def peer_rows(references: dict) -> tuple[list[dict], list[dict]]:
         sweep, by_method = [], {}
-        for cache in block_caches(STEPS, magcache_ratios(pipe, calibration_calls(model), STEPS)):
+        caches = list(block_caches(STEPS, magcache_ratios(pipe, calibration_calls(model), STEPS)))
+        if video:
+            caches += attention_caches(lambda: pipe.current_timestep)
+        for cache in caches:
             cache.enable(pipe)
-            with BlockCounter(pipe.transformer) as blocks:
+            counter = (
+                FlopCounter(pipe.transformer, reference["flops_per_evaluation"])
+                if cache.attention
+                else BlockCounter(pipe.transformer, reference["calls_per_evaluation"])
+            )
+            with counter:
                 images = run()
             cache.disable(pipe)
-            nfe = round(blocks.evaluations(reference["calls_per_evaluation"], len(SEEDS)), 1)
+            nfe = round(counter.evaluations(len(SEEDS)), 1)
             sweep.append({**row(cache.method, 0, nfe, images, references),
                           "family": cache.family})  # fmt: skip
             by_method[cache.method] = cache

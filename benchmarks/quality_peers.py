@@ -3,10 +3,13 @@
 * diffusers' hooks: FirstBlockCache (threshold), TaylorSeer (interval x order, full and lite) and MagCache
   (threshold x max skipped steps x retention) with magnitude ratios from MagCache's own calibration mode,
   run on the calibration seeds, never the evaluated ones;
-* cache-dit: DBCache F1B0 (threshold), with and without its TaylorSeer calibrator (order 1 and 2).
+* cache-dit: DBCache F1B0 (threshold), with and without its TaylorSeer calibrator (order 1 and 2);
+* for video pipelines, the attention-level caches (:func:`attention_caches`): diffusers'
+  PyramidAttentionBroadcast and FasterCache (skip range x the timestep window where they skip).
 
 These caches skip part of the transformer (or all of it) per step by their own rule, so their compute is
-*measured*, not set: transformer FLOPs with ``torch.utils.flop_counter`` over those of a full run.
+*measured*, not set: block caches by the blocks that really run, attention caches by the FLOPs that really run
+(:mod:`benchmarks.quality_speed`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers import (
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is imported
 import cache_dit
@@ -34,15 +43,17 @@ class BlockCache:
     setting: str
     enable: Callable[[Any], None]
     disable: Callable[[Any], None]
+    attention: bool = False
+    """Whether it skips attention inside blocks (its compute is then counted in FLOPs, not blocks)."""
 
     @property
     def method(self) -> str:
         return f"{self.family} {self.setting}"
 
 
-def _diffusers(family: str, setting: str, config: Any) -> BlockCache:
+def _diffusers(family: str, setting: str, config: Any, attention: bool = False) -> BlockCache:
     return BlockCache(family, setting, lambda pipe: pipe.transformer.enable_cache(config),
-                      lambda pipe: pipe.transformer.disable_cache())  # fmt: skip
+                      lambda pipe: pipe.transformer.disable_cache(), attention)  # fmt: skip
 
 
 def _cache_dit(family: str, setting: str, threshold: float, taylorseer_order: int | None, steps: int) -> BlockCache:
@@ -98,3 +109,25 @@ def block_caches(steps: int, mag_ratios: list[float]) -> Iterator[BlockCache]:
         yield _cache_dit("cache-dit DBCache", f"F1B0 threshold={t:g}", t, None, steps)
         for order in (1, 2):
             yield _cache_dit("cache-dit DBCache+TaylorSeer", f"F1B0 threshold={t:g} order={order}", t, order, steps)
+
+
+def attention_caches(current_timestep: Callable[[], Any]) -> Iterator[BlockCache]:
+    """The attention-level settings swept on video pipelines: reuse of the spatial attention output for
+    ``skip`` - 1 of every ``skip`` steps inside a timestep window (the defaults, and the whole trajectory).
+    ``current_timestep``: the pipeline's ``current_timestep`` (both hooks ask it which step runs). FasterCache
+    runs with ``is_guidance_distilled`` (a guidance-embedding pipeline has no unconditional batch to skip)."""
+    for skip in (2, 3, 4, 6):
+        for window in ((100, 800), (0, 1000)):
+            setting = f"skip={skip} timesteps={window[0]}-{window[1]}"
+            config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=skip,
+                                                     spatial_attention_timestep_skip_range=window,
+                                                     current_timestep_callback=current_timestep)  # fmt: skip
+            yield _diffusers("diffusers PyramidAttentionBroadcast", setting, config, attention=True)
+    for skip in (2, 3, 4, 6):
+        for window in ((-1, 681), (-1, 1000)):
+            setting = f"skip={skip} timesteps={window[0]}-{window[1]}"
+            config = FasterCacheConfig(spatial_attention_block_skip_range=skip,
+                                       spatial_attention_timestep_skip_range=window,
+                                       current_timestep_callback=current_timestep, is_guidance_distilled=True,
+                                       attention_weight_callback=lambda _: 0.5)  # fmt: skip
+            yield _diffusers("diffusers FasterCache", setting, config, attention=True)

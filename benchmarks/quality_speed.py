@@ -4,6 +4,8 @@ compiled, every method timed the same way.
 * :class:`BlockCounter` counts the transformer's repeated blocks (``transformer._repeated_blocks``) that run,
   so a cache that computes part of the model per step is charged for that part: its evaluations per image
   are blocks run / (blocks per model x transformer calls per evaluation).
+* :class:`FlopCounter` counts the FLOPs the transformer runs, for caches that skip parts of a block (attention):
+  evaluations per image are FLOPs run / FLOPs of one evaluation of the full run.
 * :func:`median_seconds` times setups interleaved: each repeat runs every setup once, in turn, so a drift of
   the machine's speed touches all of them alike; one timing is one pipeline call that denoises every class
   of one seed (``output_type="latent"``: the VAE decode is left out). Each block cache gets its own copy of
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 REPEATS = 5
 
@@ -48,11 +51,12 @@ class BlockCounter:
     may answer a call from its cache, so a call is counted only when one of the block's own submodules runs
     during it (forward pre-hooks on the block arm it, on its children count it)."""
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, calls_per_evaluation: int) -> None:
         names = set(getattr(transformer, "_repeated_blocks", ()))
         self.blocks = [m for m in transformer.modules() if type(m).__name__ in names]
         if not self.blocks:
             raise ValueError(f"{type(transformer).__name__} declares no _repeated_blocks to count")
+        self.calls_per_evaluation = calls_per_evaluation
         self.count = 0
         self._armed: set[int] = set()
         self._handles: list[Any] = []
@@ -73,9 +77,57 @@ class BlockCounter:
             self._armed.discard(block)
             self.count += 1
 
-    def evaluations(self, calls_per_evaluation: int, generations: int) -> float:
+    def evaluations(self, generations: int) -> float:
         """Full model evaluations per generation that the computed blocks add up to."""
-        return self.count / (len(self.blocks) * calls_per_evaluation * generations)
+        return self.count / (len(self.blocks) * self.calls_per_evaluation * generations)
+
+
+def _fused_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+class FlopCounter:
+    """Counts the FLOPs (``torch.utils.flop_counter``: matrix products, convolutions, attention) of the
+    transformer's calls while active: a :class:`~torch.utils.flop_counter.FlopCounterMode` is entered around
+    each call, so the VAE and the scheduler are left out. CPU's fused attention kernel, which the flop counter
+    does not know, is counted like the GPU ones. ``flops_per_evaluation``: those of one model evaluation of
+    the full run (``None`` while measuring it)."""
+
+    def __init__(self, transformer: torch.nn.Module, flops_per_evaluation: float | None = None) -> None:
+        self.transformer = transformer
+        self.flops_per_evaluation = flops_per_evaluation
+        self.flops = 0
+        self._mode: FlopCounterMode | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> FlopCounter:
+        self._handles = [
+            self.transformer.register_forward_pre_hook(lambda *_: self._start()),
+            self.transformer.register_forward_hook(lambda *_: self._stop()),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        if self._mode is not None:
+            self._stop()
+
+    def _start(self) -> None:
+        fused = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_attention_flops}
+        self._mode = FlopCounterMode(display=False, custom_mapping=fused)
+        self._mode.__enter__()
+
+    def _stop(self) -> None:
+        self._mode.__exit__(None, None, None)
+        self.flops += self._mode.get_total_flops()
+        self._mode = None
+
+    def evaluations(self, generations: int) -> float:
+        """Full model evaluations per generation that the counted FLOPs add up to."""
+        if self.flops_per_evaluation is None:
+            raise ValueError("flops_per_evaluation is not known yet: measure a full run first")
+        return self.flops / (self.flops_per_evaluation * generations)
 
 
 def median_seconds(

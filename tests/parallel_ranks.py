@@ -58,8 +58,10 @@ def _run_rank(
 
     The rank then leaves with ``os._exit``, skipping the interpreter's teardown: about one run in five on this
     machine, a rank that had finished, saved and destroyed its process group still died in that teardown
-    ("terminate called without an active exception", SIGABRT), which failed a run whose work was done. Where
-    that abort comes from is not known yet."""
+    ("terminate called without an active exception", SIGABRT), which failed a run whose work was done. It
+    matches PyTorch's open report of the same abort at interpreter finalization after Gloo work
+    (pytorch/pytorch#190489: C++ worker threads still releasing tensors while the interpreter tears down), not
+    anything a rank computed."""
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     result = worker(rank, world_size, rendezvous, *args)

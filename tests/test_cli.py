@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meancache.cli.demo import image_metrics
 from meancache.cli.main import main
 
 
@@ -37,6 +36,21 @@ def test_demo_end_to_end_through_the_installed_command(tmp_path):
         assert (gutter < 128).any(axis=1).reshape(4, -1).any(axis=1).all()  # dark text beside every row
 
 
+def test_demo_with_the_video_model_writes_an_animated_labelled_grid(tmp_path):
+    from PIL import Image
+
+    from meancache.cli.demo import format_result, run_demo
+
+    result = run_demo(10, grid_path=tmp_path / "grid.png", model_name="digits-video", repeats=1)
+    rows = {row.method: row for row in result.rows}
+    assert [row.model_evaluations for row in result.rows] == [10, 10, 10, 10]
+    assert rows["full (no cache)"].temporal_error == 0 and all(r.temporal_error >= 0 for r in result.rows)
+    assert "temporal err" in format_result(result).splitlines()[0]
+    with Image.open(tmp_path / "grid.png") as image:
+        assert image.n_frames == 9  # one image frame per video frame
+        assert image.height == 4 * 32 * 4 and image.width > 10 * 32 * 4  # 4 labelled rows x 10 digits
+
+
 def test_demo_with_the_true_cfg_model(tmp_path):
     from meancache.cli.demo import run_demo
 
@@ -44,15 +58,6 @@ def test_demo_with_the_true_cfg_model(tmp_path):
     rows = {row.method: row for row in result.rows}
     assert [row.model_evaluations for row in result.rows] == [12, 10, 10, 10]  # a CFG pair counts once
     assert rows["MeanCache B=10"].psnr_db > 10 and result.decode_seconds > 0 and (tmp_path / "grid.png").is_file()
-
-
-def test_image_metrics_on_known_inputs():
-    a = np.random.default_rng(0).uniform(size=(2, 16, 16))
-    assert image_metrics(a, a) == (float("inf"), pytest.approx(1.0))
-    psnr, ssim = image_metrics(np.clip(a + 0.1, 0, 1), a)
-    assert 20.0 <= psnr < 22 and 0.5 < ssim < 1.0  # 0.1 everywhere except where clipped
-    psnr, ssim = image_metrics(np.zeros((2, 16, 16)), a)
-    assert psnr < 6 and ssim < 0.1
 
 
 def test_calibrate_then_schedule_then_run_through_the_installed_command(tmp_path):
@@ -305,6 +310,7 @@ def test_runtime_failures_exit_1_with_the_message(tmp_path, capsys):
         (["demo", "--steps", "5"], r"--steps \(the demo's smallest budget is 10\) must be an integer in \[10, 10000\]"),
         (["demo", "--steps", "0"], r"must be an integer in \[10, 10000\], got 0"),
         (["demo", "--out", "grid.txt"], r"--out 'grid.txt' needs an image file extension .*got '.txt'"),
+        (["demo", "--model", "digits-video", "--out", "grid.jpg"], r"--out 'grid.jpg' needs an animated image file"),
     ],
 )
 def test_demo_rejects_bad_arguments(capsys, argv, message):

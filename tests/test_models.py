@@ -18,6 +18,7 @@ from meancache.models.digits import (
     displacement,
     frame_classifier,
     moving_digits_dataset,
+    recognised,
 )
 from meancache.testing import generate_latents
 
@@ -219,21 +220,14 @@ def test_video_samples_move(video_samples):
     assert displacement(video_samples).mean() >= 6  # measured (50 steps, seeds 0-2): 12.8 px
 
 
-UNDERTRAINED = (
-    "the shipped digits-video checkpoint is undertrained: its transformer does not draw the requested digit yet "
-    "(frame agreement 0.21, chance 0.10); train longer and this passes"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=UNDERTRAINED)
 def test_video_samples_show_the_digit(video_samples):
-    """The frame classifier recognises the requested digit in most frames."""
-    agree = (classify_frames(frame_classifier(), video_samples) == torch.tensor(CLASSES)[:, None]).float().mean()
-    assert agree >= 0.7
+    """The frame classifier recognises the requested digit in most frames (chance: 10 %)."""
+    assert recognised(video_samples, CLASSES).float().mean() >= 0.7  # measured here (20 steps, seed 0): 0.78
 
 
 def test_meancache_on_the_video_model(video):
-    """Every step computed: bit-identical to the uncached pipeline; budget B: B transformer calls."""
+    """Every step computed: bit-identical to the uncached pipeline; budget B: B steps of two transformer calls
+    (the recipe samples with true CFG)."""
     calls = []
     handle = video.pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
     inputs = video.inputs([0, 5])
@@ -245,7 +239,7 @@ def test_meancache_on_the_video_model(video):
                 calls.clear()
                 cached = generate_latents(video.pipe, inputs, 20)
                 disable_mean_cache(video.pipe)
-                assert len(calls) == schedule.budget
+                assert len(calls) == 2 * schedule.budget
                 if schedule.budget == 20:
                     assert torch.equal(cached, baseline)
     finally:

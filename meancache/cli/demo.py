@@ -1,4 +1,5 @@
-"""``meancache demo``: a bundled digits model with and without MeanCache, side by side."""
+"""``meancache demo``: a bundled digits model with and without MeanCache, side by side (a video model: an
+animated grid, and the temporal error in the table)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
+from meancache.cli.generate import FRAME_MILLISECONDS
 from meancache.models import load_digits_model
-from meancache.models.digits import CLASSES, classify, digit_classifier
+from meancache.models.digits import CLASSES, recognised
+from meancache.models.quality import image_metrics, temporal_error
 from meancache.validation import MAX_STEPS, check_int
 
 MIN_STEPS = 10
@@ -35,6 +37,9 @@ class DemoRow:
     psnr_db: float
     ssim: float
     class_accuracy: float
+    """Share of images (a video model: of frames) in which the classifier sees the requested digit."""
+    temporal_error: float | None
+    """A video model's :func:`~meancache.models.quality.temporal_error` against the full run; ``None`` for images."""
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,6 @@ class DemoResult:
     decode_seconds: float
     """Median wall time of one VAE decode and post-processing of the ten digits (the same for every method)."""
     repeats: int
-
-
-def image_metrics(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """Mean PSNR (dB) and SSIM over a batch of images in [0, 1] of shape (N, H, W) against the reference."""
-    psnr = [peak_signal_noise_ratio(r, i, data_range=1.0) for i, r in zip(images, reference, strict=True)]
-    ssim = [structural_similarity(r, i, data_range=1.0) for i, r in zip(images, reference, strict=True)]
-    return float(np.mean(psnr)), float(np.mean(ssim))
 
 
 def run_demo(
@@ -66,7 +64,7 @@ def run_demo(
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     inputs = model.inputs(CLASSES)
-    classifier = digit_classifier()
+    video = model.recipe.frames > 1
 
     def denoise(steps_run: int) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
@@ -118,8 +116,9 @@ def run_demo(
     for name in methods:
         seconds = statistics.median(times[name])
         psnr, ssim = image_metrics(images[name], reference) if name != "full (no cache)" else (float("inf"), 1.0)
-        accuracy = float((classify(classifier, torch.from_numpy(images[name])) == torch.tensor(CLASSES)).float().mean())
-        rows.append(DemoRow(name, evaluations[name], seconds, full_seconds / seconds, psnr, ssim, accuracy))
+        accuracy = float(recognised(torch.from_numpy(images[name]), CLASSES).float().mean())
+        temporal = temporal_error(images[name], reference) if video else None
+        rows.append(DemoRow(name, evaluations[name], seconds, full_seconds / seconds, psnr, ssim, accuracy, temporal))
     if grid_path is not None:
         save_grid([images[r.method] for r in rows], [_label(r, steps) for r in rows], grid_path)
     return DemoResult(rows, statistics.median(decode_times), repeats)
@@ -131,7 +130,16 @@ def _label(row: DemoRow, steps: int) -> str:
 
 def save_grid(rows: list[np.ndarray], labels: list[str], path: Path, scale: int = 4) -> None:
     """One row per method, one column per class, pixels upscaled ``scale`` times; a left gutter names each
-    row (``labels``, one per row)."""
+    row (``labels``, one per row). Rows of images ``(N, H, W)`` give a still image; rows of videos
+    ``(N, T, H, W)`` an animated one whose frame ``t`` shows frame ``t`` of every video."""
+    if rows[0].ndim == 4:
+        frames = [_grid_image([row[:, t] for row in rows], labels, scale) for t in range(rows[0].shape[1])]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=FRAME_MILLISECONDS, loop=0)
+    else:
+        _grid_image(rows, labels, scale).save(path)
+
+
+def _grid_image(rows: list[np.ndarray], labels: list[str], scale: int) -> Image.Image:
     tiles = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
     grid = Image.fromarray((tiles.clip(0, 1) * 255).round().astype(np.uint8), mode="L")
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
@@ -146,23 +154,31 @@ def save_grid(rows: list[np.ndarray], labels: list[str], path: Path, scale: int 
     for index, label in enumerate(labels):
         top, bottom = draw.multiline_textbbox((0, 0), label, font=font)[1::2]
         draw.multiline_text((pad, index * row_height + (row_height - bottom - top) // 2), label, fill=0, font=font)
-    image.save(path)
+    return image
 
 
 def format_result(result: DemoResult) -> str:
-    """The comparison table, then how it was timed."""
+    """The comparison table (a video model: class accuracy over frames, and a temporal error column), then how
+    it was timed."""
+    video = result.rows[0].temporal_error is not None
     header = (
         f"{'method':36s} {'model evals':>17s} {'loop s':>7s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>6s} "
-        f"{'class acc':>9s}"
+        f"{'class acc':>9s}" + (f" {'temporal err':>12s}" if video else "")
     )
     lines = [header, "-" * len(header)]
     for r in result.rows:
         lines.append(
             f"{r.method:36s} {r.model_evaluations:17d} {r.seconds:7.3f} {r.speedup:7.2f}x {r.psnr_db:8.2f} "
-            f"{r.ssim:6.3f} {r.class_accuracy:9.0%}"
+            f"{r.ssim:6.3f} {r.class_accuracy:9.0%}" + (f" {r.temporal_error:12.4f}" if video else "")
         )
     lines.append(
         f"loop s: median of {result.repeats} interleaved runs of the denoising loop; the VAE decode of the ten "
-        f"digits ({result.decode_seconds:.3f} s, the same for every method) is not included"
+        f"{'videos' if video else 'digits'} ({result.decode_seconds:.3f} s, the same for every method) is not "
+        "included"
     )
+    if video:
+        lines.append(
+            "PSNR, SSIM and class acc over every frame; temporal err: mean |frame-to-frame change - the full run's| "
+            "(0 = the full run's motion)"
+        )
     return "\n".join(lines)

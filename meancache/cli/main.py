@@ -27,7 +27,7 @@ from meancache.cli.schedules import (
     run_calibrate,
     run_schedule,
 )
-from meancache.models import IMAGE_MODELS
+from meancache.models import BUNDLED_MODELS
 from meancache.models.recipes import RECIPES
 from meancache.validation import MAX_STEPS, check_int
 
@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a bundled digits model with and without MeanCache, compared")
     demo.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    demo.add_argument("--out", type=Path, default=Path("meancache_demo.png"), help="PNG grid to write")
-    demo.add_argument("--model", choices=IMAGE_MODELS, default="digits-flux", help="bundled image model")
+    demo.add_argument(
+        "--out", type=Path, default=Path("meancache_demo.png"), help="grid image to write (a video model: animated)"
+    )
+    demo.add_argument("--model", choices=sorted(BUNDLED_MODELS), default="digits-flux", help="bundled model")
     add_calibrate_arguments(
         commands.add_parser("calibrate", help="measure stability costs on full-compute generations of a pipeline")
     )
@@ -53,11 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_demo_arguments(args: argparse.Namespace) -> None:
-    """``--steps`` in [10, MAX_STEPS] and ``--out`` a writable image path."""
+    """``--steps`` in [10, MAX_STEPS] and ``--out`` a writable image path (a video model: an animated one)."""
     from meancache.cli.demo import MIN_STEPS
 
     check_int(args.steps, f"--steps (the demo's smallest budget is {MIN_STEPS})", MIN_STEPS, MAX_STEPS)
-    check_output_file(args.out, "--out", image=True)
+    check_output_file(args.out, "--out", image=True, animated=RECIPES[args.model].frames > 1)
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
@@ -70,7 +72,8 @@ def run_demo_command(args: argparse.Namespace) -> None:
     print(f"MeanCache demo: bundled {args.model} model ({pipeline}), digits 0-9, {args.steps} steps, "
           f"on {platform.processor() or platform.machine()} with torch {torch.__version__}", flush=True)  # fmt: skip
     print(format_result(run_demo(args.steps, args.seed, args.out, args.model)))
-    print(f"grid (rows: methods in table order, labelled; columns: digits 0-9): {args.out}")
+    animated = "; animated, one frame of every video per image frame" if RECIPES[args.model].frames > 1 else ""
+    print(f"grid (rows: methods in table order, labelled; columns: digits 0-9{animated}): {args.out}")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.Namespace], None]]] = {

@@ -64,8 +64,10 @@ class DigitsModel:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Images ``(N, 32, 32)`` (videos: ``(N, frames, 32, 32)``) in [0, 1] from the packed latents of a run with
         ``output_type="latent"``: what the same run with ``output_type="np"`` returns (one channel), so a run can be
-        timed without its decode."""
-        return self.recipe.postprocess(self.pipe, self.recipe.decode(self.pipe.vae, latents.to(self.pipe.vae.dtype)))
+        timed without its decode. Runs without autograd, as the pipeline's own decode does."""
+        with torch.inference_mode():
+            decoded = self.recipe.decode(self.pipe.vae, latents.to(self.pipe.vae.dtype))
+            return self.recipe.postprocess(self.pipe, decoded)
 
 
 def is_digits_model(model: str | os.PathLike[str]) -> bool:

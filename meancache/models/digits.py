@@ -4,6 +4,7 @@ for, and the motion of a video."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -57,18 +58,21 @@ def _logistic_regression(features: Any, labels: Any) -> Any:
     return LogisticRegression(max_iter=2000).fit(features, labels)
 
 
+@functools.cache
 def digit_classifier() -> Any:
-    """A logistic-regression classifier fitted on scikit-learn's 8x8 digits (about 97 % held-out accuracy)."""
+    """A logistic-regression classifier fitted on scikit-learn's 8x8 digits (about 97 % held-out accuracy); fitted
+    once per process."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     return _logistic_regression(digits.data, digits.target)
 
 
+@functools.cache
 def frame_classifier() -> Any:
     """The classifier of :func:`classify_frames`: a logistic regression like :func:`digit_classifier`, fitted on
     the centred crops (:func:`centred_crops`) of every frame of the moving digits sliding right (about 92 %
-    held-out frame accuracy on the other directions of unseen digits)."""
+    held-out frame accuracy on the other directions of unseen digits); fitted once per process."""
     videos, labels = moving_digits_dataset()
     right = videos[:: len(DIRECTIONS), 0] / 2 + 0.5
     return _logistic_regression(_features(centred_crops(right)), labels[:: len(DIRECTIONS)].repeat_interleave(FRAMES))
@@ -83,6 +87,18 @@ def _features(images: torch.Tensor) -> Any:
 def classify(classifier: Any, images: torch.Tensor) -> torch.Tensor:
     """Predicted digits for images in [0, 1] of shape (N, 1, 32, 32) or (N, 32, 32)."""
     return torch.tensor(classifier.predict(_features(images)))
+
+
+def recognised(samples: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Whether the classifier sees the requested digit ``classes[n]`` in each generated sample in [0, 1]: per image
+    of images ``(N, H, W)`` (:func:`digit_classifier`), shape ``(N,)``; per frame of videos ``(N, T, H, W)``
+    (:func:`frame_classifier`), shape ``(N, T)``."""
+    wanted = torch.as_tensor(classes)
+    if samples.ndim == 3:
+        return classify(digit_classifier(), samples) == wanted
+    if samples.ndim == 4:
+        return classify_frames(frame_classifier(), samples) == wanted[:, None]
+    raise ValueError(f"samples must be images (N, H, W) or videos (N, T, H, W), got shape {tuple(samples.shape)}")
 
 
 def centre_of_mass(frames: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ class ``c`` is a learned ``prompt_embeds[c]`` (plus ``pooled_prompt_embeds[c]`` 
 * ``digits-flux``: like FLUX.1-dev, a single branch with the guidance *embedding* (3.5).
 * ``digits-qwen``: like Qwen-Image, true classifier-free guidance (scale 4, the pipeline's norm-rescaled
   combination; the negative prompt is the "no class" embedding), so two transformer calls per step.
-* ``digits-video``: like HunyuanVideo, a single branch with the guidance embedding (6.0), a causal 3D VAE with
-  4x temporal compression, 9-frame videos of a digit sliding across the frame.
+* ``digits-video``: like HunyuanVideo, the guidance embedding (6.0), a causal 3D VAE with 4x temporal
+  compression, 9-frame videos of a digit sliding across the frame; sampled with the pipeline's true CFG (scale 3,
+  the negative prompt is the "no class" embedding), so two transformer calls per step.
 """
 
 from __future__ import annotations
@@ -250,9 +251,12 @@ class HunyuanVideoDigits(DigitsRecipe):
     }
     frames = FRAMES
     guidance = 6.0  # HunyuanVideoPipeline's default
+    true_cfg_scale = 3.0
+    """Sampling also runs the pipeline's true CFG against the "no class" embedding: without it the requested digit
+    is read in 48 % of frames, with it 73 % (scales 2 / 3 / 4: 69 / 73 / 73 %; seeds 0-1, 50 steps)."""
     vae_steps = 1000
     vae_batch = 16
-    transformer_steps = 4000
+    transformer_steps = 12000
     transformer_batch = 32
 
     def dataset(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,9 +321,14 @@ class HunyuanVideoDigits(DigitsRecipe):
 
     def inputs(self, embeddings: dict[str, torch.Tensor], classes: torch.Tensor) -> dict[str, Any]:
         prompt = embeddings["prompt_embeds"][classes]
+        mask = torch.ones(prompt.shape[:2], dtype=torch.long)
+        null = torch.full_like(classes, NULL_CLASS)
         return {
             "prompt_embeds": prompt, "pooled_prompt_embeds": embeddings["pooled_prompt_embeds"][classes],
-            "prompt_attention_mask": torch.ones(prompt.shape[:2], dtype=torch.long), "guidance_scale": self.guidance,
+            "prompt_attention_mask": mask, "guidance_scale": self.guidance,
+            "negative_prompt_embeds": embeddings["prompt_embeds"][null],
+            "negative_pooled_prompt_embeds": embeddings["pooled_prompt_embeds"][null],
+            "negative_prompt_attention_mask": mask, "true_cfg_scale": self.true_cfg_scale,
             "height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_frames": self.frames,
         }  # fmt: skip
 

@@ -27,11 +27,8 @@ from meancache.models.digits import (
     DIGIT_SIZE,
     IMAGE_SIZE,
     NULL_CLASS,
-    classify,
-    classify_frames,
-    digit_classifier,
     displacement,
-    frame_classifier,
+    recognised,
 )
 from meancache.models.recipes import EMBEDDING_ROWS, RECIPES, DigitsRecipe
 
@@ -157,7 +154,7 @@ def calibrate_bundle(folder: Path, steps: int = 50) -> None:
 
 def evaluate_bundle(folder: Path, steps: int = 50) -> dict[str, float]:
     """Generate digits 0-9 x ``EVALUATION_SEEDS`` with all ``steps`` steps and measure how often the classifier
-    recognises the requested digit (``agreement``; a video model: in each frame, by :func:`classify_frames`) and,
+    recognises the requested digit (``agreement``; a video model: in each frame, by :func:`recognised`) and,
     for a video model, how far the digit moves from the first to the last frame (:func:`displacement`; the
     training videos' digits move 16 pixels): the mean (``motion_px``) and the share of videos whose digit moves
     at least half that (``moving``)."""
@@ -166,15 +163,13 @@ def evaluate_bundle(folder: Path, steps: int = 50) -> dict[str, float]:
     model = load_digits_model(folder)
     model.pipe.set_progress_bar_config(disable=True)
     video = model.recipe.frames > 1
-    classifier = frame_classifier() if video else digit_classifier()
     agree, moves = [], []
     for seed in EVALUATION_SEEDS:
         with torch.inference_mode():
             latents = model.pipe(**model.inputs(CLASSES), num_inference_steps=steps, output_type="latent",
                                  generator=torch.Generator().manual_seed(seed), return_dict=False)[0]  # fmt: skip
             samples = torch.from_numpy(model.decode(latents))
-        predicted = classify_frames(classifier, samples) if video else classify(classifier, samples)[:, None]
-        agree.append((predicted == torch.tensor(CLASSES)[:, None]).float().flatten())
+        agree.append(recognised(samples, CLASSES).float().flatten())
         if video:
             moves.append(displacement(samples))
     result = {"agreement": float(torch.cat(agree).mean())}

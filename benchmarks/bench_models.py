@@ -1,0 +1,26 @@
+"""What the bundled models learned, measured the way ``python -m meancache.models.train --evaluate-only`` does
+(:func:`meancache.models.train.evaluate_bundle`: digits 0-9 x seeds 0-2, 50 steps, every step computed, the
+recipe's own pipeline arguments): how often the classifier reads the requested digit (a video: in each frame)
+and, for the video model, how far the digit moves. Results: ``benchmarks/results/evaluation_<model>.json``."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.helpers import write_results
+from meancache.models import BUNDLED_MODELS, bundled_model_path, load_digits_model
+from meancache.models.train import EVALUATION_SEEDS, evaluate_bundle
+
+
+@pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))
+def test_bundled_model(benchmark, model_name):
+    recipe = load_digits_model(model_name).recipe
+    result = benchmark.pedantic(lambda: evaluate_bundle(bundled_model_path(model_name)), rounds=1, iterations=1)
+    write_results(f"evaluation_{model_name}", {
+        "model": model_name, "seeds": list(EVALUATION_SEEDS), "steps": 50,
+        "training": {"vae_steps": recipe.vae_steps, "transformer_steps": recipe.transformer_steps},
+        "metrics": "agreement: share of images (video: frames) whose digit the classifier reads as the requested "
+                   "one (chance 0.10); motion_px: centre-of-mass travel from the first to the last frame (training "
+                   "videos: 16 px); moving: share of videos whose digit travels at least 8 px",
+        "result": result,
+    })  # fmt: skip
