@@ -36,6 +36,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import BaseOutput
 from torch._dynamo.eval_frame import OptimizedModule
 
+from meancache.integrations.diffusers.guidance import latent_block, latent_branches
 from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
 from meancache.integrations.jvp_attention import sdpa_as_jvp_attention
 
@@ -94,6 +95,8 @@ class TransformerGate:
         if run is None:  # not part of a generation: a direct call
             return self.call_transformer(*args, **kwargs)
         kind = self.kind
+        if run.pending and kind == "transformer":  # the schedule is fixed at this step's scheduler call
+            run.first_calls.append((self, args, kwargs))
         call = run.calls_this_step[kind]
         run.calls_this_step[kind] += 1
         step = run.steps_run
@@ -256,17 +259,6 @@ def _cycled_output(output: Any, batch: int | None) -> Any:
     )
 
 
-def _latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
-    """The leading block of ``tensor`` (all of its batch) in the latents' non-batch dimensions: pipelines append
-    reference-image tokens after the latent tokens and conditioning channels after the latent channels."""
-    if tensor.dim() != len(latents) or any(t < n for t, n in zip(tensor.shape[1:], latents[1:], strict=True)):
-        raise RuntimeError(
-            f"a transformer input or output of shape {tuple(tensor.shape)} does not contain the latents "
-            f"{tuple(latents)} as its leading block; this pipeline's layout is not supported by the estimator"
-        )
-    return tensor[(slice(None), *(slice(0, n) for n in latents[1:]))]
-
-
 def _latents_tangent(velocity: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """A tangent for ``hidden``: ``velocity`` (latent-shaped, tiled over batched CFG branches) on the latents'
     block, 0 elsewhere."""
@@ -276,7 +268,7 @@ def _latents_tangent(velocity: torch.Tensor, hidden: torch.Tensor) -> torch.Tens
         )
     tangent = torch.zeros_like(hidden)
     tiles = hidden.shape[0] // velocity.shape[0]
-    block = _latent_block(tangent, velocity.shape).unflatten(0, (tiles, velocity.shape[0]))
+    block = latent_block(tangent, velocity.shape).unflatten(0, (tiles, velocity.shape[0]))
     block.copy_(velocity.unsqueeze(0).expand_as(block))
     return tangent
 
@@ -312,6 +304,8 @@ class SchedulerStepHook:
             raise RuntimeError(
                 f"the scheduler is at step {scheduler_step} but MeanCache expected step {run.begin + step}"
             )
+        if run.pending:
+            self.state.resolve_schedule(run, model_output)
         sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]
         if run.schedule.is_computed(step):
             derivative = guided_derivative(run.branches, model_output) if run.branches else None
@@ -352,14 +346,9 @@ def guided_derivative(branches: list[tuple[torch.Tensor, torch.Tensor]], guided:
     are split into their latent-sized parts; appended reference-image tokens are dropped, as the pipeline does."""
     batch = guided.shape[0]
     velocities, derivatives = [], []
-    for v, d in branches:
-        v, d = _latent_block(v, guided.shape), _latent_block(d, guided.shape)  # what the pipeline keeps
-        if v.shape[0] % batch:
-            raise RuntimeError(
-                f"a transformer output of shape {tuple(v.shape)} does not split into latents {tuple(guided.shape)}"
-            )
-        velocities += v.reshape(-1, *guided.shape).unbind(0)
-        derivatives += d.reshape(-1, *guided.shape).unbind(0)
+    for v, d in branches:  # the latents' block, what the pipeline keeps
+        velocities += latent_branches(v, guided)
+        derivatives += latent_branches(d, guided)
     v = torch.stack(velocities, 1).reshape(batch, len(velocities), -1).double()  # (B, branches, features)
     d = torch.stack(derivatives, 1).reshape(batch, len(derivatives), -1).float()
     g = guided.reshape(batch, -1, 1).double()
