@@ -66,6 +66,8 @@ from diffusers import (
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    Ideogram4Pipeline,
+    Ideogram4Transformer2DModel,
     LTXConditionPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
@@ -117,7 +119,15 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from tokenizers import pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Qwen2TokenizerFast,
+    Qwen3VLConfig,
+    Qwen3VLModel,
+)
 
 from meancache.testing import tiny_inputs, tiny_pipeline
 from tests.flow_pipelines import flow_pipeline_classes
@@ -654,6 +664,43 @@ def _hunyuan_video15() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "height": 64, "width": 64, "num_frames": 5}  # fmt: skip
 
 
+def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
+    """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and a
+    byte-level tokenizer without merges whose chat template is the message text."""
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*symbols, "<|endoftext|>", "<|im_end|>"])}
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": width, "intermediate_size": width,
+                     "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "head_dim": width // 2, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 0]}},
+        vision_config={"depth": 1, "hidden_size": width, "intermediate_size": width, "num_heads": 2,
+                       "out_hidden_size": width},
+    )  # fmt: skip
+    return Qwen3VLModel(config).eval(), tokenizer
+
+
+def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Ideogram4: a conditional and an unconditional transformer (its CFG branch's own model), and a Qwen3-VL text
+    encoder whose 36 layers' hidden states it taps (it takes no prompt embeddings)."""
+    text_encoder, tokenizer = _qwen3_vl_text_encoder(36)
+
+    def transformer(seed: int) -> Ideogram4Transformer2DModel:
+        torch.manual_seed(seed)
+        return Ideogram4Transformer2DModel(
+            in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2, intermediate_size=16,
+            adaln_dim=16, llm_features_dim=13 * 8, mrope_section=(2, 1, 1),
+        )  # fmt: skip
+
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer(0),
+                             unconditional_transformer=transformer(1))  # fmt: skip
+    return pipe, {"prompt": "a cat", "guidance_scale": 4.0, "guidance_schedule": None, "max_sequence_length": 8,
+                  "height": SIZE, "width": SIZE}  # fmt: skip
+
+
 CASES: tuple[Case, ...] = (
     Case("flux", "FluxPipeline", _kind("flux"), "guidance-distilled, one branch"),
     Case(
@@ -926,6 +973,12 @@ CASES: tuple[Case, ...] = (
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
     Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15, "video, guider (ClassifierFreeGuidance)"),
+    Case(
+        "ideogram4",
+        "Ideogram4Pipeline",
+        _ideogram4,
+        "CFG branch on its own model (`unconditional_transformer`): both models run on computed steps only",
+    ),
 )
 """Every case the matrix test runs."""
 
@@ -990,8 +1043,6 @@ NOT_COVERED: dict[str, str] = {
     "HunyuanVideoFramepackPipeline": f"needs a SigLIP image encoder; one generation per video section; {_NOT_BUILT}",
     "HunyuanVideoImageToVideoPipeline": f"the image enters through its LLaVA text encoder (no embeddings path); "
     f"{_NOT_BUILT}",
-    "Ideogram4Pipeline": "its CFG branch runs a second model, `unconditional_transformer`, which MeanCache does not "
-    f"gate (it would still run on skipped steps: wasted work, not a wrong result); {_NOT_BUILT}",
     "JoyImageEditPipeline": _NOT_BUILT,
     "JoyImageEditPlusPipeline": _NOT_BUILT,
     "Kandinsky5I2IPipeline": _NOT_BUILT,

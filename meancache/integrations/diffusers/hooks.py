@@ -2,8 +2,9 @@
 :class:`~meancache.integrations.diffusers.run.MeanCacheState`:
 
 * :class:`TransformerGate` sits in the call slot (``module._compiled_call_impl``, the first thing
-  ``torch.nn.Module.__call__`` looks at) of every transformer the pipeline holds (``transformer``, and
-  ``transformer_2`` for Wan2.2's second expert) and of its ControlNet (``controlnet``: a second model run each
+  ``torch.nn.Module.__call__`` looks at) of every transformer the pipeline holds (``transformer``,
+  ``transformer_2`` for Wan2.2's second expert, ``unconditional_transformer`` for Ideogram4's CFG branch) and of
+  its ControlNet (``controlnet``: a second model run each
   step whose residuals only feed the transformer). On a computed step it calls what it replaced: the eager
   ``_call_impl`` with every forward hook (diffusers' offloading, context-parallel and casting hooks,
   accelerate's offload hooks), or the compiled call that ``module.compile()`` put there. On a skipped step
@@ -40,7 +41,8 @@ from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
 from meancache.integrations.jvp_attention import sdpa_as_jvp_attention
 
 GateKind = Literal["transformer", "controlnet"]
-"""What a gated module is: one of the pipeline's transformers (experts share a step's calls), or its ControlNet."""
+"""What a gated module is: one of the pipeline's transformers (experts and a CFG branch's own model share a step's
+calls), or its ControlNet."""
 
 
 class TransformerGate:
@@ -50,7 +52,7 @@ class TransformerGate:
         self.state = state
         self.module = module
         self.kind: GateKind = kind
-        """``"transformer"`` (every expert: they share the step's calls) or ``"controlnet"``."""
+        """``"transformer"`` (every expert and CFG-branch model: they share the step's calls) or ``"controlnet"``."""
         self.inner = module.__dict__.get("_compiled_call_impl")
         """What the call slot held: ``module.compile()``'s compiled call, or None (the eager ``_call_impl``)."""
         module._compiled_call_impl = self
@@ -178,8 +180,11 @@ def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
 def attach_gates(state: MeanCacheState) -> None:
     """Make sure a gate of ``state`` is in the call slot of every model the pipeline runs per step
     (:func:`gated_modules`): ``pipe.transformer``, any further expert (``transformer_2``: Wan2.2's low-noise expert)
-    and a ControlNet. They share the generation, so one schedule covers the whole trajectory whichever expert runs
-    a step, and a ControlNet runs only on the steps whose transformer call it feeds.
+    or model of the step (``unconditional_transformer``: Ideogram4's CFG branch) and a ControlNet. They share the
+    generation, so one schedule covers the whole trajectory whichever expert runs a step, and a ControlNet runs only
+    on the steps whose transformer call it feeds. The transformers share the step's call index, so a skipped step's
+    calls are answered in call order whichever model makes them (Ideogram4: the conditional call's output for the
+    first, the unconditional model's for the second, as for true CFG in two calls).
 
     A gate moves off a module the pipeline no longer calls directly (``torch.compile(pipe.transformer)`` wraps it,
     and a gate left inside the wrapper would be traced), and re-wraps a call slot that ``module.compile()``
@@ -203,9 +208,13 @@ def attach_gates(state: MeanCacheState) -> None:
 
 
 def transformer_names(pipe: Any) -> list[str]:
-    """The pipeline's transformer components: ``transformer``, then ``transformer_2``, ... that are modules."""
+    """The pipeline's transformer components that are modules: ``transformer``, then further experts
+    (``transformer_2``, ...: Wan2.2's low-noise expert) and further models of the same step named ``*_transformer``
+    (Ideogram4's ``unconditional_transformer``, its CFG branch's own model)."""
     components = getattr(pipe, "components", {})
-    names = sorted(n for n in components if n == "transformer" or n.startswith("transformer_"))
+    names = sorted(
+        n for n in components if n == "transformer" or n.startswith("transformer_") or n.endswith("_transformer")
+    )
     return [n for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 

@@ -143,7 +143,8 @@ class MeanCacheState:
         self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
         self.model = type(getattr(pipe.transformer, "_orig_mod", pipe.transformer)).__name__
         self.gates: dict[str, TransformerGate] = {}
-        """Pipeline component name (``transformer``, and ``transformer_2`` for Wan2.2's second expert) -> its gate."""
+        """Pipeline component name (``transformer``, ``transformer_2`` for Wan2.2's second expert,
+        ``unconditional_transformer`` for Ideogram4's CFG branch, ``controlnet``) -> its gate."""
         self.first_use = FirstUseCalibration(config.calibration_runs, calibration_store())
         self._mapping_warned: set[int] = set()
         self._announced = False
