@@ -213,6 +213,18 @@ def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
     assert report.derivative_calls == 3 and torch.isfinite(out).all()  # steps 1, 4 and 7 precede skips
 
 
+def test_exact_jvp_estimator_refuses_a_timestep_not_proportional_to_sigma():
+    """Ideogram4 passes model time ``1 - sigma`` (and its text padding before the latent tokens): the forward-mode
+    tangent would be wrong, so the generation is refused at its first forward-mode pass, before any skipped step."""
+    pipe, inputs = CASE["ideogram4"].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))
+    with pytest.raises(
+        TypeError, match=r"'exact-jvp' estimator needs the transformer's timestep proportional to sigma"
+    ):
+        generate(pipe, inputs, 12)
+
+
 def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason():
     pipe, _ = CASE["wan"].build()
     pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)

@@ -157,12 +157,29 @@ class TransformerGate:
         else:
             tangent = _latents_tangent(run.estimator.last_velocity(), hidden)
         timestep = timestep.contiguous()  # pipelines may pass an expanded (stride-0) batch of timesteps
-        timestep_rate = timestep / run.sigmas[run.steps_run]  # the pipeline passes sigma times a constant
+        timestep_rate = _timestep_rate(timestep, run.sigmas[run.steps_run], self.state.scheduler)
         with sdpa_as_jvp_attention(self.transformer):
             v, derivative = torch.func.jvp(velocity, (hidden, timestep), (tangent, timestep_rate))
         run.branches.append((v, derivative))
         run.derivative_calls += 1
         return Transformer2DModelOutput(sample=v) if kwargs.get("return_dict", True) else (v,)
+
+
+def _timestep_rate(timestep: torch.Tensor, sigma: float, scheduler: Any) -> torch.Tensor:
+    """``d timestep / d sigma`` for a transformer called with ``timestep`` at ``sigma``: pipelines pass sigma (Flux,
+    Qwen-Image) or the scheduler's timestep, sigma times ``num_train_timesteps`` (HunyuanVideo, Wan, SD3), so the rate
+    is ``timestep / sigma``. Anything else is refused rather than differentiated wrongly: Ideogram4 and Z-Image pass
+    model time ``1 - sigma`` (whose rate is -1, not ``timestep / sigma``), and Ideogram4 also puts its text padding
+    before the latent tokens, which the latents' tangent (:func:`_latents_tangent`) does not follow."""
+    scales = (1.0, float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000)))
+    if not any(torch.allclose(timestep.float(), torch.full_like(timestep, sigma * c, dtype=torch.float32),
+                              rtol=1e-2, atol=1e-3 * c) for c in scales):  # fmt: skip
+        raise TypeError(
+            f"the 'exact-jvp' estimator needs the transformer's timestep proportional to sigma (sigma or sigma * "
+            f"{scales[1]:g}); this pipeline passes {timestep.flatten()[0].item():.4g} at sigma {sigma:.4g} (e.g. "
+            "model time 1 - sigma). Use the default estimator='paper' with it"
+        )
+    return timestep / sigma
 
 
 def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
