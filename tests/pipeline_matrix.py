@@ -41,6 +41,8 @@ from diffusers import (
     CogView4Transformer2DModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    ErnieImagePipeline,
+    ErnieImageTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinInpaintPipeline,
     Flux2KleinPipeline,
@@ -64,20 +66,28 @@ from diffusers import (
     HiDreamImageTransformer2DModel,
     HunyuanImagePipeline,
     HunyuanImageTransformer2DModel,
+    HunyuanSkyreelsImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    HunyuanVideoImageToVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     Ideogram4Pipeline,
     Ideogram4Transformer2DModel,
+    Krea2Pipeline,
+    Krea2Transformer2DModel,
     LTXConditionPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
     LTXVideoTransformer3DModel,
+    LucyEditPipeline,
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
     LuminaNextDiT2DModel,
     LuminaPipeline,
     MochiPipeline,
     MochiTransformer3DModel,
+    OvisImagePipeline,
+    OvisImageTransformer2DModel,
     QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
@@ -89,6 +99,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SanaControlNetModel,
     SanaControlNetPipeline,
+    SanaImageToVideoPipeline,
     SanaPAGPipeline,
     SanaPipeline,
     SanaSprintPipeline,
@@ -454,12 +465,7 @@ def _wan(pipeline: type = WanPipeline, experts: int = 1, transformer: Any = None
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         second = {"transformer_2": _wan_transformer(1), "boundary_ratio": 0.875} if experts == 2 else {}
-        vae = None
-        if any(key in extra for key in ("image", "video")):
-            torch.manual_seed(0)
-            vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                   temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                                   latents_std=[1.0] * 4)  # fmt: skip
+        vae = _wan_vae() if any(key in extra for key in ("image", "video")) else None
         components = {"tokenizer": None, "text_encoder": None, "vae": vae, "image_encoder": _clip_vision(8),
                       "image_processor": CLIPImageProcessor(crop_size=32, size=32),
                       "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
@@ -470,6 +476,24 @@ def _wan(pipeline: type = WanPipeline, experts: int = 1, transformer: Any = None
         }  # fmt: skip
 
     return build
+
+
+def _wan_vae() -> AutoencoderKLWan:
+    """A Wan VAE on 4 latent channels (8x spatial, 4x temporal)."""
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                            latents_std=[1.0] * 4)  # fmt: skip
+
+
+def _randomise_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its zero-initialised parameters (final layers and modulations that start at 0, so the tiny
+    model would predict 0 everywhere) drawn at random."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.1)
+    return model
 
 
 def _clip_vision(width: int) -> CLIPVisionModelWithProjection:
@@ -530,17 +554,22 @@ def _dc_vae() -> AutoencoderDC:
     )  # fmt: skip
 
 
-def _sana_video() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = SanaVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-        sample_size=4, patch_size=(1, 2, 2),
-    )  # fmt: skip
-    pipe = SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                             scheduler=DPMSolverMultistepScheduler(**FLOW_DPM_SOLVER))  # fmt: skip
-    return pipe, {**_masked_embeds(), "negative_prompt": None, "guidance_scale": 4.0, "height": 32, "width": 32,
-                  "frames": 5, "use_resolution_binning": False}  # fmt: skip
+def _sana_video(pipeline: type = SanaVideoPipeline, **extra: Any) -> Build:
+    """A Sana-Video-family pipeline; a Wan VAE when an image is encoded (image-to-video)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = SanaVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+            sample_size=4, patch_size=(1, 2, 2),
+        )  # fmt: skip
+        pipe = pipeline(tokenizer=None, text_encoder=None, vae=_wan_vae() if "image" in extra else None,
+                        transformer=transformer, scheduler=DPMSolverMultistepScheduler(**FLOW_DPM_SOLVER))  # fmt: skip
+        return pipe, {**_masked_embeds(), "negative_prompt": None, "guidance_scale": 4.0, "height": 32, "width": 32,
+                      "frames": 5, "use_resolution_binning": False, **extra}  # fmt: skip
+
+    return build
 
 
 def _bria() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -662,6 +691,68 @@ def _hunyuan_video15() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "prompt_embeds_2": _randn(1, 4, 8, seed=2), "prompt_embeds_mask_2": mask_2,
                   "negative_prompt_embeds_2": _randn(1, 4, 8, seed=3), "negative_prompt_embeds_mask_2": mask_2.clone(),
                   "height": 64, "width": 64, "num_frames": 5}  # fmt: skip
+
+
+def _hunyuan_video_i2v(pipeline: type, in_channels: int, **extra: Any) -> Build:
+    """A HunyuanVideo image-to-video pipeline: the tiny HunyuanVideo pipeline's VAE and a transformer of its size
+    taking ``in_channels`` (the image latents, and a mask, as extra channels; or, ``image_condition_type=
+    "token_replace"``, as the first frame) and the transformer's config ``extra`` keys; no true CFG (no negative
+    prompt: one call per step)."""
+    config = {k: extra.pop(k) for k in ("image_condition_type", "guidance_embeds") if k in extra}
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        components = tiny_pipeline("hunyuan-video").components
+        torch.manual_seed(0)
+        components["transformer"] = HunyuanVideoTransformer3DModel(**{
+            **components["transformer"].config, "in_channels": in_channels, **config
+        })  # fmt: skip
+        pipe = pipeline(**_accepted(pipeline, {**components, "image_processor": None}))
+        return pipe, {**tiny_inputs("hunyuan-video"), "image": _pil_image(), **extra}
+
+    return build
+
+
+def _ovis() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+    )  # fmt: skip
+    pipe = OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
+                             tokenizer=None, transformer=transformer)  # fmt: skip
+    return pipe, {"prompt_embeds": _randn(1, 8, 32), "negative_prompt_embeds": _randn(1, 8, 32, seed=1),
+                  "negative_prompt": None, "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _ernie_image() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=32, in_channels=16, out_channels=16,
+        patch_size=1, text_in_dim=32, rope_axes_dim=(4, 6, 6),
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=2, sample_size=SIZE)  # fmt: skip
+    pipe = ErnieImagePipeline(transformer=_randomise_zero_parameters(transformer), vae=vae, text_encoder=None,
+                              tokenizer=None, scheduler=FlowMatchEulerDiscreteScheduler(), pe=None,
+                              pe_tokenizer=None)  # fmt: skip
+    return pipe, {"prompt_embeds": [_randn(8, 32)], "negative_prompt_embeds": [_randn(6, 32, seed=1)],
+                  "guidance_scale": 4.0, "use_pe": False, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _krea2() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=2,
+        text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=16,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    pipe = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_qwen_components()["vae"],
+                         text_encoder=None, tokenizer=None, transformer=transformer)  # fmt: skip
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    return pipe, {"prompt_embeds": _randn(1, 7, 2, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 7, 2, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
 def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
@@ -864,6 +955,24 @@ CASES: tuple[Case, ...] = (
         "ControlNet with a mask channel",
     ),
     Case("hunyuan-video", "HunyuanVideoPipeline", _kind("hunyuan-video"), "video"),
+    Case(
+        "hunyuan-video-i2v",
+        "HunyuanVideoImageToVideoPipeline",
+        _hunyuan_video_i2v(HunyuanVideoImageToVideoPipeline, 4 + 4 + 1, image_condition_type="latent_concat"),
+        "image latents and mask as extra input channels (`latent_concat`)",
+    ),
+    Case(
+        "hunyuan-video-i2v-token-replace",
+        "HunyuanVideoImageToVideoPipeline",
+        _hunyuan_video_i2v(HunyuanVideoImageToVideoPipeline, 4, image_condition_type="token_replace"),
+        "the image's latents replace the first frame; the scheduler steps the others (`token_replace`)",
+    ),
+    Case(
+        "hunyuan-skyreels-i2v",
+        "HunyuanSkyreelsImageToVideoPipeline",
+        _hunyuan_video_i2v(HunyuanSkyreelsImageToVideoPipeline, 4 + 4, guidance_embeds=False),
+        "image latents as extra input channels",
+    ),
     Case("chroma", "ChromaPipeline", _chroma(ChromaPipeline), "CFG in two calls"),
     Case("chroma-img2img", "ChromaImg2ImgPipeline", _chroma(ChromaImg2ImgPipeline, **IMG2IMG), "strength 0.6"),
     Case(
@@ -926,6 +1035,14 @@ CASES: tuple[Case, ...] = (
         "VACE control video and mask through the VACE blocks",
     ),
     Case(
+        "lucy-edit",
+        "LucyEditPipeline",
+        _wan(
+            LucyEditPipeline, transformer=lambda: _wan_transformer(0, in_channels=4 + 4), video=_frames(), num_frames=5
+        ),
+        "Wan-based video editing: the input video's latents as extra input channels",
+    ),
+    Case(
         "wan-v2v",
         "WanVideoToVideoPipeline",
         _wan(WanVideoToVideoPipeline, video=_frames(), strength=0.6),
@@ -945,7 +1062,13 @@ CASES: tuple[Case, ...] = (
         _sana(SanaControlNetPipeline, controlnet=True, **CONTROL),
         "ControlNet: runs on computed steps only; flow DPM-Solver++",
     ),
-    Case("sana-video", "SanaVideoPipeline", _sana_video, "video, CFG batched; flow DPM-Solver++"),
+    Case("sana-video", "SanaVideoPipeline", _sana_video(), "video, CFG batched; flow DPM-Solver++"),
+    Case(
+        "sana-i2v",
+        "SanaImageToVideoPipeline",
+        _sana_video(SanaImageToVideoPipeline, image=_pil_image()),
+        "the first frame is the image's latents; the scheduler steps the others; flow DPM-Solver++",
+    ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
@@ -973,6 +1096,9 @@ CASES: tuple[Case, ...] = (
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
     Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15, "video, guider (ClassifierFreeGuidance)"),
+    Case("ovis-image", "OvisImagePipeline", _ovis, "CFG in two calls"),
+    Case("ernie-image", "ErnieImagePipeline", _ernie_image, "CFG batched; variable-length prompt embeddings"),
+    Case("krea2", "Krea2Pipeline", _krea2, "CFG in two calls; per-layer prompt embeddings"),
     Case(
         "ideogram4",
         "Ideogram4Pipeline",
@@ -1034,15 +1160,11 @@ NOT_COVERED: dict[str, str] = {
     "EasyAnimateControlPipeline": _NOT_BUILT,
     "EasyAnimateInpaintPipeline": _NOT_BUILT,
     "EasyAnimatePipeline": _NOT_BUILT,
-    "ErnieImagePipeline": _NOT_BUILT,
     "Flux2KleinKVPipeline": _NOT_BUILT,
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
     "HunyuanImageRefinerPipeline": _NOT_BUILT,
-    "HunyuanSkyreelsImageToVideoPipeline": _NOT_BUILT,
     "HunyuanVideo15ImageToVideoPipeline": f"needs a SigLIP image encoder; {_NOT_BUILT}",
     "HunyuanVideoFramepackPipeline": f"needs a SigLIP image encoder; one generation per video section; {_NOT_BUILT}",
-    "HunyuanVideoImageToVideoPipeline": f"the image enters through its LLaVA text encoder (no embeddings path); "
-    f"{_NOT_BUILT}",
     "JoyImageEditPipeline": _NOT_BUILT,
     "JoyImageEditPlusPipeline": _NOT_BUILT,
     "Kandinsky5I2IPipeline": _NOT_BUILT,
@@ -1051,7 +1173,6 @@ NOT_COVERED: dict[str, str] = {
     "Kandinsky5T2VPipeline": _KANDINSKY5,
     "Kandinsky6SRPipeline": _NOT_BUILT,
     "Kandinsky6TI2VAPipeline": _LOOP,
-    "Krea2Pipeline": _NOT_BUILT,
     "LTX2ConditionPipeline": _LOOP,
     "LTX2DFRPipeline": _LOOP,
     "LTX2DFRTemporalRefinePipeline": f"{_LOOP}; its `LTXEulerAncestralRFScheduler` is stochastic",
@@ -1062,18 +1183,17 @@ NOT_COVERED: dict[str, str] = {
     "LTXI2VLongMultiPromptPipeline": _NOT_BUILT,
     "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
     "LongCatImageEditPipeline": _NOT_BUILT,
-    "LongCatImagePipeline": _NOT_BUILT,
-    "LucyEditPipeline": _NOT_BUILT,
+    "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
+    "`len(prompt)` with no prompt), so it needs its Qwen2.5-VL text encoder with 512-token prompts; "
+    f"{_NOT_BUILT}",
     "NucleusMoEImagePipeline": _NOT_BUILT,
     "OmniGenPipeline": _NOT_BUILT,
-    "OvisImagePipeline": _NOT_BUILT,
     "PRXPipeline": _NOT_BUILT,
     "PRXPixelPipeline": _NOT_BUILT,
     "QwenImage21Pipeline": _NOT_BUILT,
     "QwenImageEditInpaintPipeline": "encodes its reference image at 1024 x 1024 (about 20 s a case here, like "
     "qwen-image-edit): left out of the matrix's time budget",
     "QwenImageLayeredPipeline": _NOT_BUILT,
-    "SanaImageToVideoPipeline": _NOT_BUILT,
     "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
     "SanaWMLTX2Refiner": _NOT_BUILT,
     "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",
