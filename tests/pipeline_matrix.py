@@ -67,6 +67,7 @@ from diffusers import (
     HunyuanImagePipeline,
     HunyuanImageTransformer2DModel,
     HunyuanSkyreelsImageToVideoPipeline,
+    HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoImageToVideoPipeline,
@@ -138,6 +139,9 @@ from transformers import (
     Qwen2TokenizerFast,
     Qwen3VLConfig,
     Qwen3VLModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 from meancache.testing import tiny_inputs, tiny_pipeline
@@ -675,22 +679,42 @@ def _hunyuan_image() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "distilled_guidance_scale": None, "height": 128, "width": 128}  # fmt: skip
 
 
-def _hunyuan_video15() -> tuple[DiffusionPipeline, dict[str, Any]]:
+def _hunyuan_video15(pipeline: type = HunyuanVideo15Pipeline, **extra: Any) -> Build:
+    """A HunyuanVideo 1.5-family pipeline; image-to-video (an ``image`` in ``extra``) gets a one-layer SigLIP image
+    encoder, and every request is resized to the transformer's ``target_size`` (64 pixels here)."""
+    image = "image" in extra
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = HunyuanVideo15Transformer3DModel(
+            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4),
+            task_type="i2v" if image else "t2v", target_size=64,
+        )  # fmt: skip
+        vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
+        encoders = {"image_encoder": _siglip_vision(8), "feature_extractor": SiglipImageProcessor(
+            size={"height": 32, "width": 32})} if image else {}  # fmt: skip
+        pipe = pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+                        guider=ClassifierFreeGuidance(guidance_scale=4.0), **encoders)  # fmt: skip
+        mask, mask_2 = torch.ones(1, 6, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+        size = {} if image else {"height": 64, "width": 64}
+        return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
+                      "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                      "prompt_embeds_2": _randn(1, 4, 8, seed=2), "prompt_embeds_mask_2": mask_2,
+                      "negative_prompt_embeds_2": _randn(1, 4, 8, seed=3),
+                      "negative_prompt_embeds_mask_2": mask_2.clone(), "num_frames": 5, **size, **extra}  # fmt: skip
+
+    return build
+
+
+def _siglip_vision(width: int) -> SiglipVisionModel:
+    """A one-layer SigLIP image encoder (built from a config: nothing is downloaded)."""
     torch.manual_seed(0)
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_refiner_layers=1,
-        text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4), task_type="t2v",
-    )  # fmt: skip
-    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
-    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
-                                  tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=4.0))  # fmt: skip
-    mask, mask_2 = torch.ones(1, 6, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
-    return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
-                  "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
-                  "prompt_embeds_2": _randn(1, 4, 8, seed=2), "prompt_embeds_mask_2": mask_2,
-                  "negative_prompt_embeds_2": _randn(1, 4, 8, seed=3), "negative_prompt_embeds_mask_2": mask_2.clone(),
-                  "height": 64, "width": 64, "num_frames": 5}  # fmt: skip
+    return SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=width, num_hidden_layers=1, num_attention_heads=2, image_size=32, intermediate_size=16,
+        patch_size=8,
+    )).eval()  # fmt: skip
 
 
 def _hunyuan_video_i2v(pipeline: type, in_channels: int, **extra: Any) -> Build:
@@ -1095,7 +1119,13 @@ CASES: tuple[Case, ...] = (
     ),
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
-    Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15, "video, guider (ClassifierFreeGuidance)"),
+    Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15(), "video, guider (ClassifierFreeGuidance)"),
+    Case(
+        "hunyuan-video-1.5-i2v",
+        "HunyuanVideo15ImageToVideoPipeline",
+        _hunyuan_video15(HunyuanVideo15ImageToVideoPipeline, image=_pil_image(size=64)),
+        "image latents as extra input channels, SigLIP image embeddings; guider",
+    ),
     Case("ovis-image", "OvisImagePipeline", _ovis, "CFG in two calls"),
     Case("ernie-image", "ErnieImagePipeline", _ernie_image, "CFG batched; variable-length prompt embeddings"),
     Case("krea2", "Krea2Pipeline", _krea2, "CFG in two calls; per-layer prompt embeddings"),
@@ -1141,6 +1171,11 @@ _KANDINSKY5 = (
     "resizes every request to a trained resolution (1024 x 1024 and up: 4096 tokens, seconds a step on the tiny "
     "model here): left out of the matrix's time budget"
 )
+_COSMOS = (
+    "refuses to run without its safety checker (`CosmosSafetyChecker`, from the `cosmos_guardrail` package, which "
+    "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
+    "pipeline does not allow to be absent"
+)
 NOT_COVERED: dict[str, str] = {
     "AceStepPipeline": f"audio; {_NOT_BUILT}",
     "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
@@ -1149,8 +1184,8 @@ NOT_COVERED: dict[str, str] = {
     "BriaFiboEditPipeline": _NOT_BUILT,
     "BriaFiboPipeline": _NOT_BUILT,
     "ChronoEditPipeline": f"Wan-based editing with a CLIP image encoder; {_NOT_BUILT}",
-    "Cosmos2TextToImagePipeline": f"needs a safety checker component; {_NOT_BUILT}",
-    "Cosmos2VideoToWorldPipeline": f"needs a safety checker component; {_NOT_BUILT}",
+    "Cosmos2TextToImagePipeline": _COSMOS,
+    "Cosmos2VideoToWorldPipeline": _COSMOS,
     "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
     f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
     "Cosmos2_5_TransferPipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
@@ -1163,7 +1198,6 @@ NOT_COVERED: dict[str, str] = {
     "Flux2KleinKVPipeline": _NOT_BUILT,
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
     "HunyuanImageRefinerPipeline": _NOT_BUILT,
-    "HunyuanVideo15ImageToVideoPipeline": f"needs a SigLIP image encoder; {_NOT_BUILT}",
     "HunyuanVideoFramepackPipeline": f"needs a SigLIP image encoder; one generation per video section; {_NOT_BUILT}",
     "JoyImageEditPipeline": _NOT_BUILT,
     "JoyImageEditPlusPipeline": _NOT_BUILT,
