@@ -35,6 +35,8 @@ from diffusers import (
     ChromaInpaintPipeline,
     ChromaPipeline,
     ChromaTransformer2DModel,
+    ChronoEditPipeline,
+    ChronoEditTransformer3DModel,
     ClassifierFreeGuidance,
     CogView4ControlPipeline,
     CogView4Pipeline,
@@ -90,6 +92,8 @@ from diffusers import (
     MochiTransformer3DModel,
     OvisImagePipeline,
     OvisImageTransformer2DModel,
+    PRXPipeline,
+    PRXTransformer2DModel,
     QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
@@ -784,6 +788,18 @@ def _krea2() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
+def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = PRXTransformer2DModel(
+        in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1,
+        axes_dim=[8, 8],
+    )  # fmt: skip
+    pipe = PRXPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
+                       tokenizer=None, vae=_kl_vae(4), default_sample_size=SIZE)  # fmt: skip
+    return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "use_resolution_binning": False, "height": SIZE,
+                  "width": SIZE}  # fmt: skip
+
+
 def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
     """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and a
     byte-level tokenizer without merges whose chat template is the message text."""
@@ -1064,6 +1080,17 @@ CASES: tuple[Case, ...] = (
         "VACE control video and mask through the VACE blocks",
     ),
     Case(
+        "chrono-edit",
+        "ChronoEditPipeline",
+        _wan(
+            ChronoEditPipeline,
+            transformer=lambda: _wan_transformer(0, ChronoEditTransformer3DModel, in_channels=4 + 4 + 4, image_dim=8),
+            image=_pil_image(),
+            num_frames=5,
+        ),
+        "Wan-based image editing: image latents and mask as extra input channels; CLIP image embeddings",
+    ),
+    Case(
         "lucy-edit",
         "LucyEditPipeline",
         _wan(
@@ -1138,6 +1165,7 @@ CASES: tuple[Case, ...] = (
         "image latents as extra input channels, SigLIP image embeddings; guider",
     ),
     Case("ovis-image", "OvisImagePipeline", _ovis, "CFG in two calls"),
+    Case("prx", "PRXPipeline", _prx, "CFG batched"),
     Case("ernie-image", "ErnieImagePipeline", _ernie_image, "CFG batched; variable-length prompt embeddings"),
     Case("krea2", "Krea2Pipeline", _krea2, "CFG in two calls; per-layer prompt embeddings"),
     Case(
@@ -1194,7 +1222,6 @@ NOT_COVERED: dict[str, str] = {
     "BriaFibo2Pipeline": _NOT_BUILT,
     "BriaFiboEditPipeline": _NOT_BUILT,
     "BriaFiboPipeline": _NOT_BUILT,
-    "ChronoEditPipeline": f"Wan-based editing with a CLIP image encoder; {_NOT_BUILT}",
     "Cosmos2TextToImagePipeline": _COSMOS,
     "Cosmos2VideoToWorldPipeline": _COSMOS,
     "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
@@ -1232,7 +1259,6 @@ NOT_COVERED: dict[str, str] = {
     f"{_NOT_BUILT}",
     "NucleusMoEImagePipeline": _NOT_BUILT,
     "OmniGenPipeline": _NOT_BUILT,
-    "PRXPipeline": _NOT_BUILT,
     "PRXPixelPipeline": _NOT_BUILT,
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
