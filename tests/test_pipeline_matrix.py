@@ -213,15 +213,22 @@ def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
     assert report.derivative_calls == 3 and torch.isfinite(out).all()  # steps 1, 4 and 7 precede skips
 
 
-def test_exact_jvp_estimator_refuses_a_timestep_not_proportional_to_sigma():
-    """Ideogram4 passes model time ``1 - sigma`` (and its text padding before the latent tokens): the forward-mode
-    tangent would be wrong, so the generation is refused at its first forward-mode pass, before any skipped step."""
-    pipe, inputs = CASE["ideogram4"].build()
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        # model time 1 - sigma (and text padding before the latent tokens)
+        ("ideogram4", r"'exact-jvp' estimator needs the transformer's timestep proportional to sigma"),
+        # the first frame is the image's latents; the scheduler steps the others
+        ("hunyuan-video-i2v-token-replace", r"that block is not the latents \(1, 4, 1, 2, 2\) the scheduler steps"),
+    ],
+)
+def test_exact_jvp_estimator_refuses_a_layout_its_tangent_does_not_follow(name: str, error: str):
+    """The forward-mode tangent would be wrong (silently, before these checks): the generation is refused at the
+    computed step of its first forward-mode pass, before any skipped step uses the derivative."""
+    pipe, inputs = CASE[name].build()
     pipe.set_progress_bar_config(disable=True)
     enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))
-    with pytest.raises(
-        TypeError, match=r"'exact-jvp' estimator needs the transformer's timestep proportional to sigma"
-    ):
+    with pytest.raises((TypeError, RuntimeError), match=error):
         generate(pipe, inputs, 12)
 
 

@@ -161,6 +161,7 @@ class TransformerGate:
         with sdpa_as_jvp_attention(self.transformer):
             v, derivative = torch.func.jvp(velocity, (hidden, timestep), (tangent, timestep_rate))
         run.branches.append((v, derivative))
+        run.derivative_inputs.append(hidden)
         run.derivative_calls += 1
         return Transformer2DModelOutput(sample=v) if kwargs.get("return_dict", True) else (v,)
 
@@ -293,6 +294,22 @@ def _latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
     return tensor[(slice(None), *(slice(0, n) for n in latents[1:]))]
 
 
+def _check_latents_lead(inputs: list[torch.Tensor], sample: torch.Tensor) -> None:
+    """Refuse, before any skipped step uses the derivative, a forward-mode pass whose ``hidden_states`` do not hold the
+    latents the scheduler steps (``sample``) as their leading block in every batched branch: the tangent was put on
+    that block (:func:`_latents_tangent`), so it was on the wrong values. Pipelines that keep the first frame from an
+    image and step the others (HunyuanVideo's ``token_replace``, Kandinsky 5 and Sana image-to-video) do this."""
+    batch = sample.shape[0]
+    for hidden in inputs:
+        lead = _latent_block(hidden, torch.Size((hidden.shape[0], *sample.shape[1:])))
+        if hidden.shape[0] % batch or not all(torch.equal(t, sample.to(hidden.dtype)) for t in lead.split(batch)):
+            raise RuntimeError(
+                f"the 'exact-jvp' estimator puts its tangent on the leading block of the transformer's hidden_states "
+                f"{tuple(hidden.shape)}, but that block is not the latents {tuple(sample.shape)} the scheduler steps "
+                "(e.g. a first frame kept from an image); use the default estimator='paper' with this pipeline"
+            )
+
+
 def _latents_tangent(velocity: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """A tangent for ``hidden``: ``velocity`` (latent-shaped, tiled over batched CFG branches) on the latents'
     block, 0 elsewhere."""
@@ -340,8 +357,11 @@ class SchedulerStepHook:
             )
         sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]
         if run.schedule.is_computed(step):
+            if run.derivative_inputs:
+                _check_latents_lead(run.derivative_inputs, sample)
             derivative = guided_derivative(run.branches, model_output) if run.branches else None
             run.branches.clear()
+            run.derivative_inputs.clear()
             run.estimator.record(step, sample, sigma, model_output, derivative)
             if run.calibration is not None:
                 run.calibration.add_step(step, sample, model_output)

@@ -105,6 +105,8 @@ class GenerationRun:
     """The scheduler's first step index (``begin_index``: image-to-image and inpainting at ``strength < 1``)."""
     branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
+    derivative_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """The ``hidden_states`` of this step's forward-mode calls: checked against the latents the scheduler steps."""
     calls_this_step: Counter[str] = field(default_factory=Counter)
     """Calls so far in the current step, per kind of gated model (``"transformer"``: any expert; ``"controlnet"``):
     the index of the next call of that kind."""
@@ -198,6 +200,7 @@ class MeanCacheState:
             run.calls, run.calls_this_step, run.derivative_calls
         )  # fmt: skip
         rebased.outputs, rebased.outputs_step, rebased.branches = run.outputs, run.outputs_step, run.branches
+        rebased.derivative_inputs = run.derivative_inputs
         return rebased
 
     def _start_run(self, latents: torch.Tensor | None, begin: int | None = None) -> None:
