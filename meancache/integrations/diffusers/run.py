@@ -108,6 +108,8 @@ class GenerationRun:
     """The scheduler's first step index (``begin_index``: image-to-image and inpainting at ``strength < 1``)."""
     branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
+    derivative_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """The ``hidden_states`` of this step's forward-mode calls: checked against the latents the scheduler steps."""
     calls_this_step: Counter[str] = field(default_factory=Counter)
     """Calls so far in the current step, per kind of gated model (``"transformer"``: any expert; ``"controlnet"``):
     the index of the next call of that kind."""
@@ -153,7 +155,8 @@ class MeanCacheState:
         self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
         self.model = type(getattr(pipe.transformer, "_orig_mod", pipe.transformer)).__name__
         self.gates: dict[str, TransformerGate] = {}
-        """Pipeline component name (``transformer``, and ``transformer_2`` for Wan2.2's second expert) -> its gate."""
+        """Pipeline component name (``transformer``, ``transformer_2`` for Wan2.2's second expert,
+        ``unconditional_transformer`` for Ideogram4's CFG branch, ``controlnet``) -> its gate."""
         self.first_use = FirstUseCalibration(config.calibration_runs, calibration_store())
         self._mapping_warned: set[int] = set()
         self._unidentified_warned = False
@@ -209,6 +212,7 @@ class MeanCacheState:
         )  # fmt: skip
         rebased.outputs, rebased.outputs_step, rebased.branches = run.outputs, run.outputs_step, run.branches
         rebased.first_calls = run.first_calls
+        rebased.derivative_inputs = run.derivative_inputs
         return rebased
 
     def _start_run(self, latents: torch.Tensor | None, begin: int | None = None) -> None:
