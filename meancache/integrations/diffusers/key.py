@@ -3,9 +3,9 @@
 :func:`calibration_key` is a JSON dict (the store names the file by its digest) with:
 
 * ``pipeline``: the pipeline class; ``checkpoint``: ``name_or_path`` (a hub id, or the resolved folder);
-* ``weights``: :func:`weights_fingerprint` of the transformer (a fused LoRA, other fine-tuned weights,
-  adapter layers and their active adapters and scales change it), cached per pipeline by
-  :class:`WeightsFingerprint`;
+* ``weights``: :func:`weights_fingerprint` of every model MeanCache gates (the transformer, a second expert, a
+  CFG branch's own model, a ControlNet; a fused LoRA, other fine-tuned weights, adapter layers and their active
+  adapters and scales change it), cached per pipeline by :class:`WeightsFingerprint`;
 * ``sigmas``: the scheduler's sigmas for this run, rounded to 6 decimals: the step count and any shift,
   including the resolution-dependent one of FLUX.1 and Qwen-Image;
 * ``latent_shape`` and ``dtype``: the first transformer call's ``hidden_states`` without the batch dimension

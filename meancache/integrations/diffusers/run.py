@@ -266,12 +266,12 @@ class MeanCacheState:
                 outputs = run.outputs.get("transformer", []) if run.outputs_step == 0 else []
                 observed = observed_guidance(pipe, [kwargs for _, _, kwargs in run.first_calls], outputs, guided)
                 if observed.unidentified is None:
-                    gate = self.gates.get("transformer")
-                    transformer = gate.transformer if gate is not None else pipe.transformer
+                    # every gated model shapes the trajectory: experts, a CFG branch's own model, a ControlNet
+                    models = torch.nn.ModuleDict({name: gate.transformer for name, gate in self.gates.items()})
                     weights, latents, settings = self.first_use.fingerprint, run.latents, observed.settings
                     sigmas, checkpoint = run.sigmas, self.checkpoint
                     calibration = self.first_use.for_generation(
-                        lambda: calibration_key(pipe, weights(transformer), checkpoint, sigmas, latents, settings)
+                        lambda: calibration_key(pipe, weights(models), checkpoint, sigmas, latents, settings)
                     )
                 elif not self._unidentified_warned:
                     self._unidentified_warned = True
