@@ -35,14 +35,19 @@ from diffusers import (
     ChromaInpaintPipeline,
     ChromaPipeline,
     ChromaTransformer2DModel,
+    ChronoEditPipeline,
+    ChronoEditTransformer3DModel,
     ClassifierFreeGuidance,
     CogView4ControlPipeline,
     CogView4Pipeline,
     CogView4Transformer2DModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    ErnieImagePipeline,
+    ErnieImageTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinInpaintPipeline,
+    Flux2KleinKVPipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
@@ -64,18 +69,33 @@ from diffusers import (
     HiDreamImageTransformer2DModel,
     HunyuanImagePipeline,
     HunyuanImageTransformer2DModel,
+    HunyuanSkyreelsImageToVideoPipeline,
+    HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    HunyuanVideoImageToVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+    Ideogram4Pipeline,
+    Ideogram4Transformer2DModel,
+    Kandinsky5I2VPipeline,
+    Kandinsky5Transformer3DModel,
+    Krea2Pipeline,
+    Krea2Transformer2DModel,
     LTXConditionPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
     LTXVideoTransformer3DModel,
+    LucyEditPipeline,
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
     LuminaNextDiT2DModel,
     LuminaPipeline,
     MochiPipeline,
     MochiTransformer3DModel,
+    OvisImagePipeline,
+    OvisImageTransformer2DModel,
+    PRXPipeline,
+    PRXTransformer2DModel,
     QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
@@ -87,6 +107,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SanaControlNetModel,
     SanaControlNetPipeline,
+    SanaImageToVideoPipeline,
     SanaPAGPipeline,
     SanaPipeline,
     SanaSprintPipeline,
@@ -117,7 +138,18 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from tokenizers import pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Qwen2TokenizerFast,
+    Qwen3VLConfig,
+    Qwen3VLModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from meancache.testing import tiny_inputs, tiny_pipeline
 from tests.flow_pipelines import flow_pipeline_classes
@@ -444,12 +476,7 @@ def _wan(pipeline: type = WanPipeline, experts: int = 1, transformer: Any = None
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         second = {"transformer_2": _wan_transformer(1), "boundary_ratio": 0.875} if experts == 2 else {}
-        vae = None
-        if any(key in extra for key in ("image", "video")):
-            torch.manual_seed(0)
-            vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                   temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                                   latents_std=[1.0] * 4)  # fmt: skip
+        vae = _wan_vae() if any(key in extra for key in ("image", "video")) else None
         components = {"tokenizer": None, "text_encoder": None, "vae": vae, "image_encoder": _clip_vision(8),
                       "image_processor": CLIPImageProcessor(crop_size=32, size=32),
                       "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
@@ -460,6 +487,24 @@ def _wan(pipeline: type = WanPipeline, experts: int = 1, transformer: Any = None
         }  # fmt: skip
 
     return build
+
+
+def _wan_vae() -> AutoencoderKLWan:
+    """A Wan VAE on 4 latent channels (8x spatial, 4x temporal)."""
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                            latents_std=[1.0] * 4)  # fmt: skip
+
+
+def _randomise_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its zero-initialised parameters (final layers and modulations that start at 0, so the tiny
+    model would predict 0 everywhere) drawn at random."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.1)
+    return model
 
 
 def _clip_vision(width: int) -> CLIPVisionModelWithProjection:
@@ -520,17 +565,22 @@ def _dc_vae() -> AutoencoderDC:
     )  # fmt: skip
 
 
-def _sana_video() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = SanaVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-        sample_size=4, patch_size=(1, 2, 2),
-    )  # fmt: skip
-    pipe = SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                             scheduler=DPMSolverMultistepScheduler(**FLOW_DPM_SOLVER))  # fmt: skip
-    return pipe, {**_masked_embeds(), "negative_prompt": None, "guidance_scale": 4.0, "height": 32, "width": 32,
-                  "frames": 5, "use_resolution_binning": False}  # fmt: skip
+def _sana_video(pipeline: type = SanaVideoPipeline, **extra: Any) -> Build:
+    """A Sana-Video-family pipeline; a Wan VAE when an image is encoded (image-to-video)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = SanaVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+            sample_size=4, patch_size=(1, 2, 2),
+        )  # fmt: skip
+        pipe = pipeline(tokenizer=None, text_encoder=None, vae=_wan_vae() if "image" in extra else None,
+                        transformer=transformer, scheduler=DPMSolverMultistepScheduler(**FLOW_DPM_SOLVER))  # fmt: skip
+        return pipe, {**_masked_embeds(), "negative_prompt": None, "guidance_scale": 4.0, "height": 32, "width": 32,
+                      "frames": 5, "use_resolution_binning": False, **extra}  # fmt: skip
+
+    return build
 
 
 def _bria() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -599,7 +649,8 @@ def _hidream() -> tuple[DiffusionPipeline, dict[str, Any]]:
 
 
 def _flux2(pipeline: type = Flux2Pipeline, reference: bool = False, **extra: Any) -> Build:
-    """A Flux2-family pipeline; Klein's transformer has no guidance embedding (it runs true CFG)."""
+    """A Flux2-family pipeline; Klein's transformer has no guidance embedding (it runs true CFG, or, Klein KV, no
+    guidance at all)."""
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
@@ -612,7 +663,10 @@ def _flux2(pipeline: type = Flux2Pipeline, reference: bool = False, **extra: Any
                                  norm_num_groups=2, sample_size=SIZE)  # fmt: skip
         pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                         transformer=transformer)  # fmt: skip
-        inputs = {"prompt_embeds": _randn(1, 8, 32), "guidance_scale": 4.0, "height": SIZE, "width": SIZE, **extra}
+        guidance = (
+            {"guidance_scale": 4.0} if "guidance_scale" in inspect.signature(pipeline.__call__).parameters else {}
+        )
+        inputs = {"prompt_embeds": _randn(1, 8, 32), **guidance, "height": SIZE, "width": SIZE, **extra}
         return pipe, {**inputs, "image": _pil_image(size=64)} if reference else inputs  # its smallest image
 
     return build
@@ -636,22 +690,169 @@ def _hunyuan_image() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "distilled_guidance_scale": None, "height": 128, "width": 128}  # fmt: skip
 
 
-def _hunyuan_video15() -> tuple[DiffusionPipeline, dict[str, Any]]:
+def _hunyuan_video15(pipeline: type = HunyuanVideo15Pipeline, **extra: Any) -> Build:
+    """A HunyuanVideo 1.5-family pipeline; image-to-video (an ``image`` in ``extra``) gets a one-layer SigLIP image
+    encoder, and every request is resized to the transformer's ``target_size`` (64 pixels here)."""
+    image = "image" in extra
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = HunyuanVideo15Transformer3DModel(
+            in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4),
+            task_type="i2v" if image else "t2v", target_size=64,
+        )  # fmt: skip
+        vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
+        encoders = {"image_encoder": _siglip_vision(8), "feature_extractor": SiglipImageProcessor(
+            size={"height": 32, "width": 32})} if image else {}  # fmt: skip
+        pipe = pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+                        guider=ClassifierFreeGuidance(guidance_scale=4.0), **encoders)  # fmt: skip
+        mask, mask_2 = torch.ones(1, 6, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+        size = {} if image else {"height": 64, "width": 64}
+        return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
+                      "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                      "prompt_embeds_2": _randn(1, 4, 8, seed=2), "prompt_embeds_mask_2": mask_2,
+                      "negative_prompt_embeds_2": _randn(1, 4, 8, seed=3),
+                      "negative_prompt_embeds_mask_2": mask_2.clone(), "num_frames": 5, **size, **extra}  # fmt: skip
+
+    return build
+
+
+def _siglip_vision(width: int) -> SiglipVisionModel:
+    """A one-layer SigLIP image encoder (built from a config: nothing is downloaded)."""
     torch.manual_seed(0)
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_refiner_layers=1,
-        text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4), task_type="t2v",
+    return SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=width, num_hidden_layers=1, num_attention_heads=2, image_size=32, intermediate_size=16,
+        patch_size=8,
+    )).eval()  # fmt: skip
+
+
+def _hunyuan_video_i2v(pipeline: type, in_channels: int, **extra: Any) -> Build:
+    """A HunyuanVideo image-to-video pipeline: the tiny HunyuanVideo pipeline's VAE and a transformer of its size
+    taking ``in_channels`` (the image latents, and a mask, as extra channels; or, ``image_condition_type=
+    "token_replace"``, as the first frame) and the transformer's config ``extra`` keys; no true CFG (no negative
+    prompt: one call per step)."""
+    config = {k: extra.pop(k) for k in ("image_condition_type", "guidance_embeds") if k in extra}
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        components = tiny_pipeline("hunyuan-video").components
+        torch.manual_seed(0)
+        components["transformer"] = HunyuanVideoTransformer3DModel(**{
+            **components["transformer"].config, "in_channels": in_channels, **config
+        })  # fmt: skip
+        pipe = pipeline(**_accepted(pipeline, {**components, "image_processor": None}))
+        return pipe, {**tiny_inputs("hunyuan-video"), "image": _pil_image(), **extra}
+
+    return build
+
+
+def _ovis() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
     )  # fmt: skip
-    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
-    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
-                                  tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=4.0))  # fmt: skip
-    mask, mask_2 = torch.ones(1, 6, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
-    return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
-                  "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
-                  "prompt_embeds_2": _randn(1, 4, 8, seed=2), "prompt_embeds_mask_2": mask_2,
-                  "negative_prompt_embeds_2": _randn(1, 4, 8, seed=3), "negative_prompt_embeds_mask_2": mask_2.clone(),
-                  "height": 64, "width": 64, "num_frames": 5}  # fmt: skip
+    pipe = OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(4), text_encoder=None,
+                             tokenizer=None, transformer=transformer)  # fmt: skip
+    return pipe, {"prompt_embeds": _randn(1, 8, 32), "negative_prompt_embeds": _randn(1, 8, 32, seed=1),
+                  "negative_prompt": None, "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _ernie_image() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=32, in_channels=16, out_channels=16,
+        patch_size=1, text_in_dim=32, rope_axes_dim=(4, 6, 6),
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=2, sample_size=SIZE)  # fmt: skip
+    pipe = ErnieImagePipeline(transformer=_randomise_zero_parameters(transformer), vae=vae, text_encoder=None,
+                              tokenizer=None, scheduler=FlowMatchEulerDiscreteScheduler(), pe=None,
+                              pe_tokenizer=None)  # fmt: skip
+    return pipe, {"prompt_embeds": [_randn(8, 32)], "negative_prompt_embeds": [_randn(6, 32, seed=1)],
+                  "guidance_scale": 4.0, "use_pe": False, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _krea2() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=2,
+        text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=16,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    pipe = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_qwen_components()["vae"],
+                         text_encoder=None, tokenizer=None, transformer=transformer)  # fmt: skip
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    return pipe, {"prompt_embeds": _randn(1, 7, 2, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 7, 2, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _kandinsky5_i2v() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Kandinsky 5 image-to-video on the tiny HunyuanVideo VAE, without CFG (one call per step); 17 frames: it
+    renormalises the first 4 latent frames by the statistics of the next ones (NaN with fewer than 5)."""
+    torch.manual_seed(0)
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=True,
+    )  # fmt: skip
+    pipe = Kandinsky5I2VPipeline(transformer=transformer, vae=tiny_pipeline("hunyuan-video").vae, text_encoder=None,
+                                 tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
+    return pipe, {"image": _pil_image(), "prompt_embeds_qwen": _randn(1, 6, 16), "prompt_embeds_clip": _randn(1, 8),
+                  "prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32), "guidance_scale": 1.0,
+                  "height": SIZE, "width": SIZE, "num_frames": 17}  # fmt: skip
+
+
+def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    torch.manual_seed(0)
+    transformer = PRXTransformer2DModel(
+        in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1,
+        axes_dim=[8, 8],
+    )  # fmt: skip
+    pipe = PRXPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
+                       tokenizer=None, vae=_kl_vae(4), default_sample_size=SIZE)  # fmt: skip
+    return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "use_resolution_binning": False, "height": SIZE,
+                  "width": SIZE}  # fmt: skip
+
+
+def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
+    """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and a
+    byte-level tokenizer without merges whose chat template is the message text."""
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*symbols, "<|endoftext|>", "<|im_end|>"])}
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": width, "intermediate_size": width,
+                     "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "head_dim": width // 2, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 0]}},
+        vision_config={"depth": 1, "hidden_size": width, "intermediate_size": width, "num_heads": 2,
+                       "out_hidden_size": width},
+    )  # fmt: skip
+    return Qwen3VLModel(config).eval(), tokenizer
+
+
+def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Ideogram4: a conditional and an unconditional transformer (its CFG branch's own model), and a Qwen3-VL text
+    encoder whose 36 layers' hidden states it taps (it takes no prompt embeddings)."""
+    text_encoder, tokenizer = _qwen3_vl_text_encoder(36)
+
+    def transformer(seed: int) -> Ideogram4Transformer2DModel:
+        torch.manual_seed(seed)
+        return Ideogram4Transformer2DModel(
+            in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2, intermediate_size=16,
+            adaln_dim=16, llm_features_dim=13 * 8, mrope_section=(2, 1, 1),
+        )  # fmt: skip
+
+    pipe = Ideogram4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer(0),
+                             unconditional_transformer=transformer(1))  # fmt: skip
+    return pipe, {"prompt": "a cat", "guidance_scale": 4.0, "guidance_schedule": None, "max_sequence_length": 8,
+                  "height": SIZE, "width": SIZE}  # fmt: skip
 
 
 CASES: tuple[Case, ...] = (
@@ -817,6 +1018,31 @@ CASES: tuple[Case, ...] = (
         "ControlNet with a mask channel",
     ),
     Case("hunyuan-video", "HunyuanVideoPipeline", _kind("hunyuan-video"), "video"),
+    Case(
+        "hunyuan-video-i2v",
+        "HunyuanVideoImageToVideoPipeline",
+        _hunyuan_video_i2v(HunyuanVideoImageToVideoPipeline, 4 + 4 + 1, image_condition_type="latent_concat"),
+        "image latents and mask as extra input channels (`latent_concat`)",
+    ),
+    Case(
+        "hunyuan-video-i2v-token-replace",
+        "HunyuanVideoImageToVideoPipeline",
+        _hunyuan_video_i2v(HunyuanVideoImageToVideoPipeline, 4, image_condition_type="token_replace"),
+        "the image's latents replace the first frame; the scheduler steps the others (`token_replace`)",
+    ),
+    Case(
+        "kandinsky5-i2v",
+        "Kandinsky5I2VPipeline",
+        _kandinsky5_i2v,
+        "the image's latents as the first frame and visual condition channels; the scheduler steps the other frames "
+        "in place",
+    ),
+    Case(
+        "hunyuan-skyreels-i2v",
+        "HunyuanSkyreelsImageToVideoPipeline",
+        _hunyuan_video_i2v(HunyuanSkyreelsImageToVideoPipeline, 4 + 4, guidance_embeds=False),
+        "image latents as extra input channels",
+    ),
     Case("chroma", "ChromaPipeline", _chroma(ChromaPipeline), "CFG in two calls"),
     Case("chroma-img2img", "ChromaImg2ImgPipeline", _chroma(ChromaImg2ImgPipeline, **IMG2IMG), "strength 0.6"),
     Case(
@@ -879,6 +1105,25 @@ CASES: tuple[Case, ...] = (
         "VACE control video and mask through the VACE blocks",
     ),
     Case(
+        "chrono-edit",
+        "ChronoEditPipeline",
+        _wan(
+            ChronoEditPipeline,
+            transformer=lambda: _wan_transformer(0, ChronoEditTransformer3DModel, in_channels=4 + 4 + 4, image_dim=8),
+            image=_pil_image(),
+            num_frames=5,
+        ),
+        "Wan-based image editing: image latents and mask as extra input channels; CLIP image embeddings",
+    ),
+    Case(
+        "lucy-edit",
+        "LucyEditPipeline",
+        _wan(
+            LucyEditPipeline, transformer=lambda: _wan_transformer(0, in_channels=4 + 4), video=_frames(), num_frames=5
+        ),
+        "Wan-based video editing: the input video's latents as extra input channels",
+    ),
+    Case(
         "wan-v2v",
         "WanVideoToVideoPipeline",
         _wan(WanVideoToVideoPipeline, video=_frames(), strength=0.6),
@@ -898,7 +1143,13 @@ CASES: tuple[Case, ...] = (
         _sana(SanaControlNetPipeline, controlnet=True, **CONTROL),
         "ControlNet: runs on computed steps only; flow DPM-Solver++",
     ),
-    Case("sana-video", "SanaVideoPipeline", _sana_video, "video, CFG batched; flow DPM-Solver++"),
+    Case("sana-video", "SanaVideoPipeline", _sana_video(), "video, CFG batched; flow DPM-Solver++"),
+    Case(
+        "sana-i2v",
+        "SanaImageToVideoPipeline",
+        _sana_video(SanaImageToVideoPipeline, image=_pil_image()),
+        "the first frame is the image's latents; the scheduler steps the others; flow DPM-Solver++",
+    ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
@@ -924,8 +1175,30 @@ CASES: tuple[Case, ...] = (
         "true CFG; inpainting at strength 0.6",
     ),
     Case("flux2-reference", "Flux2Pipeline", _flux2(reference=True), "reference-image tokens after the latent tokens"),
+    Case(
+        "flux2-klein-kv",
+        "Flux2KleinKVPipeline",
+        _flux2(Flux2KleinKVPipeline, reference=True),
+        "reference-image K/V extracted on step 0 (always computed) and reused by later calls",
+    ),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
-    Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15, "video, guider (ClassifierFreeGuidance)"),
+    Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15(), "video, guider (ClassifierFreeGuidance)"),
+    Case(
+        "hunyuan-video-1.5-i2v",
+        "HunyuanVideo15ImageToVideoPipeline",
+        _hunyuan_video15(HunyuanVideo15ImageToVideoPipeline, image=_pil_image(size=64)),
+        "image latents as extra input channels, SigLIP image embeddings; guider",
+    ),
+    Case("ovis-image", "OvisImagePipeline", _ovis, "CFG in two calls"),
+    Case("prx", "PRXPipeline", _prx, "CFG batched"),
+    Case("ernie-image", "ErnieImagePipeline", _ernie_image, "CFG batched; variable-length prompt embeddings"),
+    Case("krea2", "Krea2Pipeline", _krea2, "CFG in two calls; per-layer prompt embeddings"),
+    Case(
+        "ideogram4",
+        "Ideogram4Pipeline",
+        _ideogram4,
+        "CFG branch on its own model (`unconditional_transformer`): both models run on computed steps only",
+    ),
 )
 """Every case the matrix test runs."""
 
@@ -962,6 +1235,11 @@ _KANDINSKY5 = (
     "resizes every request to a trained resolution (1024 x 1024 and up: 4096 tokens, seconds a step on the tiny "
     "model here): left out of the matrix's time budget"
 )
+_COSMOS = (
+    "refuses to run without its safety checker (`CosmosSafetyChecker`, from the `cosmos_guardrail` package, which "
+    "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
+    "pipeline does not allow to be absent"
+)
 NOT_COVERED: dict[str, str] = {
     "AceStepPipeline": f"audio; {_NOT_BUILT}",
     "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
@@ -969,9 +1247,8 @@ NOT_COVERED: dict[str, str] = {
     "BriaFibo2Pipeline": _NOT_BUILT,
     "BriaFiboEditPipeline": _NOT_BUILT,
     "BriaFiboPipeline": _NOT_BUILT,
-    "ChronoEditPipeline": f"Wan-based editing with a CLIP image encoder; {_NOT_BUILT}",
-    "Cosmos2TextToImagePipeline": f"needs a safety checker component; {_NOT_BUILT}",
-    "Cosmos2VideoToWorldPipeline": f"needs a safety checker component; {_NOT_BUILT}",
+    "Cosmos2TextToImagePipeline": _COSMOS,
+    "Cosmos2VideoToWorldPipeline": _COSMOS,
     "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
     f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
     "Cosmos2_5_TransferPipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
@@ -981,26 +1258,16 @@ NOT_COVERED: dict[str, str] = {
     "EasyAnimateControlPipeline": _NOT_BUILT,
     "EasyAnimateInpaintPipeline": _NOT_BUILT,
     "EasyAnimatePipeline": _NOT_BUILT,
-    "ErnieImagePipeline": _NOT_BUILT,
-    "Flux2KleinKVPipeline": _NOT_BUILT,
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
     "HunyuanImageRefinerPipeline": _NOT_BUILT,
-    "HunyuanSkyreelsImageToVideoPipeline": _NOT_BUILT,
-    "HunyuanVideo15ImageToVideoPipeline": f"needs a SigLIP image encoder; {_NOT_BUILT}",
     "HunyuanVideoFramepackPipeline": f"needs a SigLIP image encoder; one generation per video section; {_NOT_BUILT}",
-    "HunyuanVideoImageToVideoPipeline": f"the image enters through its LLaVA text encoder (no embeddings path); "
-    f"{_NOT_BUILT}",
-    "Ideogram4Pipeline": "its CFG branch runs a second model, `unconditional_transformer`, which MeanCache does not "
-    f"gate (it would still run on skipped steps: wasted work, not a wrong result); {_NOT_BUILT}",
     "JoyImageEditPipeline": _NOT_BUILT,
     "JoyImageEditPlusPipeline": _NOT_BUILT,
-    "Kandinsky5I2IPipeline": _NOT_BUILT,
-    "Kandinsky5I2VPipeline": _NOT_BUILT,
+    "Kandinsky5I2IPipeline": _KANDINSKY5,
     "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky5T2VPipeline": _KANDINSKY5,
     "Kandinsky6SRPipeline": _NOT_BUILT,
     "Kandinsky6TI2VAPipeline": _LOOP,
-    "Krea2Pipeline": _NOT_BUILT,
     "LTX2ConditionPipeline": _LOOP,
     "LTX2DFRPipeline": _LOOP,
     "LTX2DFRTemporalRefinePipeline": f"{_LOOP}; its `LTXEulerAncestralRFScheduler` is stochastic",
@@ -1011,18 +1278,18 @@ NOT_COVERED: dict[str, str] = {
     "LTXI2VLongMultiPromptPipeline": _NOT_BUILT,
     "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
     "LongCatImageEditPipeline": _NOT_BUILT,
-    "LongCatImagePipeline": _NOT_BUILT,
-    "LucyEditPipeline": _NOT_BUILT,
+    "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
+    "`len(prompt)` with no prompt), so it needs its Qwen2.5-VL text encoder with 512-token prompts; "
+    f"{_NOT_BUILT}",
     "NucleusMoEImagePipeline": _NOT_BUILT,
     "OmniGenPipeline": _NOT_BUILT,
-    "OvisImagePipeline": _NOT_BUILT,
-    "PRXPipeline": _NOT_BUILT,
     "PRXPixelPipeline": _NOT_BUILT,
-    "QwenImage21Pipeline": _NOT_BUILT,
+    "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
+    f"torchvision (not installed here); {_NOT_BUILT}",
     "QwenImageEditInpaintPipeline": "encodes its reference image at 1024 x 1024 (about 20 s a case here, like "
     "qwen-image-edit): left out of the matrix's time budget",
-    "QwenImageLayeredPipeline": _NOT_BUILT,
-    "SanaImageToVideoPipeline": _NOT_BUILT,
+    "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "
+    "(thousands of tokens, seconds a step on the tiny model here): left out of the matrix's time budget",
     "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
     "SanaWMLTX2Refiner": _NOT_BUILT,
     "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",

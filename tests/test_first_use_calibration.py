@@ -67,6 +67,20 @@ def test_key_follows_trajectory_settings_not_prompt_or_seed(flux):
     assert _key_of(flux, inputs) == base
 
 
+def test_key_follows_the_weights_of_every_gated_model():
+    """A ControlNet (like a second expert or a CFG branch's own model) shapes the trajectory: new weights in it
+    must not reuse a calibration made with the old ones."""
+    from tests.pipeline_matrix import CASES
+
+    (case,) = [c for c in CASES if c.name == "flux-controlnet"]
+    pipe, inputs = case.build()
+    pipe.set_progress_bar_config(disable=True)
+    base = _key_of(pipe, inputs)
+    with torch.no_grad():
+        next(pipe.controlnet.parameters()).add_(1e-3)  # as a fused LoRA would
+    assert _key_of(pipe, inputs) != base
+
+
 class _AdapterLayer(torch.nn.Module):
     """The attributes of a PEFT tuner layer that adapter_settings reads (peft is not a dependency)."""
 

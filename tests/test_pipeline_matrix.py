@@ -16,7 +16,8 @@ from typing import Any
 import diffusers
 import pytest
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin, UniPCMultistepScheduler
+from diffusers.models.autoencoders.vae import AutoencoderMixin
 
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
@@ -32,13 +33,25 @@ SPANS = Schedule(12, (0, 1, 4, 7, 11), (1, 3, 4, 5))
 CASE = {case.name: case for case in CASES}
 
 
+def denoisers(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """Every denoising model the pipeline holds, found without MeanCache's own naming rules: its diffusers models
+    other than the VAEs and the ControlNet (``transformer``, Wan2.2's ``transformer_2``, Ideogram4's
+    ``unconditional_transformer``, ...)."""
+    return {
+        name: module
+        for name, module in pipe.components.items()
+        if isinstance(module, ModelMixin) and not isinstance(module, AutoencoderMixin) and name != "controlnet"
+    }
+
+
 def run_counting_blocks(
     pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None
 ) -> tuple[torch.Tensor, dict[str, Counter], int]:
     """Final latents; per step of the generation (step 0 is the scheduler's first, ``begin``) the number of
-    transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every transformer of
-    the pipeline, and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that calls the transformer
-    on every step tells when it is not given (the scheduler's ``step_index`` is None on the first step only)."""
+    transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every denoising model
+    of the pipeline (:func:`denoisers`), and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that
+    calls the transformer on every step tells when it is not given (the scheduler's ``step_index`` is None on the
+    first step only)."""
     scheduler = pipe.scheduler
     counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
 
@@ -48,7 +61,7 @@ def run_counting_blocks(
 
         return count
 
-    transformers = [getattr(pipe, name) for name in transformer_names(pipe)]
+    transformers = list(denoisers(pipe).values())
     handles = [t.register_forward_pre_hook(counter("forwards")) for t in transformers]
     handles += [
         module.register_forward_pre_hook(counter("blocks"))
@@ -75,6 +88,7 @@ def run_counting_blocks(
 def test_pipeline(case: Case):
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
+    assert transformer_names(pipe) == sorted(denoisers(pipe))  # MeanCache gates every denoising model
     baseline, counts, begin = run_counting_blocks(pipe, inputs)
     blocks, forwards, controlnet = counts["blocks"], counts["forwards"], counts["controlnet"]
     steps = len(forwards)
@@ -197,6 +211,25 @@ def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
     out = generate(pipe, inputs, 12)
     report = meancache.summary(pipe)
     assert report.derivative_calls == 3 and torch.isfinite(out).all()  # steps 1, 4 and 7 precede skips
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        # model time 1 - sigma (and text padding before the latent tokens)
+        ("ideogram4", r"'exact-jvp' estimator needs the transformer's timestep proportional to sigma"),
+        # the first frame is the image's latents; the scheduler steps the others
+        ("hunyuan-video-i2v-token-replace", r"that block is not the latents \(1, 4, 1, 2, 2\) the scheduler steps"),
+    ],
+)
+def test_exact_jvp_estimator_refuses_a_layout_its_tangent_does_not_follow(name: str, error: str):
+    """The forward-mode tangent would be wrong (silently, before these checks): the generation is refused at the
+    computed step of its first forward-mode pass, before any skipped step uses the derivative."""
+    pipe, inputs = CASE[name].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))
+    with pytest.raises((TypeError, RuntimeError), match=error):
+        generate(pipe, inputs, 12)
 
 
 def test_enable_refuses_what_it_cannot_drive_naming_the_pipeline_and_the_reason():

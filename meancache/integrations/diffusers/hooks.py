@@ -2,8 +2,9 @@
 :class:`~meancache.integrations.diffusers.run.MeanCacheState`:
 
 * :class:`TransformerGate` sits in the call slot (``module._compiled_call_impl``, the first thing
-  ``torch.nn.Module.__call__`` looks at) of every transformer the pipeline holds (``transformer``, and
-  ``transformer_2`` for Wan2.2's second expert) and of its ControlNet (``controlnet``: a second model run each
+  ``torch.nn.Module.__call__`` looks at) of every transformer the pipeline holds (``transformer``,
+  ``transformer_2`` for Wan2.2's second expert, ``unconditional_transformer`` for Ideogram4's CFG branch) and of
+  its ControlNet (``controlnet``: a second model run each
   step whose residuals only feed the transformer). On a computed step it calls what it replaced: the eager
   ``_call_impl`` with every forward hook (diffusers' offloading, context-parallel and casting hooks,
   accelerate's offload hooks), or the compiled call that ``module.compile()`` put there. On a skipped step
@@ -36,11 +37,13 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import BaseOutput
 from torch._dynamo.eval_frame import OptimizedModule
 
+from meancache.integrations.diffusers.guidance import latent_block, latent_branches
 from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
 from meancache.integrations.jvp_attention import sdpa_as_jvp_attention
 
 GateKind = Literal["transformer", "controlnet"]
-"""What a gated module is: one of the pipeline's transformers (experts share a step's calls), or its ControlNet."""
+"""What a gated module is: one of the pipeline's transformers (experts and a CFG branch's own model share a step's
+calls), or its ControlNet."""
 
 
 class TransformerGate:
@@ -50,7 +53,7 @@ class TransformerGate:
         self.state = state
         self.module = module
         self.kind: GateKind = kind
-        """``"transformer"`` (every expert: they share the step's calls) or ``"controlnet"``."""
+        """``"transformer"`` (every expert and CFG-branch model: they share the step's calls) or ``"controlnet"``."""
         self.inner = module.__dict__.get("_compiled_call_impl")
         """What the call slot held: ``module.compile()``'s compiled call, or None (the eager ``_call_impl``)."""
         module._compiled_call_impl = self
@@ -94,6 +97,8 @@ class TransformerGate:
         if run is None:  # not part of a generation: a direct call
             return self.call_transformer(*args, **kwargs)
         kind = self.kind
+        if run.pending and kind == "transformer":  # the schedule is fixed at this step's scheduler call
+            run.first_calls.append((self, args, kwargs))
         call = run.calls_this_step[kind]
         run.calls_this_step[kind] += 1
         step = run.steps_run
@@ -155,12 +160,30 @@ class TransformerGate:
         else:
             tangent = _latents_tangent(run.estimator.last_velocity(), hidden)
         timestep = timestep.contiguous()  # pipelines may pass an expanded (stride-0) batch of timesteps
-        timestep_rate = timestep / run.sigmas[run.steps_run]  # the pipeline passes sigma times a constant
+        timestep_rate = _timestep_rate(timestep, run.sigmas[run.steps_run], self.state.scheduler)
         with sdpa_as_jvp_attention(self.transformer):
             v, derivative = torch.func.jvp(velocity, (hidden, timestep), (tangent, timestep_rate))
         run.branches.append((v, derivative))
+        run.derivative_inputs.append(hidden)
         run.derivative_calls += 1
         return Transformer2DModelOutput(sample=v) if kwargs.get("return_dict", True) else (v,)
+
+
+def _timestep_rate(timestep: torch.Tensor, sigma: float, scheduler: Any) -> torch.Tensor:
+    """``d timestep / d sigma`` for a transformer called with ``timestep`` at ``sigma``: pipelines pass sigma (Flux,
+    Qwen-Image) or the scheduler's timestep, sigma times ``num_train_timesteps`` (HunyuanVideo, Wan, SD3), so the rate
+    is ``timestep / sigma``. Anything else is refused rather than differentiated wrongly: Ideogram4 and Z-Image pass
+    model time ``1 - sigma`` (whose rate is -1, not ``timestep / sigma``), and Ideogram4 also puts its text padding
+    before the latent tokens, which the latents' tangent (:func:`_latents_tangent`) does not follow."""
+    scales = (1.0, float(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000)))
+    if not any(torch.allclose(timestep.float(), torch.full_like(timestep, sigma * c, dtype=torch.float32),
+                              rtol=1e-2, atol=1e-3 * c) for c in scales):  # fmt: skip
+        raise TypeError(
+            f"the 'exact-jvp' estimator needs the transformer's timestep proportional to sigma (sigma or sigma * "
+            f"{scales[1]:g}); this pipeline passes {timestep.flatten()[0].item():.4g} at sigma {sigma:.4g} (e.g. "
+            "model time 1 - sigma). Use the default estimator='paper' with it"
+        )
+    return timestep / sigma
 
 
 def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
@@ -178,8 +201,11 @@ def refuse_diffusers_cache(transformer: torch.nn.Module) -> None:
 def attach_gates(state: MeanCacheState) -> None:
     """Make sure a gate of ``state`` is in the call slot of every model the pipeline runs per step
     (:func:`gated_modules`): ``pipe.transformer``, any further expert (``transformer_2``: Wan2.2's low-noise expert)
-    and a ControlNet. They share the generation, so one schedule covers the whole trajectory whichever expert runs
-    a step, and a ControlNet runs only on the steps whose transformer call it feeds.
+    or model of the step (``unconditional_transformer``: Ideogram4's CFG branch) and a ControlNet. They share the
+    generation, so one schedule covers the whole trajectory whichever expert runs a step, and a ControlNet runs only
+    on the steps whose transformer call it feeds. The transformers share the step's call index, so a skipped step's
+    calls are answered in call order whichever model makes them (Ideogram4: the conditional call's output for the
+    first, the unconditional model's for the second, as for true CFG in two calls).
 
     A gate moves off a module the pipeline no longer calls directly (``torch.compile(pipe.transformer)`` wraps it,
     and a gate left inside the wrapper would be traced), and re-wraps a call slot that ``module.compile()``
@@ -203,9 +229,13 @@ def attach_gates(state: MeanCacheState) -> None:
 
 
 def transformer_names(pipe: Any) -> list[str]:
-    """The pipeline's transformer components: ``transformer``, then ``transformer_2``, ... that are modules."""
+    """The pipeline's transformer components that are modules: ``transformer``, then further experts
+    (``transformer_2``, ...: Wan2.2's low-noise expert) and further models of the same step named ``*_transformer``
+    (Ideogram4's ``unconditional_transformer``, its CFG branch's own model)."""
     components = getattr(pipe, "components", {})
-    names = sorted(n for n in components if n == "transformer" or n.startswith("transformer_"))
+    names = sorted(
+        n for n in components if n == "transformer" or n.startswith("transformer_") or n.endswith("_transformer")
+    )
     return [n for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
@@ -267,6 +297,22 @@ def _latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
     return tensor[(slice(None), *(slice(0, n) for n in latents[1:]))]
 
 
+def _check_latents_lead(inputs: list[torch.Tensor], sample: torch.Tensor) -> None:
+    """Refuse, before any skipped step uses the derivative, a forward-mode pass whose ``hidden_states`` do not hold the
+    latents the scheduler steps (``sample``) as their leading block in every batched branch: the tangent was put on
+    that block (:func:`_latents_tangent`), so it was on the wrong values. Pipelines that keep the first frame from an
+    image and step the others (HunyuanVideo's ``token_replace``, Kandinsky 5 and Sana image-to-video) do this."""
+    batch = sample.shape[0]
+    for hidden in inputs:
+        lead = _latent_block(hidden, torch.Size((hidden.shape[0], *sample.shape[1:])))
+        if hidden.shape[0] % batch or not all(torch.equal(t, sample.to(hidden.dtype)) for t in lead.split(batch)):
+            raise RuntimeError(
+                f"the 'exact-jvp' estimator puts its tangent on the leading block of the transformer's hidden_states "
+                f"{tuple(hidden.shape)}, but that block is not the latents {tuple(sample.shape)} the scheduler steps "
+                "(e.g. a first frame kept from an image); use the default estimator='paper' with this pipeline"
+            )
+
+
 def _latents_tangent(velocity: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """A tangent for ``hidden``: ``velocity`` (latent-shaped, tiled over batched CFG branches) on the latents'
     block, 0 elsewhere."""
@@ -276,7 +322,7 @@ def _latents_tangent(velocity: torch.Tensor, hidden: torch.Tensor) -> torch.Tens
         )
     tangent = torch.zeros_like(hidden)
     tiles = hidden.shape[0] // velocity.shape[0]
-    block = _latent_block(tangent, velocity.shape).unflatten(0, (tiles, velocity.shape[0]))
+    block = latent_block(tangent, velocity.shape).unflatten(0, (tiles, velocity.shape[0]))
     block.copy_(velocity.unsqueeze(0).expand_as(block))
     return tangent
 
@@ -312,10 +358,15 @@ class SchedulerStepHook:
             raise RuntimeError(
                 f"the scheduler is at step {scheduler_step} but MeanCache expected step {run.begin + step}"
             )
+        if run.pending:
+            self.state.resolve_schedule(run, model_output)
         sigma, sigma_next = run.sigmas[step], run.sigmas[step + 1]
         if run.schedule.is_computed(step):
+            if run.derivative_inputs:
+                _check_latents_lead(run.derivative_inputs, sample)
             derivative = guided_derivative(run.branches, model_output) if run.branches else None
             run.branches.clear()
+            run.derivative_inputs.clear()
             run.estimator.record(step, sample, sigma, model_output, derivative)
             if run.calibration is not None:
                 run.calibration.add_step(step, sample, model_output)
@@ -352,14 +403,9 @@ def guided_derivative(branches: list[tuple[torch.Tensor, torch.Tensor]], guided:
     are split into their latent-sized parts; appended reference-image tokens are dropped, as the pipeline does."""
     batch = guided.shape[0]
     velocities, derivatives = [], []
-    for v, d in branches:
-        v, d = _latent_block(v, guided.shape), _latent_block(d, guided.shape)  # what the pipeline keeps
-        if v.shape[0] % batch:
-            raise RuntimeError(
-                f"a transformer output of shape {tuple(v.shape)} does not split into latents {tuple(guided.shape)}"
-            )
-        velocities += v.reshape(-1, *guided.shape).unbind(0)
-        derivatives += d.reshape(-1, *guided.shape).unbind(0)
+    for v, d in branches:  # the latents' block, what the pipeline keeps
+        velocities += latent_branches(v, guided)
+        derivatives += latent_branches(d, guided)
     v = torch.stack(velocities, 1).reshape(batch, len(velocities), -1).double()  # (B, branches, features)
     d = torch.stack(derivatives, 1).reshape(batch, len(derivatives), -1).float()
     g = guided.reshape(batch, -1, 1).double()

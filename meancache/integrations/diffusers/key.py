@@ -3,14 +3,17 @@
 :func:`calibration_key` is a JSON dict (the store names the file by its digest) with:
 
 * ``pipeline``: the pipeline class; ``checkpoint``: ``name_or_path`` (a hub id, or the resolved folder);
-* ``weights``: :func:`weights_fingerprint` of the transformer (a fused LoRA, other fine-tuned weights,
-  adapter layers and their active adapters and scales change it), cached per pipeline by
-  :class:`WeightsFingerprint`;
+* ``weights``: :func:`weights_fingerprint` of every model MeanCache gates (the transformer, a second expert, a
+  CFG branch's own model, a ControlNet; a fused LoRA, other fine-tuned weights, adapter layers and their active
+  adapters and scales change it), cached per pipeline by :class:`WeightsFingerprint`;
 * ``sigmas``: the scheduler's sigmas for this run, rounded to 6 decimals: the step count and any shift,
   including the resolution-dependent one of FLUX.1 and Qwen-Image;
 * ``latent_shape`` and ``dtype``: the first transformer call's ``hidden_states`` without the batch dimension
   (so the resolution and frame count, and batched CFG, which doubles only the batch) and its dtype;
-* ``guidance``: :func:`pipeline_guidance`, the guidance arguments of the pipeline call in progress.
+* ``guidance``: what the generation's first step showed of its guidance
+  (:func:`~meancache.integrations.diffusers.guidance.observed_guidance`: transformer calls and branches per step,
+  the weights combining the branches, guidance inputs of the transformer, the pipeline's recorded guidance
+  settings and guiders), never read from the pipeline call's arguments.
 
 Prompts, seeds, batch size and ``num_images_per_prompt`` are not in it: the costs are means over latent
 elements, which do not depend on them.
@@ -19,10 +22,7 @@ elements, which do not depend on them.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import itertools
-import numbers
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,37 +101,21 @@ class WeightsFingerprint:
         return self._value
 
 
-def pipeline_guidance(pipe: Any) -> dict[str, Any]:
-    """The guidance settings of ``pipe``'s ``__call__`` in progress, read from its frame on the call stack:
-    every argument whose name contains ``guidance`` or ``cfg`` and holds a number or a bool (``guidance_scale``,
-    ``true_cfg_scale``, ``guidance_rescale``, ...), and ``negative_prompt``: whether any ``negative_*``
-    argument was given (Qwen-Image runs true CFG only with one). Empty outside a pipeline call."""
-    frame = sys._getframe(1)
-    while frame is not None and not (frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe):
-        frame = frame.f_back
-    if frame is None:
-        return {}
-    arguments = inspect.getargvalues(frame)
-    values = {name: arguments.locals.get(name) for name in arguments.args}
-    settings: dict[str, Any] = {
-        name: (value if isinstance(value, bool) else round(float(value), 6))
-        for name, value in sorted(values.items())
-        if ("guidance" in name or "cfg" in name) and isinstance(value, (bool, numbers.Real))
-    }
-    settings["negative_prompt"] = any(v is not None for n, v in values.items() if n.startswith("negative_"))
-    return settings
-
-
 def checkpoint_identity(name_or_path: str) -> str:
     """A local folder resolved to its absolute path; a hub id (or empty name) as it is."""
     return str(Path(name_or_path).resolve()) if name_or_path and Path(name_or_path).exists() else name_or_path
 
 
 def calibration_key(
-    pipe: Any, weights: str, checkpoint: str, sigmas: list[float], latents: torch.Tensor | None
+    pipe: Any,
+    weights: str,
+    checkpoint: str,
+    sigmas: list[float],
+    latents: torch.Tensor | None,
+    guidance: dict[str, Any],
 ) -> dict[str, Any]:
-    """The key of a generation of ``pipe`` whose transformer has :func:`weights_fingerprint` ``weights`` (module
-    docstring); call it from inside the pipeline call."""
+    """The key of a generation of ``pipe`` whose transformer has :func:`weights_fingerprint` ``weights`` and whose
+    first step showed ``guidance`` (module docstring)."""
     return {
         "pipeline": type(pipe).__name__,
         "checkpoint": checkpoint_identity(checkpoint),
@@ -139,5 +123,5 @@ def calibration_key(
         "sigmas": [round(s, 6) for s in sigmas],
         "latent_shape": list(latents.shape[1:]) if isinstance(latents, torch.Tensor) else None,
         "dtype": str(latents.dtype).removeprefix("torch.") if isinstance(latents, torch.Tensor) else None,
-        "guidance": pipeline_guidance(pipe),
+        "guidance": guidance,
     }

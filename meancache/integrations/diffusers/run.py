@@ -1,11 +1,13 @@
 """The state MeanCache keeps for one pipeline: its settings, the generation in progress, the last summary.
 
 A generation is announced by the scheduler's ``set_timesteps`` (every diffusers pipeline calls it before its
-denoising loop) and starts at the first transformer call or scheduler step after it: its sigmas, schedule and
-estimator are fixed then, outside any compiled region. It ends after the scheduler's last step, which frees
-the estimator's history and keeps only the counters shown by :func:`meancache.summary`. Calls of the
-transformer outside a generation (a direct call, or another pipeline sharing the transformer) are not
-MeanCache's business and run as they are.
+denoising loop) and starts at the first transformer call or scheduler step after it: its sigmas are fixed then,
+and its schedule and estimator too when the configuration gives the schedule; with ``budget=`` they are fixed at
+the first scheduler step (:meth:`MeanCacheState.resolve_schedule`: step 0 is computed in every schedule, and by
+then MeanCache has seen the step's guidance), always outside any compiled region. It ends after the scheduler's
+last step, which frees the estimator's history and keeps only the counters shown by :func:`meancache.summary`.
+Calls of the transformer outside a generation (a direct call, or another pipeline sharing the transformer) are
+not MeanCache's business and run as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from meancache.calibration import calibration_store
 from meancache.config import MeanCacheConfig
 from meancache.integrations.diffusers.distributed import check_same_schedule_on_all_ranks
 from meancache.integrations.diffusers.first_use import FirstUseCalibration, GenerationCalibration
+from meancache.integrations.diffusers.guidance import observed_guidance
 from meancache.integrations.diffusers.key import calibration_key
 from meancache.integrations.diffusers.ranks import decide_on_rank_zero
 from meancache.method.estimators import Estimator, make_estimator
@@ -105,6 +108,8 @@ class GenerationRun:
     """The scheduler's first step index (``begin_index``: image-to-image and inpainting at ``strength < 1``)."""
     branches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """This step's (velocity, dv/dsigma) per transformer call, when the estimator asked for derivatives."""
+    derivative_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """The ``hidden_states`` of this step's forward-mode calls: checked against the latents the scheduler steps."""
     calls_this_step: Counter[str] = field(default_factory=Counter)
     """Calls so far in the current step, per kind of gated model (``"transformer"``: any expert; ``"controlnet"``):
     the index of the next call of that kind."""
@@ -115,6 +120,13 @@ class GenerationRun:
     """The step ``outputs`` were recorded on."""
     calibration: GenerationCalibration | None = field(default=None, repr=False)
     """Set when this generation calibrates on first use: it observes every step."""
+    pending: bool = False
+    """``budget=``: the schedule is resolved at the first scheduler step (:meth:`MeanCacheState.resolve_schedule`);
+    until then every call runs (step 0 is computed in every schedule)."""
+    first_calls: list[tuple[TransformerGate, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list, repr=False)
+    """While the schedule is pending: the gate, arguments and keyword arguments of each transformer call."""
+    latents: torch.Tensor | None = field(default=None, repr=False)
+    """The tensor the generation started from (the first transformer call's ``hidden_states``), for the key."""
 
     @property
     def num_steps(self) -> int:
@@ -143,9 +155,11 @@ class MeanCacheState:
         self.checkpoint = str(pipe.name_or_path or pipe.transformer.config.get("_name_or_path", "") or "")
         self.model = type(getattr(pipe.transformer, "_orig_mod", pipe.transformer)).__name__
         self.gates: dict[str, TransformerGate] = {}
-        """Pipeline component name (``transformer``, and ``transformer_2`` for Wan2.2's second expert) -> its gate."""
+        """Pipeline component name (``transformer``, ``transformer_2`` for Wan2.2's second expert,
+        ``unconditional_transformer`` for Ideogram4's CFG branch, ``controlnet``) -> its gate."""
         self.first_use = FirstUseCalibration(config.calibration_runs, calibration_store())
         self._mapping_warned: set[int] = set()
+        self._unidentified_warned = False
         self._announced = False
         self.run: GenerationRun | None = None
         self.last_summary: MeanCacheSummary | None = None
@@ -197,6 +211,8 @@ class MeanCacheState:
             run.calls, run.calls_this_step, run.derivative_calls
         )  # fmt: skip
         rebased.outputs, rebased.outputs_step, rebased.branches = run.outputs, run.outputs_step, run.branches
+        rebased.first_calls = run.first_calls
+        rebased.derivative_inputs = run.derivative_inputs
         return rebased
 
     def _start_run(self, latents: torch.Tensor | None, begin: int | None = None) -> None:
@@ -212,39 +228,74 @@ class MeanCacheState:
         if begin is None:  # strength < 1: the generation runs the last N - begin steps
             begin = scheduler.begin_index or 0
         sigmas = sigmas[begin:]
-        schedule, calibration = self._schedule_for(sigmas, latents)
-        run = GenerationRun(sigmas=sigmas, estimator=make_estimator(self.config.estimator, schedule), begin=begin)
-        if calibration is not None and calibration.accumulator is not None:
-            run.calibration = calibration
-        for gate in self.gates.values():
-            gate.check_composition(run)
-        if "transformer" in self.gates:
-            check_same_schedule_on_all_ranks(run.schedule, self.gates["transformer"].transformer)
+        num_steps = len(sigmas) - 1
+        if self.config.schedule is None:  # budget=: resolved at the first scheduler step
+            schedule = Schedule(num_steps, tuple(range(num_steps)), (1,) * (num_steps - 1),
+                                {"source": "budget: resolved at the first scheduler step"})  # fmt: skip
+        else:
+            schedule = self._given_schedule(num_steps)
+        run = GenerationRun(sigmas=sigmas, estimator=make_estimator(self.config.estimator, schedule), begin=begin,
+                            pending=self.config.schedule is None, latents=latents)  # fmt: skip
+        self._check_schedule(run)
         self.run = run
 
-    def _schedule_for(
-        self, sigmas: list[float], latents: torch.Tensor | None
-    ) -> tuple[Schedule, GenerationCalibration | None]:
-        """The generation's schedule, and its view of the calibration store when ``budget=`` resolves it (decided
-        on rank 0 under ``torch.distributed``: ranks that did not decide observe nothing)."""
-        config, num_steps = self.config, len(sigmas) - 1
-        if config.schedule is None:
-            assert config.budget is not None
-            budget = config.budget
-            calibration: GenerationCalibration | None = None
+    def _check_schedule(self, run: GenerationRun) -> None:
+        """Refuse what the gated models cannot run under this schedule; under context parallelism, check that every
+        rank holds it (once it is final)."""
+        for gate in self.gates.values():
+            gate.check_composition(run)
+        if "transformer" in self.gates and not run.pending:
+            check_same_schedule_on_all_ranks(run.schedule, self.gates["transformer"].transformer)
 
-            def resolve() -> Schedule:
-                nonlocal calibration
-                if config.calibration_runs and (pipe := self.pipe) is not None:
-                    gate = self.gates.get("transformer")
-                    transformer = gate.transformer if gate is not None else pipe.transformer
-                    weights = self.first_use.fingerprint
+    def resolve_schedule(self, run: GenerationRun, guided: torch.Tensor) -> None:
+        """Fix the schedule of a ``budget=`` generation at its first scheduler step (``guided``: the velocity the
+        scheduler received), and with it the estimator and whether the generation calibrates on first use.
+
+        The calibration key's guidance part is what the first step showed (:func:`observed_guidance`); when it
+        cannot be identified, the generation is not calibrated (and uses no stored calibration), with a warning
+        once per pipeline. Decided on rank 0 under ``torch.distributed``: ranks that did not decide observe
+        nothing."""
+        config, num_steps = self.config, run.num_steps
+        assert config.budget is not None
+        budget = config.budget
+        calibration: GenerationCalibration | None = None
+
+        def resolve() -> Schedule:
+            nonlocal calibration
+            if config.calibration_runs and (pipe := self.pipe) is not None:
+                outputs = run.outputs.get("transformer", []) if run.outputs_step == 0 else []
+                observed = observed_guidance(pipe, [kwargs for _, _, kwargs in run.first_calls], outputs, guided)
+                if observed.unidentified is None:
+                    # every gated model shapes the trajectory: experts, a CFG branch's own model, a ControlNet
+                    models = torch.nn.ModuleDict({name: gate.transformer for name, gate in self.gates.items()})
+                    weights, latents, settings = self.first_use.fingerprint, run.latents, observed.settings
+                    sigmas, checkpoint = run.sigmas, self.checkpoint
                     calibration = self.first_use.for_generation(
-                        lambda: calibration_key(pipe, weights(transformer), self.checkpoint, sigmas, latents)
+                        lambda: calibration_key(pipe, weights(models), checkpoint, sigmas, latents, settings)
                     )
-                return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, self.model, calibration)
+                elif not self._unidentified_warned:
+                    self._unidentified_warned = True
+                    logger.warning(
+                        "MeanCache: not calibrating %s on first use: %s, so the calibration could not be told "
+                        "apart from other guidance settings'. Pass a schedule (meancache calibrate) for this model.",
+                        self.pipeline_name, observed.unidentified,
+                    )  # fmt: skip
+            return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, self.model, calibration)
 
-            return decide_on_rank_zero(resolve), calibration
+        schedule = decide_on_rank_zero(resolve)
+        run.estimator, run.pending, run.latents = make_estimator(config.estimator, schedule), False, None
+        if calibration is not None and calibration.accumulator is not None:
+            run.calibration = calibration
+        self._check_schedule(run)
+        first_calls, run.first_calls = run.first_calls, []
+        if run.estimator.needs_derivative(0):  # the forward-mode pass step 0 needs, now that it is known
+            for gate, args, kwargs in first_calls:
+                gate.forward_with_derivative(run, args, kwargs)
+
+    def _given_schedule(self, num_steps: int) -> Schedule:
+        """``MeanCacheConfig``'s schedule for ``num_steps`` (mapped in sigma space from another step count)."""
+        config = self.config
+        assert config.schedule is not None
         schedule = config.schedule.for_steps(num_steps)
         if schedule is not config.schedule and num_steps not in self._mapping_warned:
             self._mapping_warned.add(num_steps)
@@ -253,4 +304,4 @@ class MeanCacheState:
                 "in sigma space (budget %d kept). Calibrate for %d steps for a schedule made for this run.",
                 config.schedule.num_steps, num_steps, schedule.budget, num_steps,
             )  # fmt: skip
-        return schedule, None
+        return schedule
