@@ -9,7 +9,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 def image_metrics(samples: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     """Mean PSNR (dB) and SSIM against ``reference`` over every image of ``(N, H, W)`` or every frame of videos
-    ``(N, T, H, W)``, values in [0, 1]."""
+    ``(N, T, H, W)``, values in [0, 1]. An image equal to its reference has an infinite PSNR (so has the mean)."""
     if samples.shape != reference.shape or samples.ndim not in (3, 4):
         raise ValueError(
             f"samples and reference must be images (N, H, W) or videos (N, T, H, W) of one shape, got "
@@ -17,7 +17,8 @@ def image_metrics(samples: np.ndarray, reference: np.ndarray) -> tuple[float, fl
         )
     frames, references = samples.reshape(-1, *samples.shape[-2:]), reference.reshape(-1, *reference.shape[-2:])
     pairs = list(zip(frames, references, strict=True))
-    psnr = [peak_signal_noise_ratio(r, s, data_range=1.0) for s, r in pairs]
+    with np.errstate(divide="ignore"):  # an identical frame: PSNR is infinite, not a warning
+        psnr = [peak_signal_noise_ratio(r, s, data_range=1.0) for s, r in pairs]
     ssim = [structural_similarity(r, s, data_range=1.0) for s, r in pairs]
     return float(np.mean(psnr)), float(np.mean(ssim))
 
