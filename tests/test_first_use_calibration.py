@@ -264,7 +264,7 @@ def test_new_processes_find_the_stored_calibration_and_write_it_safely(flux):
         assert worker.returncode == 0, err
         calls, source = out.strip().splitlines()[-1].split(" ", 1)
         assert int(calls) == BUDGET, out
-        assert source.startswith("calibrated on first use (validated by replay, 1 generations"), out
+        assert source.startswith("calibrated on first use (validated by replay, 1 generation,"), out
     (path,) = calibration_store().files()
     assert Calibration.load(path).trajectories == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left

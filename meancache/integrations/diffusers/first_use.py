@@ -116,7 +116,8 @@ class GenerationCalibration:
         path = self.owner.store.path(self.key)
         where = f"stored in {path}" if path is not None and path.exists() else "kept in memory"
         how = "validated by replay, " if "replay_error" in schedule.metadata else ""
-        source = f"calibrated on first use ({how}{calibration.trajectories} generations, key {self.digest}, {where})"
+        generations = f"{calibration.trajectories} generation{'s' if calibration.trajectories != 1 else ''}"
+        source = f"calibrated on first use ({how}{generations}, key {self.digest}, {where})"
         schedule = Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans,
                             {**schedule.metadata, "source": source})  # fmt: skip
         self.owner.schedules[(self.digest, budget)] = schedule
