@@ -286,17 +286,6 @@ def _cycled_output(output: Any, batch: int | None) -> Any:
     )
 
 
-def _latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
-    """The leading block of ``tensor`` (all of its batch) in the latents' non-batch dimensions: pipelines append
-    reference-image tokens after the latent tokens and conditioning channels after the latent channels."""
-    if tensor.dim() != len(latents) or any(t < n for t, n in zip(tensor.shape[1:], latents[1:], strict=True)):
-        raise RuntimeError(
-            f"a transformer input or output of shape {tuple(tensor.shape)} does not contain the latents "
-            f"{tuple(latents)} as its leading block; this pipeline's layout is not supported by the estimator"
-        )
-    return tensor[(slice(None), *(slice(0, n) for n in latents[1:]))]
-
-
 def _check_latents_lead(inputs: list[torch.Tensor], sample: torch.Tensor) -> None:
     """Refuse, before any skipped step uses the derivative, a forward-mode pass whose ``hidden_states`` do not hold the
     latents the scheduler steps (``sample``) as their leading block in every batched branch: the tangent was put on
@@ -304,7 +293,7 @@ def _check_latents_lead(inputs: list[torch.Tensor], sample: torch.Tensor) -> Non
     image and step the others (HunyuanVideo's ``token_replace``, Kandinsky 5 and Sana image-to-video) do this."""
     batch = sample.shape[0]
     for hidden in inputs:
-        lead = _latent_block(hidden, torch.Size((hidden.shape[0], *sample.shape[1:])))
+        lead = latent_block(hidden, torch.Size((hidden.shape[0], *sample.shape[1:])))
         if hidden.shape[0] % batch or not all(torch.equal(t, sample.to(hidden.dtype)) for t in lead.split(batch)):
             raise RuntimeError(
                 f"the 'exact-jvp' estimator puts its tangent on the leading block of the transformer's hidden_states "
