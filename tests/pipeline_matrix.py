@@ -27,6 +27,7 @@ from diffusers import (
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
+    AutoencoderKLMagvit,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     BriaPipeline,
@@ -43,6 +44,9 @@ from diffusers import (
     CogView4Transformer2DModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    EasyAnimateInpaintPipeline,
+    EasyAnimatePipeline,
+    EasyAnimateTransformer3DModel,
     ErnieImagePipeline,
     ErnieImageTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
@@ -68,6 +72,7 @@ from diffusers import (
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
     HunyuanImagePipeline,
+    HunyuanImageRefinerPipeline,
     HunyuanImageTransformer2DModel,
     HunyuanSkyreelsImageToVideoPipeline,
     HunyuanVideo15ImageToVideoPipeline,
@@ -818,6 +823,55 @@ def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "width": SIZE}  # fmt: skip
 
 
+def _easyanimate(pipeline: type = EasyAnimatePipeline, in_channels: int = 4, **extra: Any) -> Build:
+    """An EasyAnimate-family pipeline on a tiny MagVIT VAE (8x spatial, 4x temporal; the loop reads its latent
+    channels); ``in_channels`` of the transformer (inpainting appends the mask's and the masked video's latents)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        vae = AutoencoderKLMagvit(
+            down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+            up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3, block_out_channels=(8,) * 4,
+            latent_channels=4, layers_per_block=1, norm_num_groups=2, spatial_group_norm=False,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformer = EasyAnimateTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4, time_embed_dim=2,
+            text_embed_dim=16, num_layers=1, sample_width=16, sample_height=16, patch_size=2,
+            resize_inpaint_mask_directly=False,  # True reads `cache_mag_vae`, which AutoencoderKLMagvit lacks
+        )  # fmt: skip
+        pipe = pipeline(vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+        return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "height": SIZE, "width": SIZE, "num_frames": 5,
+                      **extra}  # fmt: skip
+
+    return build
+
+
+def _video(channels: int = 3, frames: int = 5) -> torch.Tensor:
+    """A ``(1, channels, frames, SIZE, SIZE)`` video in [0, 1]."""
+    return torch.rand(1, channels, frames, SIZE, SIZE, generator=_g())
+
+
+def _hunyuan_image_refiner() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """HunyuanImage's refiner: the image to refine enters as latents (a frame of the transformer's 3D patches),
+    concatenated to the noisy latents as extra input channels; guidance-distilled, with its stateful guider."""
+    torch.manual_seed(0)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 1, 1), text_embed_dim=16, text_embed_2_dim=None, rope_axes_dim=(2, 2, 4),
+        guidance_embeds=True,
+    )  # fmt: skip
+    guider = AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=2)
+    pipe = HunyuanImageRefinerPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0), vae=None,
+                                       text_encoder=None, tokenizer=None, transformer=transformer,
+                                       guider=guider)  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "image": _randn(1, 4, 1, 4, 4, seed=2), "height": 64, "width": 64}  # fmt: skip
+
+
 def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
     """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and a
     byte-level tokenizer without merges whose chat template is the message text."""
@@ -1182,6 +1236,19 @@ CASES: tuple[Case, ...] = (
         "reference-image K/V extracted on step 0 (always computed) and reused by later calls",
     ),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
+    Case(
+        "hunyuan-image-refiner",
+        "HunyuanImageRefinerPipeline",
+        _hunyuan_image_refiner,
+        "image latents as extra input channels; guidance-distilled; stateful guider",
+    ),
+    Case("easyanimate", "EasyAnimatePipeline", _easyanimate(), "video, CFG batched"),
+    Case(
+        "easyanimate-inpaint",
+        "EasyAnimateInpaintPipeline",
+        _easyanimate(EasyAnimateInpaintPipeline, 4 + 4 + 4, video=_video(), mask_video=_video(1), strength=0.6),
+        "mask and masked-video latents as extra input channels; strength 0.6",
+    ),
     Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15(), "video, guider (ClassifierFreeGuidance)"),
     Case(
         "hunyuan-video-1.5-i2v",
@@ -1255,11 +1322,9 @@ NOT_COVERED: dict[str, str] = {
     f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
     "DreamLiteMobilePipeline": "refused at enable: a UNet, no `transformer` module",
     "DreamLitePipeline": "refused at enable: a UNet, no `transformer` module",
-    "EasyAnimateControlPipeline": _NOT_BUILT,
-    "EasyAnimateInpaintPipeline": _NOT_BUILT,
-    "EasyAnimatePipeline": _NOT_BUILT,
+    "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
+    "its own `encode_prompt`, which does not take it)",
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
-    "HunyuanImageRefinerPipeline": _NOT_BUILT,
     "HunyuanVideoFramepackPipeline": f"needs a SigLIP image encoder; one generation per video section; {_NOT_BUILT}",
     "JoyImageEditPipeline": _NOT_BUILT,
     "JoyImageEditPlusPipeline": _NOT_BUILT,
@@ -1282,7 +1347,8 @@ NOT_COVERED: dict[str, str] = {
     "`len(prompt)` with no prompt), so it needs its Qwen2.5-VL text encoder with 512-token prompts; "
     f"{_NOT_BUILT}",
     "NucleusMoEImagePipeline": _NOT_BUILT,
-    "OmniGenPipeline": _NOT_BUILT,
+    "OmniGenPipeline": "its multimodal processor builds torchvision transforms in its constructor (torchvision is "
+    "not installed here)",
     "PRXPixelPipeline": _NOT_BUILT,
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
