@@ -129,6 +129,7 @@ from diffusers import (
     StableDiffusion3PAGImg2ImgPipeline,
     StableDiffusion3PAGPipeline,
     StableDiffusion3Pipeline,
+    VisualClozeGenerationPipeline,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
@@ -146,6 +147,9 @@ from diffusers import (
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     Qwen2TokenizerFast,
@@ -154,6 +158,9 @@ from transformers import (
     SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
 from meancache.testing import tiny_inputs, tiny_pipeline
@@ -262,6 +269,38 @@ def _flux(pipeline: type, in_channels: int = 16, controlnet: bool = False, **ext
         return pipeline(**components), {**_flux_inputs(), **extra}
 
     return build
+
+
+def _clip_t5_text_encoders() -> dict[str, Any]:
+    """Flux's two text encoders, one layer each and 32 wide (the tiny Flux transformer's widths), with character-level
+    tokenizers (built from configs and vocabularies: nothing is downloaded), for the pipelines that take no prompt
+    embeddings."""
+    chars = [chr(code) for code in range(33, 127)]
+    clip_vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *chars,
+                                                      *(c + "</w>" for c in chars)])}  # fmt: skip
+    tokenizer_2 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0),
+                                     *((c, -1.0) for c in chars)], extra_ids=0)  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval()  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+    )).eval()  # fmt: skip
+    return {"text_encoder": text_encoder, "tokenizer": CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77),
+            "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2}  # fmt: skip
+
+
+def _visualcloze() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """VisualCloze's generation stage on the tiny Flux components (the target's masked-image latents and mask as
+    extra input channels, as Flux Fill) and real text encoders: its inputs check refuses prompt embeddings without a
+    task prompt, and encodes any task prompt."""
+    pipe = VisualClozeGenerationPipeline(**_flux_components(16 + 16 + 256) | _clip_t5_text_encoders(), resolution=SIZE)
+    grid = [[_pil_image(0), _pil_image(1)], [_pil_image(2), None]]  # an in-context example, then the query
+    return pipe, {"task_prompt": "depth to image", "content_prompt": "a lake", "image": grid,
+                  "max_sequence_length": 16, "guidance_scale": 5.0}  # fmt: skip
 
 
 def _qwen_transformer() -> QwenImageTransformer2DModel:
@@ -946,6 +985,12 @@ CASES: tuple[Case, ...] = (
         "reference-image tokens; inpainting at strength 0.6",
     ),
     Case(
+        "visualcloze",
+        "VisualClozeGenerationPipeline",
+        _visualcloze,
+        "Flux Fill-like: the query's masked grid as extra input channels; text encoders run",
+    ),
+    Case(
         "flux-control",
         "FluxControlPipeline",
         _flux(FluxControlPipeline, 32, control_image=_image(1)),
@@ -1362,8 +1407,9 @@ NOT_COVERED: dict[str, str] = {
     "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3InpaintPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3Pipeline": f"audio; {_NOT_BUILT}",
-    "VisualClozeGenerationPipeline": _NOT_BUILT,
-    "VisualClozePipeline": _NOT_BUILT,
+    "VisualClozePipeline": "one call runs two denoising loops (VisualClozeGenerationPipeline, verified, then an "
+    "SDEdit upsampling at `upsampling_strength`), each a generation of its own to MeanCache at the budget B (an error "
+    "when B exceeds the upsampling's steps); not in the matrix, which counts one loop per call",
     "ZImageOmniPipeline": f"needs a SigLIP condition encoder; {_NOT_BUILT}",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
