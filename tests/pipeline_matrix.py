@@ -143,6 +143,7 @@ from diffusers import (
     ZImageControlNetPipeline,
     ZImageImg2ImgPipeline,
     ZImageInpaintPipeline,
+    ZImageOmniPipeline,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
@@ -157,6 +158,9 @@ from transformers import (
     Qwen2TokenizerFast,
     Qwen3VLConfig,
     Qwen3VLModel,
+    Siglip2ImageProcessor,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
@@ -419,18 +423,23 @@ def _qwen_edit(pipeline: type, images: int) -> Build:
 
 def _z_image(pipeline: type, cfg: bool = True, batch: int = 1, controlnet: int | None = None, **extra: Any) -> Build:
     """A Z-Image-family pipeline; with ``controlnet`` (its control input channels: 4 for the control image's latents,
-    9 with the inpainting mask and masked image), a one-layer Z-Image ControlNet."""
+    9 with the inpainting mask and masked image), a one-layer Z-Image ControlNet. Z-Image Omni gets the
+    transformer's SigLIP branch, a one-layer SigLIP2 image encoder and a bfloat16 VAE (it encodes its condition
+    images in bfloat16), and each prompt as segments around its images (one more than the images)."""
+    omni = pipeline is ZImageOmniPipeline
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
         sizes = {"all_patch_size": (2,), "all_f_patch_size": (1,), "dim": 32, "n_refiner_layers": 1, "n_heads": 2,
                  "n_kv_heads": 2}  # fmt: skip
         transformer = ZImageTransformer2DModel(
-            **sizes, in_channels=4, n_layers=1, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16]
-        )
+            **sizes, in_channels=4, n_layers=1, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16],
+            siglip_feat_dim=8 if omni else None,
+        )  # fmt: skip
         with torch.no_grad():  # initialised with torch.empty
-            transformer.x_pad_token.fill_(1.0)
-            transformer.cap_pad_token.fill_(1.0)
+            for pad in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
+                if isinstance(token := getattr(transformer, pad, None), torch.nn.Parameter):
+                    token.fill_(1.0)
         components = {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": _kl_vae(4), "text_encoder": None,
                       "tokenizer": None, "transformer": transformer}  # fmt: skip
         if controlnet is not None:
@@ -438,10 +447,23 @@ def _z_image(pipeline: type, cfg: bool = True, batch: int = 1, controlnet: int |
             components["controlnet"] = ZImageControlNetModel(
                 **sizes, control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=controlnet
             )
-        inputs: dict[str, Any] = {"prompt_embeds": [_randn(5 + i, 16, seed=i) for i in range(batch)],
+        if omni:
+            torch.manual_seed(0)
+            components |= {"vae": components["vae"].to(torch.bfloat16), "siglip": Siglip2VisionModel(
+                Siglip2VisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                    patch_size=8, num_patches=16)).eval(),
+                           "siglip_processor": Siglip2ImageProcessor(patch_size=8, max_num_patches=16)}  # fmt: skip
+        images = len(extra["image"]) if isinstance(extra.get("image"), list) else int("image" in extra)
+
+        def embeds(length: int, seed: int) -> Any:
+            if not omni:
+                return _randn(length, 16, seed=seed)
+            return [_randn(length + k, 16, seed=seed + 100 * k) for k in range(images + 2 if images else 1)]
+
+        inputs: dict[str, Any] = {"prompt_embeds": [embeds(5 + i, i) for i in range(batch)],
                                   "guidance_scale": 4.0 if cfg else 0.0, "height": SIZE, "width": SIZE}  # fmt: skip
         if cfg:
-            inputs["negative_prompt_embeds"] = [_randn(3 + i, 16, seed=10 + i) for i in range(batch)]
+            inputs["negative_prompt_embeds"] = [embeds(3 + i, 10 + i) for i in range(batch)]
         return pipeline(**components), {**inputs, **extra}
 
     return build
@@ -1087,6 +1109,13 @@ CASES: tuple[Case, ...] = (
         "lists of per-sample latents; CFG doubles the list",
     ),
     Case("z-image-no-cfg", "ZImagePipeline", _z_image(ZImagePipeline, cfg=False), "guidance_scale 0: one branch"),
+    Case(
+        "z-image-omni",
+        "ZImageOmniPipeline",
+        _z_image(ZImageOmniPipeline, image=_pil_image(size=64)),
+        "nested lists (per sample: condition-image latents, then the latents) by keyword; SigLIP image features",
+    ),
+    Case("z-image-omni-t2i", "ZImageOmniPipeline", _z_image(ZImageOmniPipeline), "no condition image"),
     Case("z-image-img2img", "ZImageImg2ImgPipeline", _z_image(ZImageImg2ImgPipeline, **IMG2IMG), "strength 0.6"),
     Case("z-image-inpaint", "ZImageInpaintPipeline", _z_image(ZImageInpaintPipeline, **INPAINT), "strength 0.6"),
     Case(
@@ -1435,7 +1464,6 @@ NOT_COVERED: dict[str, str] = {
     "VisualClozePipeline": "one call runs two denoising loops (VisualClozeGenerationPipeline, verified, then an "
     "SDEdit upsampling at `upsampling_strength`), each a generation of its own to MeanCache at the budget B (an error "
     "when B exceeds the upsampling's steps); not in the matrix, which counts one loop per call",
-    "ZImageOmniPipeline": f"needs a SigLIP condition encoder; {_NOT_BUILT}",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
 and why."""
