@@ -30,6 +30,9 @@ from diffusers import (
     AutoencoderKLMagvit,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    BriaFiboEditPipeline,
+    BriaFiboPipeline,
+    BriaFiboTransformer2DModel,
     BriaPipeline,
     BriaTransformer2DModel,
     ChromaImg2ImgPipeline,
@@ -164,6 +167,8 @@ from transformers import (
     SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -576,12 +581,12 @@ def _wan(pipeline: type = WanPipeline, experts: int = 1, transformer: Any = None
     return build
 
 
-def _wan_vae() -> AutoencoderKLWan:
-    """A Wan VAE on 4 latent channels (8x spatial, 4x temporal)."""
+def _wan_vae(channels: int = 4) -> AutoencoderKLWan:
+    """A Wan VAE on ``channels`` latent channels (8x spatial, 4x temporal)."""
     torch.manual_seed(0)
-    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                            latents_std=[1.0] * 4)  # fmt: skip
+    return AutoencoderKLWan(base_dim=3, z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * channels,
+                            latents_std=[1.0] * channels)  # fmt: skip
 
 
 def _randomise_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
@@ -954,22 +959,53 @@ def _hunyuan_image_refiner() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "image": _randn(1, 4, 1, 4, 4, seed=2), "height": 64, "width": 64}  # fmt: skip
 
 
-def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
-    """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and a
-    byte-level tokenizer without merges whose chat template is the message text."""
+def _byte_tokenizer() -> Qwen2TokenizerFast:
+    """A byte-level tokenizer without merges whose chat template is the message text (built from its vocabulary:
+    nothing is downloaded)."""
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate([*symbols, "<|endoftext|>", "<|im_end|>"])}
     tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
+    return tokenizer
+
+
+def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
+    """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and
+    :func:`_byte_tokenizer`."""
+    tokenizer = _byte_tokenizer()
     torch.manual_seed(0)
     config = Qwen3VLConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": width, "intermediate_size": width,
+        text_config={"vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": width,
                      "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
                      "head_dim": width // 2, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 0]}},
         vision_config={"depth": 1, "hidden_size": width, "intermediate_size": width, "num_heads": 2,
                        "out_hidden_size": width},
     )  # fmt: skip
     return Qwen3VLModel(config).eval(), tokenizer
+
+
+def _bria_fibo(pipeline: type = BriaFiboPipeline, **extra: Any) -> Build:
+    """A Bria FIBO-family pipeline on a Wan VAE of 16 latent channels, with its SmolLM3 text encoder (two layers;
+    SmolLM3's vocabulary size, as the pipeline hard-codes its begin-of-text id) and :func:`_byte_tokenizer`: it
+    takes no prompt embeddings, and feeds every text-encoder layer's hidden states to the transformer's blocks."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = BriaFiboTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=64, text_encoder_dim=32, pooled_projection_dim=None,
+            axes_dims_rope=[0, 4, 4],
+        )  # fmt: skip
+        torch.manual_seed(0)
+        text_encoder = SmolLM3ForCausalLM(SmolLM3Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        )).eval()  # fmt: skip
+        pipe = pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_wan_vae(16),
+                        text_encoder=text_encoder, tokenizer=_byte_tokenizer())  # fmt: skip
+        return pipe, {"prompt": "{'text': 'a cat'}", "negative_prompt": "bad", "guidance_scale": 5.0, "height": SIZE,
+                      "width": SIZE, "max_sequence_length": 16, **extra}  # fmt: skip
+
+    return build
 
 
 def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -1302,6 +1338,19 @@ CASES: tuple[Case, ...] = (
     ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
+    Case("bria-fibo", "BriaFiboPipeline", _bria_fibo(), "CFG batched; every text-encoder layer feeds the blocks"),
+    Case(
+        "bria-fibo-edit",
+        "BriaFiboEditPipeline",
+        _bria_fibo(
+            BriaFiboEditPipeline,
+            prompt='{"edit_instruction": "make it red"}',
+            image=_pil_image(),
+            mask=_pil_image(1).convert("L"),
+            _auto_resize=False,
+        ),
+        "reference-image tokens; mask",
+    ),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
     Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
@@ -1412,8 +1461,6 @@ NOT_COVERED: dict[str, str] = {
     "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "AnyFlowPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "BriaFibo2Pipeline": _NOT_BUILT,
-    "BriaFiboEditPipeline": _NOT_BUILT,
-    "BriaFiboPipeline": _NOT_BUILT,
     "Cosmos2TextToImagePipeline": _COSMOS,
     "Cosmos2VideoToWorldPipeline": _COSMOS,
     "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
