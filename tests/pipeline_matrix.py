@@ -30,6 +30,8 @@ from diffusers import (
     AutoencoderKLMagvit,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    BriaFibo2Pipeline,
+    BriaFibo2Transformer2DModel,
     BriaFiboEditPipeline,
     BriaFiboPipeline,
     BriaFiboTransformer2DModel,
@@ -1008,6 +1010,26 @@ def _bria_fibo(pipeline: type = BriaFiboPipeline, **extra: Any) -> Build:
     return build
 
 
+def _bria_fibo2() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Bria FIBO 2.0 on the Flux2 VAE: its prompt embeddings are groups of text-encoder layers (the first for its
+    perceiver's gist tokens, one per injection layer after it)."""
+    torch.manual_seed(0)
+    transformer = BriaFibo2Transformer2DModel(
+        in_channels=16, patch_size=1, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+        gist_min_text_len=4, gist_max_text_len=16, axes_dims=(8, 4, 4), axes_lens=(64, 16, 16),
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=2, sample_size=SIZE)  # fmt: skip
+    pipe = BriaFibo2Pipeline(transformer=_randomise_zero_parameters(transformer),
+                             scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                             processor=None)  # fmt: skip
+    mask = torch.ones(1, 7, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 2, 7, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 2, 7, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
 def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
     """Ideogram4: a conditional and an unconditional transformer (its CFG branch's own model), and a Qwen3-VL text
     encoder whose 36 layers' hidden states it taps (it takes no prompt embeddings)."""
@@ -1351,6 +1373,7 @@ CASES: tuple[Case, ...] = (
         ),
         "reference-image tokens; mask",
     ),
+    Case("bria-fibo2", "BriaFibo2Pipeline", _bria_fibo2, "CFG in two calls; layer groups of prompt embeddings"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
     Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
@@ -1460,7 +1483,6 @@ NOT_COVERED: dict[str, str] = {
     "AceStepPipeline": f"audio; {_NOT_BUILT}",
     "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "AnyFlowPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
-    "BriaFibo2Pipeline": _NOT_BUILT,
     "Cosmos2TextToImagePipeline": _COSMOS,
     "Cosmos2VideoToWorldPipeline": _COSMOS,
     "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
