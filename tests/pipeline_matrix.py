@@ -1475,6 +1475,10 @@ _COSMOS = (
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
     "pipeline does not allow to be absent"
 )
+_LOOPS = (
+    "MeanCache takes each loop as a generation of its own at the budget B (an error when B exceeds a loop's steps); "
+    "not in the matrix, which counts one loop per call"
+)
 _JOYIMAGE = (
     "its image processor buckets every request to about a megapixel (1024 buckets only; thousands of tokens for the "
     "target and again for each reference image): left out of the matrix's time budget"
@@ -1494,13 +1498,14 @@ NOT_COVERED: dict[str, str] = {
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
-    "HunyuanVideoFramepackPipeline": f"needs a SigLIP image encoder; one generation per video section; {_NOT_BUILT}",
+    "HunyuanVideoFramepackPipeline": f"one denoising loop per video section (new timesteps each): {_LOOPS}",
     "JoyImageEditPipeline": _JOYIMAGE,
     "JoyImageEditPlusPipeline": _JOYIMAGE,
     "Kandinsky5I2IPipeline": _KANDINSKY5,
     "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky5T2VPipeline": _KANDINSKY5,
-    "Kandinsky6SRPipeline": _NOT_BUILT,
+    "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "
+    f"latent output): {_LOOPS}",
     "Kandinsky6TI2VAPipeline": _LOOP,
     "LTX2ConditionPipeline": _LOOP,
     "LTX2DFRPipeline": _LOOP,
@@ -1509,9 +1514,10 @@ NOT_COVERED: dict[str, str] = {
     "LTX2ImageToVideoPipeline": _LOOP,
     "LTX2InContextPipeline": _LOOP,
     "LTX2Pipeline": _LOOP,
-    "LTXI2VLongMultiPromptPipeline": _NOT_BUILT,
+    "LTXI2VLongMultiPromptPipeline": f"one denoising loop per temporal window (new timesteps each): {_LOOPS}",
     "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
-    "LongCatImageEditPipeline": _NOT_BUILT,
+    "LongCatImageEditPipeline": "resizes every request to about a megapixel (`calculate_dimensions(1024 * 1024, "
+    "...)`: 4096 tokens, and as many for its reference image): left out of the matrix's time budget",
     "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
     "`len(prompt)` with no prompt), so it needs its Qwen2.5-VL text encoder with 512-token prompts; "
     f"{_NOT_BUILT}",
@@ -1525,14 +1531,14 @@ NOT_COVERED: dict[str, str] = {
     "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "
     "(thousands of tokens, seconds a step on the tiny model here): left out of the matrix's time budget",
     "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
-    "SanaWMLTX2Refiner": _NOT_BUILT,
+    "SanaWMLTX2Refiner": "one 3-step distilled loop per autoregressive block (new timesteps each; its K/V capture "
+    f"calls after each loop run outside any generation, as direct calls): {_LOOPS}",
     "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",
     "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3InpaintPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3Pipeline": f"audio; {_NOT_BUILT}",
-    "VisualClozePipeline": "one call runs two denoising loops (VisualClozeGenerationPipeline, verified, then an "
-    "SDEdit upsampling at `upsampling_strength`), each a generation of its own to MeanCache at the budget B (an error "
-    "when B exceeds the upsampling's steps); not in the matrix, which counts one loop per call",
+    "VisualClozePipeline": "one call runs two denoising loops (VisualClozeGenerationPipeline's, verified, then an "
+    f"SDEdit upsampling at `upsampling_strength`): {_LOOPS}",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
 and why."""
