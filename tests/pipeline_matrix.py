@@ -291,7 +291,7 @@ def _nucleus_moe() -> tuple[DiffusionPipeline, dict[str, Any]]:
     transformer = NucleusMoEImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, axes_dims_rope=(8, 4, 4), num_experts=8, moe_intermediate_dim=16, capacity_factors=2.0,
-        dense_moe_strategy="leave_first_block_dense",
+        dense_moe_strategy="leave_first_block_dense", mlp_ratio=6.0,  # the dense MLP's width rounds down to 128s
     )  # fmt: skip
     with torch.no_grad():  # the experts' weights are initialised with torch.empty
         for name, parameter in transformer.named_parameters():
