@@ -1539,8 +1539,8 @@ NOT_COVERED: dict[str, str] = {
     "LTX2Pipeline": _LOOP,
     "LTXI2VLongMultiPromptPipeline": f"one denoising loop per temporal window (new timesteps each): {_LOOPS}",
     "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
-    "LongCatImageEditPipeline": "resizes every request to about a megapixel (`calculate_dimensions(1024 * 1024, "
-    "...)`: 4096 tokens, and as many for its reference image): left out of the matrix's time budget",
+    "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
+    "torchvision (not installed here); it also resizes every request to about a megapixel",
     "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
     "`len(prompt)` with no prompt), so it needs its Qwen2.5-VL text encoder with 512-token prompts; "
     f"{_NOT_BUILT}",
