@@ -83,6 +83,8 @@ from diffusers import (
     HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    HunyuanVideoFramepackPipeline,
+    HunyuanVideoFramepackTransformer3DModel,
     HunyuanVideoImageToVideoPipeline,
     HunyuanVideoTransformer3DModel,
     Ideogram4Pipeline,
@@ -200,8 +202,8 @@ class Case:
     """A fresh tiny pipeline and the keyword arguments of one generation (no steps, generator or output type)."""
     notes: str
     loops: int = 1
-    """Denoising loops per call, all over the same steps (VisualCloze's generation, then its upsampling): each is a
-    generation of its own to MeanCache, and its summary is the last one's."""
+    """Denoising loops per call, all over the same steps (VisualCloze's generation and upsampling, FramePack's video
+    sections): each is a generation of its own to MeanCache, and its summary is the last one's."""
 
 
 def _g(seed: int = 0) -> torch.Generator:
@@ -842,15 +844,22 @@ def _hunyuan_video_i2v(pipeline: type, in_channels: int, **extra: Any) -> Build:
     """A HunyuanVideo image-to-video pipeline: the tiny HunyuanVideo pipeline's VAE and a transformer of its size
     taking ``in_channels`` (the image latents, and a mask, as extra channels; or, ``image_condition_type=
     "token_replace"``, as the first frame) and the transformer's config ``extra`` keys; no true CFG (no negative
-    prompt: one call per step)."""
-    config = {k: extra.pop(k) for k in ("image_condition_type", "guidance_embeds") if k in extra}
+    prompt: one call per step). FramePack gets its own transformer (2x2 patches: its history embedder's) and a
+    one-layer SigLIP image encoder."""
+    keys = ("image_condition_type", "guidance_embeds", "has_image_proj", "image_proj_dim", "has_clean_x_embedder")
+    config = {k: extra.pop(k) for k in keys if k in extra}
+    framepack = pipeline is HunyuanVideoFramepackPipeline
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         components = tiny_pipeline("hunyuan-video").components
         torch.manual_seed(0)
-        components["transformer"] = HunyuanVideoTransformer3DModel(**{
-            **components["transformer"].config, "in_channels": in_channels, **config
-        })  # fmt: skip
+        sizes = {**components["transformer"].config, "in_channels": in_channels, **config}
+        if framepack:
+            sizes = {k: v for k, v in sizes.items() if k != "image_condition_type"} | {"patch_size": 2}
+            components |= {"image_encoder": _siglip_vision(8),
+                           "feature_extractor": SiglipImageProcessor(size={"height": 32, "width": 32})}  # fmt: skip
+        model = HunyuanVideoFramepackTransformer3DModel if framepack else HunyuanVideoTransformer3DModel
+        components["transformer"] = model(**sizes)
         pipe = pipeline(**_accepted(pipeline, {**components, "image_processor": None}))
         return pipe, {**tiny_inputs("hunyuan-video"), "image": _pil_image(), **extra}
 
@@ -1284,6 +1293,24 @@ CASES: tuple[Case, ...] = (
         "the image's latents replace the first frame; the scheduler steps the others (`token_replace`)",
     ),
     Case(
+        "hunyuan-video-framepack",
+        "HunyuanVideoFramepackPipeline",
+        _hunyuan_video_i2v(
+            HunyuanVideoFramepackPipeline,
+            4,
+            has_image_proj=True,
+            image_proj_dim=8,
+            has_clean_x_embedder=True,
+            height=64,
+            width=64,
+            num_frames=9,
+            latent_window_size=2,
+        ),
+        "two video sections, one denoising loop each over the same steps; clean and history latents as context "
+        "tokens; SigLIP image embeddings",
+        loops=2,
+    ),
+    Case(
         "kandinsky5-i2v",
         "Kandinsky5I2VPipeline",
         _kandinsky5_i2v,
@@ -1542,7 +1569,6 @@ NOT_COVERED: dict[str, str] = {
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
-    "HunyuanVideoFramepackPipeline": f"one denoising loop per video section (new timesteps each): {_LOOPS}",
     "Kandinsky5I2IPipeline": _KANDINSKY5,
     "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky5T2VPipeline": _KANDINSKY5,

@@ -78,6 +78,8 @@ def run_counting_blocks(
     finally:
         for handle in handles:
             handle.remove()
+    if isinstance(out, list):  # one latents tensor per video section (FramePack): compared whole
+        out = torch.cat([section.flatten() for section in out])
     if begin is None:
         begin = min(step for step in counts["forwards"] if step != -1) - 1
     relative = {kind: Counter({0 if s == -1 else s - begin: n for s, n in c.items()}) for kind, c in counts.items()}
