@@ -96,6 +96,7 @@ from diffusers import (
     Krea2Pipeline,
     Krea2Transformer2DModel,
     LTXConditionPipeline,
+    LTXI2VLongMultiPromptPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
     LTXVideoTransformer3DModel,
@@ -1527,9 +1528,29 @@ def _sana_sprint() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, inputs
 
 
+def _ltx_long_multi_prompt() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """LTX-Video's long multi-prompt pipeline: one loop per temporal window, with its T5 text encoder (it encodes
+    each window's prompt segment itself)."""
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=1, caption_channels=32,
+    )  # fmt: skip
+    encoders = _clip_t5_text_encoders()
+    pipe = LTXI2VLongMultiPromptPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                         text_encoder=encoders["text_encoder_2"], tokenizer=encoders["tokenizer_2"],
+                                         transformer=transformer)  # fmt: skip
+    return pipe, {"prompt": "a cat | a dog", "negative_prompt": "bad", "guidance_scale": 3.0, "height": 64,
+                  "width": 64, "num_frames": 17, "temporal_tile_size": 12, "temporal_overlap": 4,
+                  "max_sequence_length": 8}  # fmt: skip
+
+
 REFUSED: tuple[Refusal, ...] = (
     Refusal("LTXConditionPipeline", _ltx(LTXConditionPipeline), "per_token_timesteps",
             "refused at enable: its loop steps with `per_token_timesteps` (each token from its own sigma)"),
+    Refusal("LTXI2VLongMultiPromptPipeline", _ltx_long_multi_prompt, r"timesteps\[:-1\]",
+            "refused at enable: its loop leaves the scheduler's last step out (`timesteps[:-1]`), so the last step "
+            "of MeanCache's plan would never run (its budget one computed step short, silently)"),
     Refusal("SanaSprintPipeline", _sana_sprint, "with its SCMScheduler",
             "refused at enable: its `SCMScheduler` (sCM consistency sampling) is not a flow-matching Euler or "
             "DPM-Solver++ step"),
@@ -1582,7 +1603,6 @@ NOT_COVERED: dict[str, str] = {
     "LTX2ImageToVideoPipeline": _LOOP,
     "LTX2InContextPipeline": _LOOP,
     "LTX2Pipeline": _LOOP,
-    "LTXI2VLongMultiPromptPipeline": f"one denoising loop per temporal window (new timesteps each): {_LOOPS}",
     "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
     "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
     "torchvision (not installed here); it also resizes every request to about a megapixel",

@@ -268,7 +268,8 @@ def test_every_flow_pipeline_class_is_verified_refused_or_listed_with_a_reason()
     assert verified | refused | NOT_COVERED.keys() == flow
     # the loops enable_mean_cache refuses from the pipeline's source are exactly the ones listed as refused for it
     loop_refused = {name for name in flow if unsupported_loop(getattr(diffusers, name)) is not None}
-    listed = {name for name, why in NOT_COVERED.items() if "its loop steps" in why} | {"LTXConditionPipeline"}
+    listed = {name for name, why in NOT_COVERED.items() if "its loop steps" in why}
+    listed |= {refusal.pipeline for refusal in REFUSED if "its loop" in refusal.notes}
     assert loop_refused == listed
 
 
