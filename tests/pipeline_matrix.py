@@ -27,8 +27,14 @@ from diffusers import (
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
+    AutoencoderKLMagvit,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    BriaFibo2Pipeline,
+    BriaFibo2Transformer2DModel,
+    BriaFiboEditPipeline,
+    BriaFiboPipeline,
+    BriaFiboTransformer2DModel,
     BriaPipeline,
     BriaTransformer2DModel,
     ChromaImg2ImgPipeline,
@@ -43,6 +49,9 @@ from diffusers import (
     CogView4Transformer2DModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    EasyAnimateInpaintPipeline,
+    EasyAnimatePipeline,
+    EasyAnimateTransformer3DModel,
     ErnieImagePipeline,
     ErnieImageTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
@@ -68,20 +77,26 @@ from diffusers import (
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
     HunyuanImagePipeline,
+    HunyuanImageRefinerPipeline,
     HunyuanImageTransformer2DModel,
     HunyuanSkyreelsImageToVideoPipeline,
     HunyuanVideo15ImageToVideoPipeline,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    HunyuanVideoFramepackPipeline,
+    HunyuanVideoFramepackTransformer3DModel,
     HunyuanVideoImageToVideoPipeline,
     HunyuanVideoTransformer3DModel,
     Ideogram4Pipeline,
     Ideogram4Transformer2DModel,
+    JoyImageEditPipeline,
+    JoyImageEditTransformer3DModel,
     Kandinsky5I2VPipeline,
     Kandinsky5Transformer3DModel,
     Krea2Pipeline,
     Krea2Transformer2DModel,
     LTXConditionPipeline,
+    LTXI2VLongMultiPromptPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
     LTXVideoTransformer3DModel,
@@ -92,6 +107,8 @@ from diffusers import (
     LuminaPipeline,
     MochiPipeline,
     MochiTransformer3DModel,
+    NucleusMoEImagePipeline,
+    NucleusMoEImageTransformer2DModel,
     OvisImagePipeline,
     OvisImageTransformer2DModel,
     PRXPipeline,
@@ -124,6 +141,8 @@ from diffusers import (
     StableDiffusion3PAGImg2ImgPipeline,
     StableDiffusion3PAGPipeline,
     StableDiffusion3Pipeline,
+    VisualClozeGenerationPipeline,
+    VisualClozePipeline,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
@@ -135,20 +154,32 @@ from diffusers import (
     ZImageControlNetPipeline,
     ZImageImg2ImgPipeline,
     ZImageInpaintPipeline,
+    ZImageOmniPipeline,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     Qwen2TokenizerFast,
     Qwen3VLConfig,
     Qwen3VLModel,
+    Siglip2ImageProcessor,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipImageProcessor,
     SiglipVisionConfig,
     SiglipVisionModel,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
 from meancache.testing import tiny_inputs, tiny_pipeline
@@ -171,6 +202,9 @@ class Case:
     build: Build
     """A fresh tiny pipeline and the keyword arguments of one generation (no steps, generator or output type)."""
     notes: str
+    loops: int = 1
+    """Denoising loops per call, all over the same steps (VisualCloze's generation and upsampling, FramePack's video
+    sections): each is a generation of its own to MeanCache, and its summary is the last one's."""
 
 
 def _g(seed: int = 0) -> torch.Generator:
@@ -255,6 +289,64 @@ def _flux(pipeline: type, in_channels: int = 16, controlnet: bool = False, **ext
         if controlnet:
             components["controlnet"] = _flux_transformer(model=FluxControlNetModel)
         return pipeline(**components), {**_flux_inputs(), **extra}
+
+    return build
+
+
+def _nucleus_moe() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Nucleus-MoE Image on Qwen-Image's VAE: a dense block, then a mixture-of-experts block (8 experts, each
+    choosing a quarter of the tokens)."""
+    torch.manual_seed(0)
+    transformer = NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), num_experts=8, moe_intermediate_dim=16, capacity_factors=2.0,
+        dense_moe_strategy="leave_first_block_dense", mlp_ratio=6.0,  # the dense MLP's width rounds down to 128s
+    )  # fmt: skip
+    with torch.no_grad():  # the experts' weights are initialised with torch.empty
+        for name, parameter in transformer.named_parameters():
+            if name.endswith(("gate_up_proj", "down_proj")):
+                parameter.normal_(0.0, 0.1)
+    components = _qwen_components()
+    pipe = NucleusMoEImagePipeline(transformer=transformer, scheduler=components["scheduler"], vae=components["vae"],
+                                   text_encoder=None, processor=None)  # fmt: skip
+    return pipe, {**{k: v for k, v in _qwen_inputs().items() if k != "true_cfg_scale"}, "guidance_scale": 4.0}
+
+
+def _clip_t5_text_encoders() -> dict[str, Any]:
+    """Flux's two text encoders, one layer each and 32 wide (the tiny Flux transformer's widths), with character-level
+    tokenizers (built from configs and vocabularies: nothing is downloaded), for the pipelines that take no prompt
+    embeddings."""
+    chars = [chr(code) for code in range(33, 127)]
+    clip_vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *chars,
+                                                      *(c + "</w>" for c in chars)])}  # fmt: skip
+    tokenizer_2 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0),
+                                     *((c, -1.0) for c in chars)], extra_ids=0)  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval()  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+    )).eval()  # fmt: skip
+    return {"text_encoder": text_encoder, "tokenizer": CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77),
+            "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2}  # fmt: skip
+
+
+def _visualcloze(pipeline: type = VisualClozeGenerationPipeline, **extra: Any) -> Build:
+    """A VisualCloze pipeline on the tiny Flux components (the target's masked-image latents and mask as extra input
+    channels, as Flux Fill) and real text encoders: its inputs check refuses prompt embeddings without a task
+    prompt, and encodes any task prompt. The combined pipeline runs the generation, then an SDEdit upsampling."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        pipe = pipeline(**_flux_components(16 + 16 + 256) | _clip_t5_text_encoders(), resolution=SIZE)
+        for inner in (getattr(pipe, name, None) for name in ("generation_pipe", "upsampling_pipe")):
+            if inner is not None:
+                inner.set_progress_bar_config(disable=True)  # the combined pipeline's setting does not reach them
+        grid = [[_pil_image(0), _pil_image(1)], [_pil_image(2), None]]  # an in-context example, then the query
+        return pipe, {"task_prompt": "depth to image", "content_prompt": "a lake", "image": grid,
+                      "max_sequence_length": 16, "guidance_scale": 5.0, **extra}  # fmt: skip
 
     return build
 
@@ -354,18 +446,23 @@ def _qwen_edit(pipeline: type, images: int) -> Build:
 
 def _z_image(pipeline: type, cfg: bool = True, batch: int = 1, controlnet: int | None = None, **extra: Any) -> Build:
     """A Z-Image-family pipeline; with ``controlnet`` (its control input channels: 4 for the control image's latents,
-    9 with the inpainting mask and masked image), a one-layer Z-Image ControlNet."""
+    9 with the inpainting mask and masked image), a one-layer Z-Image ControlNet. Z-Image Omni gets the
+    transformer's SigLIP branch, a one-layer SigLIP2 image encoder and a bfloat16 VAE (it encodes its condition
+    images in bfloat16), and each prompt as segments around its images (one more than the images)."""
+    omni = pipeline is ZImageOmniPipeline
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         torch.manual_seed(0)
         sizes = {"all_patch_size": (2,), "all_f_patch_size": (1,), "dim": 32, "n_refiner_layers": 1, "n_heads": 2,
                  "n_kv_heads": 2}  # fmt: skip
         transformer = ZImageTransformer2DModel(
-            **sizes, in_channels=4, n_layers=1, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16]
-        )
+            **sizes, in_channels=4, n_layers=1, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16],
+            siglip_feat_dim=8 if omni else None,
+        )  # fmt: skip
         with torch.no_grad():  # initialised with torch.empty
-            transformer.x_pad_token.fill_(1.0)
-            transformer.cap_pad_token.fill_(1.0)
+            for pad in ("x_pad_token", "cap_pad_token", "siglip_pad_token"):
+                if isinstance(token := getattr(transformer, pad, None), torch.nn.Parameter):
+                    token.fill_(1.0)
         components = {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": _kl_vae(4), "text_encoder": None,
                       "tokenizer": None, "transformer": transformer}  # fmt: skip
         if controlnet is not None:
@@ -373,10 +470,23 @@ def _z_image(pipeline: type, cfg: bool = True, batch: int = 1, controlnet: int |
             components["controlnet"] = ZImageControlNetModel(
                 **sizes, control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=controlnet
             )
-        inputs: dict[str, Any] = {"prompt_embeds": [_randn(5 + i, 16, seed=i) for i in range(batch)],
+        if omni:
+            torch.manual_seed(0)
+            components |= {"vae": components["vae"].to(torch.bfloat16), "siglip": Siglip2VisionModel(
+                Siglip2VisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                    patch_size=8, num_patches=16)).eval(),
+                           "siglip_processor": Siglip2ImageProcessor(patch_size=8, max_num_patches=16)}  # fmt: skip
+        images = len(extra["image"]) if isinstance(extra.get("image"), list) else int("image" in extra)
+
+        def embeds(length: int, seed: int) -> Any:
+            if not omni:
+                return _randn(length, 16, seed=seed)
+            return [_randn(length + k, 16, seed=seed + 100 * k) for k in range(images + 2 if images else 1)]
+
+        inputs: dict[str, Any] = {"prompt_embeds": [embeds(5 + i, i) for i in range(batch)],
                                   "guidance_scale": 4.0 if cfg else 0.0, "height": SIZE, "width": SIZE}  # fmt: skip
         if cfg:
-            inputs["negative_prompt_embeds"] = [_randn(3 + i, 16, seed=10 + i) for i in range(batch)]
+            inputs["negative_prompt_embeds"] = [embeds(3 + i, 10 + i) for i in range(batch)]
         return pipeline(**components), {**inputs, **extra}
 
     return build
@@ -489,12 +599,15 @@ def _wan(pipeline: type = WanPipeline, experts: int = 1, transformer: Any = None
     return build
 
 
-def _wan_vae() -> AutoencoderKLWan:
-    """A Wan VAE on 4 latent channels (8x spatial, 4x temporal)."""
+def _wan_vae(channels: int = 4, patch: bool = False) -> AutoencoderKLWan:
+    """A Wan VAE on ``channels`` latent channels (8x spatial, 4x temporal); with ``patch``, Wan 2.2's layout: pixels
+    patchified 2x2 before a residual encoder (16x spatial)."""
     torch.manual_seed(0)
-    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                            latents_std=[1.0] * 4)  # fmt: skip
+    layout = {"base_dim": 4, "in_channels": 12, "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16,
+              "is_residual": True} if patch else {"base_dim": 3}  # fmt: skip
+    return AutoencoderKLWan(z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * channels,
+                            latents_std=[1.0] * channels, **layout)  # fmt: skip
 
 
 def _randomise_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
@@ -732,15 +845,22 @@ def _hunyuan_video_i2v(pipeline: type, in_channels: int, **extra: Any) -> Build:
     """A HunyuanVideo image-to-video pipeline: the tiny HunyuanVideo pipeline's VAE and a transformer of its size
     taking ``in_channels`` (the image latents, and a mask, as extra channels; or, ``image_condition_type=
     "token_replace"``, as the first frame) and the transformer's config ``extra`` keys; no true CFG (no negative
-    prompt: one call per step)."""
-    config = {k: extra.pop(k) for k in ("image_condition_type", "guidance_embeds") if k in extra}
+    prompt: one call per step). FramePack gets its own transformer (2x2 patches: its history embedder's) and a
+    one-layer SigLIP image encoder."""
+    keys = ("image_condition_type", "guidance_embeds", "has_image_proj", "image_proj_dim", "has_clean_x_embedder")
+    config = {k: extra.pop(k) for k in keys if k in extra}
+    framepack = pipeline is HunyuanVideoFramepackPipeline
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         components = tiny_pipeline("hunyuan-video").components
         torch.manual_seed(0)
-        components["transformer"] = HunyuanVideoTransformer3DModel(**{
-            **components["transformer"].config, "in_channels": in_channels, **config
-        })  # fmt: skip
+        sizes = {**components["transformer"].config, "in_channels": in_channels, **config}
+        if framepack:
+            sizes = {k: v for k, v in sizes.items() if k != "image_condition_type"} | {"patch_size": 2}
+            components |= {"image_encoder": _siglip_vision(8),
+                           "feature_extractor": SiglipImageProcessor(size={"height": 32, "width": 32})}  # fmt: skip
+        model = HunyuanVideoFramepackTransformer3DModel if framepack else HunyuanVideoTransformer3DModel
+        components["transformer"] = model(**sizes)
         pipe = pipeline(**_accepted(pipeline, {**components, "image_processor": None}))
         return pipe, {**tiny_inputs("hunyuan-video"), "image": _pil_image(), **extra}
 
@@ -818,22 +938,137 @@ def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "width": SIZE}  # fmt: skip
 
 
-def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
-    """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and a
-    byte-level tokenizer without merges whose chat template is the message text."""
+def _easyanimate(pipeline: type = EasyAnimatePipeline, in_channels: int = 4, **extra: Any) -> Build:
+    """An EasyAnimate-family pipeline on a tiny MagVIT VAE (8x spatial, 4x temporal; the loop reads its latent
+    channels); ``in_channels`` of the transformer (inpainting appends the mask's and the masked video's latents)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        vae = AutoencoderKLMagvit(
+            down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+            up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3, block_out_channels=(8,) * 4,
+            latent_channels=4, layers_per_block=1, norm_num_groups=2, spatial_group_norm=False,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformer = EasyAnimateTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4, time_embed_dim=2,
+            text_embed_dim=16, num_layers=1, sample_width=16, sample_height=16, patch_size=2,
+            resize_inpaint_mask_directly=False,  # True reads `cache_mag_vae`, which AutoencoderKLMagvit lacks
+        )  # fmt: skip
+        pipe = pipeline(vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+        return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "height": SIZE, "width": SIZE, "num_frames": 5,
+                      **extra}  # fmt: skip
+
+    return build
+
+
+def _video(channels: int = 3, frames: int = 5) -> torch.Tensor:
+    """A ``(1, channels, frames, SIZE, SIZE)`` video in [0, 1]."""
+    return torch.rand(1, channels, frames, SIZE, SIZE, generator=_g())
+
+
+def _hunyuan_image_refiner() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """HunyuanImage's refiner: the image to refine enters as latents (a frame of the transformer's 3D patches),
+    concatenated to the noisy latents as extra input channels; guidance-distilled, with its stateful guider."""
+    torch.manual_seed(0)
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 1, 1), text_embed_dim=16, text_embed_2_dim=None, rope_axes_dim=(2, 2, 4),
+        guidance_embeds=True,
+    )  # fmt: skip
+    guider = AdaptiveProjectedMixGuidance(adaptive_projected_guidance_start_step=2)
+    pipe = HunyuanImageRefinerPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0), vae=None,
+                                       text_encoder=None, tokenizer=None, transformer=transformer,
+                                       guider=guider)  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 6, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 6, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "image": _randn(1, 4, 1, 4, 4, seed=2), "height": 64, "width": 64}  # fmt: skip
+
+
+def _byte_tokenizer() -> Qwen2TokenizerFast:
+    """A byte-level tokenizer without merges whose chat template is the message text (built from its vocabulary:
+    nothing is downloaded)."""
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate([*symbols, "<|endoftext|>", "<|im_end|>"])}
     tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
+    return tokenizer
+
+
+def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
+    """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and
+    :func:`_byte_tokenizer`."""
+    tokenizer = _byte_tokenizer()
     torch.manual_seed(0)
     config = Qwen3VLConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": width, "intermediate_size": width,
+        text_config={"vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": width,
                      "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
                      "head_dim": width // 2, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 0]}},
         vision_config={"depth": 1, "hidden_size": width, "intermediate_size": width, "num_heads": 2,
                        "out_hidden_size": width},
     )  # fmt: skip
     return Qwen3VLModel(config).eval(), tokenizer
+
+
+def _bria_fibo(pipeline: type = BriaFiboPipeline, **extra: Any) -> Build:
+    """A Bria FIBO-family pipeline on a Wan VAE of 16 latent channels, with its SmolLM3 text encoder (two layers;
+    SmolLM3's vocabulary size, as the pipeline hard-codes its begin-of-text id) and :func:`_byte_tokenizer`: it
+    takes no prompt embeddings, and feeds every text-encoder layer's hidden states to the transformer's blocks."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = BriaFiboTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=64, text_encoder_dim=32, pooled_projection_dim=None,
+            axes_dims_rope=[0, 4, 4],
+        )  # fmt: skip
+        torch.manual_seed(0)
+        text_encoder = SmolLM3ForCausalLM(SmolLM3Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        )).eval()  # fmt: skip
+        pipe = pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_wan_vae(16),
+                        text_encoder=text_encoder, tokenizer=_byte_tokenizer())  # fmt: skip
+        return pipe, {"prompt": "{'text': 'a cat'}", "negative_prompt": "bad", "guidance_scale": 5.0, "height": SIZE,
+                      "width": SIZE, "max_sequence_length": 16, **extra}  # fmt: skip
+
+    return build
+
+
+def _bria_fibo2() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Bria FIBO 2.0 on the Flux2 VAE: its prompt embeddings are groups of text-encoder layers (the first for its
+    perceiver's gist tokens, one per injection layer after it)."""
+    torch.manual_seed(0)
+    transformer = BriaFibo2Transformer2DModel(
+        in_channels=16, patch_size=1, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+        gist_min_text_len=4, gist_max_text_len=16, axes_dims=(8, 4, 4), axes_lens=(64, 16, 16),
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=2, sample_size=SIZE)  # fmt: skip
+    pipe = BriaFibo2Pipeline(transformer=_randomise_zero_parameters(transformer),
+                             scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                             processor=None)  # fmt: skip
+    mask = torch.ones(1, 7, dtype=torch.long)
+    return pipe, {"prompt_embeds": _randn(1, 2, 7, 16), "prompt_embeds_mask": mask,
+                  "negative_prompt_embeds": _randn(1, 2, 7, 16, seed=1), "negative_prompt_embeds_mask": mask.clone(),
+                  "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _joyimage_edit() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """JoyImage Edit: its image processor buckets every request to about a megapixel, so it gets a 16x Wan VAE
+    (64 x 64 latents: 1024 tokens for the target and as many for the reference image)."""
+    torch.manual_seed(0)
+    transformer = JoyImageEditTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16, num_layers=1,
+        rope_dim_list=[4, 6, 6],
+    )  # fmt: skip
+    pipe = JoyImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_wan_vae(patch=True),
+                                text_encoder=None, tokenizer=None, transformer=_randomise_zero_parameters(transformer),
+                                processor=None)  # fmt: skip
+    inputs = {k: v for k, v in _qwen_inputs().items() if k not in ("true_cfg_scale", "height", "width")}
+    return pipe, {**inputs, "guidance_scale": 4.0, "image": _pil_image()}
 
 
 def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -892,6 +1127,20 @@ CASES: tuple[Case, ...] = (
         "reference-image tokens; inpainting at strength 0.6",
     ),
     Case(
+        "visualcloze",
+        "VisualClozeGenerationPipeline",
+        _visualcloze(),
+        "Flux Fill-like: the query's masked grid as extra input channels; text encoders run",
+    ),
+    Case(
+        "visualcloze-upsampling",
+        "VisualClozePipeline",
+        _visualcloze(VisualClozePipeline, upsampling_height=SIZE, upsampling_width=SIZE),
+        "two loops per call (the generation, then an SDEdit upsampling at its default strength 1), each a generation "
+        "at the budget",
+        loops=2,
+    ),
+    Case(
         "flux-control",
         "FluxControlPipeline",
         _flux(FluxControlPipeline, 32, control_image=_image(1)),
@@ -928,6 +1177,7 @@ CASES: tuple[Case, ...] = (
         "ControlNet; inpainting at strength 0.6",
     ),
     Case("qwen-image", "QwenImagePipeline", _qwen(QwenImagePipeline), "true CFG with norm rescale"),
+    Case("nucleus-moe-image", "NucleusMoEImagePipeline", _nucleus_moe, "mixture-of-experts blocks; CFG"),
     Case(
         "qwen-image-img2img",
         "QwenImageImg2ImgPipeline",
@@ -960,12 +1210,25 @@ CASES: tuple[Case, ...] = (
         "reference-image tokens",
     ),
     Case(
+        "joyimage-edit",
+        "JoyImageEditPipeline",
+        _joyimage_edit,
+        "the reference image's latents as an extra item the scheduler steps and the loop resets; CFG in two calls",
+    ),
+    Case(
         "z-image",
         "ZImagePipeline",
         _z_image(ZImagePipeline, batch=2),
         "lists of per-sample latents; CFG doubles the list",
     ),
     Case("z-image-no-cfg", "ZImagePipeline", _z_image(ZImagePipeline, cfg=False), "guidance_scale 0: one branch"),
+    Case(
+        "z-image-omni",
+        "ZImageOmniPipeline",
+        _z_image(ZImageOmniPipeline, image=_pil_image(size=64)),
+        "nested lists (per sample: condition-image latents, then the latents) by keyword; SigLIP image features",
+    ),
+    Case("z-image-omni-t2i", "ZImageOmniPipeline", _z_image(ZImageOmniPipeline), "no condition image"),
     Case("z-image-img2img", "ZImageImg2ImgPipeline", _z_image(ZImageImg2ImgPipeline, **IMG2IMG), "strength 0.6"),
     Case("z-image-inpaint", "ZImageInpaintPipeline", _z_image(ZImageInpaintPipeline, **INPAINT), "strength 0.6"),
     Case(
@@ -1029,6 +1292,24 @@ CASES: tuple[Case, ...] = (
         "HunyuanVideoImageToVideoPipeline",
         _hunyuan_video_i2v(HunyuanVideoImageToVideoPipeline, 4, image_condition_type="token_replace"),
         "the image's latents replace the first frame; the scheduler steps the others (`token_replace`)",
+    ),
+    Case(
+        "hunyuan-video-framepack",
+        "HunyuanVideoFramepackPipeline",
+        _hunyuan_video_i2v(
+            HunyuanVideoFramepackPipeline,
+            4,
+            has_image_proj=True,
+            image_proj_dim=8,
+            has_clean_x_embedder=True,
+            height=64,
+            width=64,
+            num_frames=9,
+            latent_window_size=2,
+        ),
+        "two video sections, one denoising loop each over the same steps; clean and history latents as context "
+        "tokens; SigLIP image embeddings",
+        loops=2,
     ),
     Case(
         "kandinsky5-i2v",
@@ -1152,6 +1433,20 @@ CASES: tuple[Case, ...] = (
     ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
+    Case("bria-fibo", "BriaFiboPipeline", _bria_fibo(), "CFG batched; every text-encoder layer feeds the blocks"),
+    Case(
+        "bria-fibo-edit",
+        "BriaFiboEditPipeline",
+        _bria_fibo(
+            BriaFiboEditPipeline,
+            prompt='{"edit_instruction": "make it red"}',
+            image=_pil_image(),
+            mask=_pil_image(1).convert("L"),
+            _auto_resize=False,
+        ),
+        "reference-image tokens; mask",
+    ),
+    Case("bria-fibo2", "BriaFibo2Pipeline", _bria_fibo2, "CFG in two calls; layer groups of prompt embeddings"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
     Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
@@ -1182,6 +1477,19 @@ CASES: tuple[Case, ...] = (
         "reference-image K/V extracted on step 0 (always computed) and reused by later calls",
     ),
     Case("hunyuan-image", "HunyuanImagePipeline", _hunyuan_image, "stateful guider (AdaptiveProjectedMixGuidance)"),
+    Case(
+        "hunyuan-image-refiner",
+        "HunyuanImageRefinerPipeline",
+        _hunyuan_image_refiner,
+        "image latents as extra input channels; guidance-distilled; stateful guider",
+    ),
+    Case("easyanimate", "EasyAnimatePipeline", _easyanimate(), "video, CFG batched"),
+    Case(
+        "easyanimate-inpaint",
+        "EasyAnimateInpaintPipeline",
+        _easyanimate(EasyAnimateInpaintPipeline, 4 + 4 + 4, video=_video(), mask_video=_video(1), strength=0.6),
+        "mask and masked-video latents as extra input channels; strength 0.6",
+    ),
     Case("hunyuan-video-1.5", "HunyuanVideo15Pipeline", _hunyuan_video15(), "video, guider (ClassifierFreeGuidance)"),
     Case(
         "hunyuan-video-1.5-i2v",
@@ -1220,9 +1528,29 @@ def _sana_sprint() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, inputs
 
 
+def _ltx_long_multi_prompt() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """LTX-Video's long multi-prompt pipeline: one loop per temporal window, with its T5 text encoder (it encodes
+    each window's prompt segment itself)."""
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=1, caption_channels=32,
+    )  # fmt: skip
+    encoders = _clip_t5_text_encoders()
+    pipe = LTXI2VLongMultiPromptPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                         text_encoder=encoders["text_encoder_2"], tokenizer=encoders["tokenizer_2"],
+                                         transformer=transformer)  # fmt: skip
+    return pipe, {"prompt": "a cat | a dog", "negative_prompt": "bad", "guidance_scale": 3.0, "height": 64,
+                  "width": 64, "num_frames": 17, "temporal_tile_size": 12, "temporal_overlap": 4,
+                  "max_sequence_length": 8}  # fmt: skip
+
+
 REFUSED: tuple[Refusal, ...] = (
     Refusal("LTXConditionPipeline", _ltx(LTXConditionPipeline), "per_token_timesteps",
             "refused at enable: its loop steps with `per_token_timesteps` (each token from its own sigma)"),
+    Refusal("LTXI2VLongMultiPromptPipeline", _ltx_long_multi_prompt, r"timesteps\[:-1\]",
+            "refused at enable: its loop leaves the scheduler's last step out (`timesteps[:-1]`), so the last step "
+            "of MeanCache's plan would never run (its budget one computed step short, silently)"),
     Refusal("SanaSprintPipeline", _sana_sprint, "with its SCMScheduler",
             "refused at enable: its `SCMScheduler` (sCM consistency sampling) is not a flow-matching Euler or "
             "DPM-Solver++ step"),
@@ -1240,13 +1568,17 @@ _COSMOS = (
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
     "pipeline does not allow to be absent"
 )
+_LOOPS = (
+    "MeanCache takes each loop as a generation of its own at the budget B (an error when B exceeds a loop's steps), "
+    "as in the verified VisualClozePipeline; not built in the matrix yet"
+)
 NOT_COVERED: dict[str, str] = {
+    "JoyImageEditPlusPipeline": "with prompt embeddings and reference images it fails in diffusers 0.42.1 itself "
+    "(`len(prompt)` with no prompt, and its inputs check refuses both), so it needs its Qwen3-VL processor, whose "
+    "video processor needs torchvision (not installed here)",
     "AceStepPipeline": f"audio; {_NOT_BUILT}",
     "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "AnyFlowPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
-    "BriaFibo2Pipeline": _NOT_BUILT,
-    "BriaFiboEditPipeline": _NOT_BUILT,
-    "BriaFiboPipeline": _NOT_BUILT,
     "Cosmos2TextToImagePipeline": _COSMOS,
     "Cosmos2VideoToWorldPipeline": _COSMOS,
     "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
@@ -1255,18 +1587,14 @@ NOT_COVERED: dict[str, str] = {
     f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
     "DreamLiteMobilePipeline": "refused at enable: a UNet, no `transformer` module",
     "DreamLitePipeline": "refused at enable: a UNet, no `transformer` module",
-    "EasyAnimateControlPipeline": _NOT_BUILT,
-    "EasyAnimateInpaintPipeline": _NOT_BUILT,
-    "EasyAnimatePipeline": _NOT_BUILT,
+    "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
+    "its own `encode_prompt`, which does not take it)",
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
-    "HunyuanImageRefinerPipeline": _NOT_BUILT,
-    "HunyuanVideoFramepackPipeline": f"needs a SigLIP image encoder; one generation per video section; {_NOT_BUILT}",
-    "JoyImageEditPipeline": _NOT_BUILT,
-    "JoyImageEditPlusPipeline": _NOT_BUILT,
     "Kandinsky5I2IPipeline": _KANDINSKY5,
     "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky5T2VPipeline": _KANDINSKY5,
-    "Kandinsky6SRPipeline": _NOT_BUILT,
+    "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "
+    f"latent output): {_LOOPS}",
     "Kandinsky6TI2VAPipeline": _LOOP,
     "LTX2ConditionPipeline": _LOOP,
     "LTX2DFRPipeline": _LOOP,
@@ -1275,14 +1603,14 @@ NOT_COVERED: dict[str, str] = {
     "LTX2ImageToVideoPipeline": _LOOP,
     "LTX2InContextPipeline": _LOOP,
     "LTX2Pipeline": _LOOP,
-    "LTXI2VLongMultiPromptPipeline": _NOT_BUILT,
     "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
-    "LongCatImageEditPipeline": _NOT_BUILT,
+    "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
+    "torchvision (not installed here); it also resizes every request to about a megapixel",
     "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
     "`len(prompt)` with no prompt), so it needs its Qwen2.5-VL text encoder with 512-token prompts; "
     f"{_NOT_BUILT}",
-    "NucleusMoEImagePipeline": _NOT_BUILT,
-    "OmniGenPipeline": _NOT_BUILT,
+    "OmniGenPipeline": "its multimodal processor builds torchvision transforms in its constructor (torchvision is "
+    "not installed here)",
     "PRXPixelPipeline": _NOT_BUILT,
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
@@ -1291,14 +1619,12 @@ NOT_COVERED: dict[str, str] = {
     "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "
     "(thousands of tokens, seconds a step on the tiny model here): left out of the matrix's time budget",
     "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
-    "SanaWMLTX2Refiner": _NOT_BUILT,
+    "SanaWMLTX2Refiner": "one 3-step distilled loop per autoregressive block (new timesteps each; its K/V capture "
+    f"calls after each loop run outside any generation, as direct calls): {_LOOPS}",
     "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",
     "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3InpaintPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3Pipeline": f"audio; {_NOT_BUILT}",
-    "VisualClozeGenerationPipeline": _NOT_BUILT,
-    "VisualClozePipeline": _NOT_BUILT,
-    "ZImageOmniPipeline": f"needs a SigLIP condition encoder; {_NOT_BUILT}",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
 and why."""

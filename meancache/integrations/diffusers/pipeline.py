@@ -102,8 +102,10 @@ def check_supported(pipe: DiffusionPipeline) -> None:
 def unsupported_loop(pipeline: type) -> str | None:
     """Why the denoising loop of ``pipeline`` (read from its class's source) steps in a way MeanCache does not follow,
     or None. Refused rather than run wrong: a scheduler step with ``per_token_timesteps`` moves each token from its
-    own sigma (LTX-Video's condition pipeline), and a second latent stream stepped by a ``copy.deepcopy`` of the
-    scheduler (LTX-2's audio) would carry a copy of MeanCache's hooks, with its own state and generation."""
+    own sigma (LTX-Video's condition pipeline), a second latent stream stepped by a ``copy.deepcopy`` of the
+    scheduler (LTX-2's audio) would carry a copy of MeanCache's hooks, with its own state and generation, and a loop
+    over ``timesteps[:-1]`` (LTX-Video's long multi-prompt pipeline) never runs the last step MeanCache planned
+    for."""
     try:
         source = inspect.getsource(pipeline)
     except (OSError, TypeError):  # no source (compiled or built at run time): nothing to read
@@ -117,6 +119,11 @@ def unsupported_loop(pipeline: type) -> str | None:
         return (
             "its loop steps a second latent stream (e.g. audio) with a copy of the scheduler, which would carry a "
             "copy of MeanCache's hooks and estimate that stream on its own"
+        )
+    if re.search(r"for\s[^\n]*\bin\b[^\n]*timesteps\[\s*:\s*-1\s*\]", source):
+        return (
+            "its loop leaves the scheduler's last step out (`timesteps[:-1]`), and MeanCache plans its budget over "
+            "every step the scheduler was given: the last computed step would never run"
         )
     return None
 
