@@ -116,6 +116,7 @@ from diffusers import (
     QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
+    QwenImageEditInpaintPipeline,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
     QwenImageImg2ImgPipeline,
@@ -432,14 +433,14 @@ def _qwen(pipeline: type, controlnet: int | None = None, **extra: Any) -> Build:
     return build
 
 
-def _qwen_edit(pipeline: type, images: int) -> Build:
+def _qwen_edit(pipeline: type, images: int, **extra: Any) -> Build:
     """Without CFG, and with a 16x VAE: these pipelines encode every reference image at 1024 x 1024."""
 
     def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
         pipe = pipeline(**_qwen_components(downsamples=4, processor=None))
         image = [_pil_image(seed) for seed in range(images)] if images > 1 else _pil_image()
         inputs = {k: v for k, v in _qwen_inputs().items() if not k.startswith("negative")} | {"true_cfg_scale": 1.0}
-        return pipe, {**inputs, "image": image, "height": 2 * SIZE, "width": 2 * SIZE}
+        return pipe, {**inputs, "image": image, "height": 2 * SIZE, "width": 2 * SIZE, **extra}
 
     return build
 
@@ -1210,6 +1211,12 @@ CASES: tuple[Case, ...] = (
         "reference-image tokens",
     ),
     Case(
+        "qwen-image-edit-inpaint",
+        "QwenImageEditInpaintPipeline",
+        _qwen_edit(QwenImageEditInpaintPipeline, 1, mask_image=_mask(), strength=0.6),
+        "reference-image tokens, inpainting at the default strength 0.6",
+    ),
+    Case(
         "joyimage-edit",
         "JoyImageEditPipeline",
         _joyimage_edit,
@@ -1614,8 +1621,6 @@ NOT_COVERED: dict[str, str] = {
     "PRXPixelPipeline": _NOT_BUILT,
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
-    "QwenImageEditInpaintPipeline": "encodes its reference image at 1024 x 1024 (about 20 s a case here, like "
-    "qwen-image-edit): left out of the matrix's time budget",
     "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "
     "(thousands of tokens, seconds a step on the tiny model here): left out of the matrix's time budget",
     "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
