@@ -77,7 +77,7 @@ class FirstUseCalibration:
     fingerprint: WeightsFingerprint = field(default_factory=WeightsFingerprint)
     schedules: dict[tuple[str, int], Schedule] = field(default_factory=dict)
 
-    def for_generation(self, make_key: Callable[[], dict[str, Any]]) -> GenerationCalibration:
+    def for_generation(self, make_key: Callable[[], dict[str, Any] | None]) -> GenerationCalibration:
         return GenerationCalibration(self, make_key)
 
 
@@ -85,10 +85,11 @@ class FirstUseCalibration:
 class GenerationCalibration:
     """One generation's view of the store: the stored schedule, or this generation's calibration
     (:class:`meancache.schedule.defaults.CalibratedSchedules`). The key is computed when first needed (not
-    when a schedule shipped with the model applies)."""
+    when a schedule shipped with the model applies); a generation whose key cannot be made (``make_key`` returns
+    None) neither uses nor makes a calibration."""
 
     owner: FirstUseCalibration
-    make_key: Callable[[], dict[str, Any]] = field(repr=False)
+    make_key: Callable[[], dict[str, Any] | None] = field(repr=False)
     accumulator: StabilityCostAccumulator | None = None
     """Set when this generation calibrates."""
     budget: int = 0
@@ -98,14 +99,17 @@ class GenerationCalibration:
     started: float = 0.0
 
     @functools.cached_property
-    def key(self) -> dict[str, Any]:
+    def key(self) -> dict[str, Any] | None:
         return self.make_key()
 
     @functools.cached_property
     def digest(self) -> str:
+        assert self.key is not None
         return key_digest(self.key)
 
     def stored(self, num_steps: int, budget: int) -> Schedule | None:
+        if self.key is None:
+            return None
         cached = self.owner.schedules.get((self.digest, budget))
         if cached is not None:
             return cached
@@ -124,7 +128,7 @@ class GenerationCalibration:
         return schedule
 
     def calibrating(self, num_steps: int, budget: int) -> Schedule | None:
-        if self.owner.runs == 0 or not _bridgeable(num_steps, budget) or budget == num_steps:
+        if self.owner.runs == 0 or not _bridgeable(num_steps, budget) or budget == num_steps or self.key is None:
             return None
         stored = self.owner.store.load(self.key)
         done = stored.trajectories if stored is not None else 0

@@ -249,37 +249,22 @@ class MeanCacheState:
 
     def resolve_schedule(self, run: GenerationRun, guided: torch.Tensor) -> None:
         """Fix the schedule of a ``budget=`` generation at its first scheduler step (``guided``: the velocity the
-        scheduler received), and with it the estimator and whether the generation calibrates on first use.
-
-        The calibration key's guidance part is what the first step showed (:func:`observed_guidance`); when it
-        cannot be identified, the generation is not calibrated (and uses no stored calibration), with a warning
-        once per pipeline. Decided on rank 0 under ``torch.distributed``: ranks that did not decide observe
-        nothing."""
+        scheduler received), and with it the estimator and whether the generation calibrates on first use
+        (:meth:`_calibration_key`, computed only when no schedule shipped with the model applies). Decided on
+        rank 0 under ``torch.distributed``: ranks that did not decide observe nothing."""
         config, num_steps = self.config, run.num_steps
         assert config.budget is not None
         budget = config.budget
         calibration: GenerationCalibration | None = None
+        calls, latents = [kwargs for _, _, kwargs in run.first_calls], run.latents
+        outputs = run.outputs.get("transformer", []) if run.outputs_step == 0 else []
 
         def resolve() -> Schedule:
             nonlocal calibration
-            if config.calibration_runs and (pipe := self.pipe) is not None:
-                outputs = run.outputs.get("transformer", []) if run.outputs_step == 0 else []
-                observed = observed_guidance(pipe, [kwargs for _, _, kwargs in run.first_calls], outputs, guided)
-                if observed.unidentified is None:
-                    # every gated model shapes the trajectory: experts, a CFG branch's own model, a ControlNet
-                    models = torch.nn.ModuleDict({name: gate.transformer for name, gate in self.gates.items()})
-                    weights, latents, settings = self.first_use.fingerprint, run.latents, observed.settings
-                    sigmas, checkpoint = run.sigmas, self.checkpoint
-                    calibration = self.first_use.for_generation(
-                        lambda: calibration_key(pipe, weights(models), checkpoint, sigmas, latents, settings)
-                    )
-                elif not self._unidentified_warned:
-                    self._unidentified_warned = True
-                    logger.warning(
-                        "MeanCache: not calibrating %s on first use: %s, so the calibration could not be told "
-                        "apart from other guidance settings'. Pass a schedule (meancache calibrate) for this model.",
-                        self.pipeline_name, observed.unidentified,
-                    )  # fmt: skip
+            if config.calibration_runs and self.pipe is not None:
+                calibration = self.first_use.for_generation(
+                    lambda: self._calibration_key(run.sigmas, latents, calls, outputs, guided)
+                )
             return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, self.model, calibration)
 
         schedule = decide_on_rank_zero(resolve)
@@ -291,6 +276,31 @@ class MeanCacheState:
         if run.estimator.needs_derivative(0):  # the forward-mode pass step 0 needs, now that it is known
             for gate, args, kwargs in first_calls:
                 gate.forward_with_derivative(run, args, kwargs)
+
+    def _calibration_key(
+        self, sigmas: list[float], latents: torch.Tensor | None, calls: list[dict[str, Any]], outputs: list[Any],
+        guided: torch.Tensor,
+    ) -> dict[str, Any] | None:  # fmt: skip
+        """The generation's calibration key, its guidance part what the first step showed
+        (:func:`observed_guidance`: ``calls`` the keyword arguments of its transformer calls, ``outputs`` what they
+        returned, ``guided`` the velocity the scheduler received); None, with a warning once per pipeline, when the
+        guidance cannot be identified (two guidance settings would share a calibration)."""
+        pipe = self.pipe
+        assert pipe is not None
+        observed = observed_guidance(pipe, calls, outputs, guided)
+        if observed.unidentified is not None:
+            if not self._unidentified_warned:
+                self._unidentified_warned = True
+                logger.warning(
+                    "MeanCache: not calibrating %s on first use: %s, so the calibration could not be told apart from "
+                    "other guidance settings'. Pass a schedule (meancache calibrate) for this model.",
+                    self.pipeline_name, observed.unidentified,
+                )  # fmt: skip
+            return None
+        # every gated model shapes the trajectory: experts, a CFG branch's own model, a ControlNet
+        models = torch.nn.ModuleDict({name: gate.transformer for name, gate in self.gates.items()})
+        weights = self.first_use.fingerprint(models)
+        return calibration_key(pipe, weights, self.checkpoint, sigmas, latents, observed.settings)
 
     def _given_schedule(self, num_steps: int) -> Schedule:
         """``MeanCacheConfig``'s schedule for ``num_steps`` (mapped in sigma space from another step count)."""
