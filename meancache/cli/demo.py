@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
-from meancache.cli.generate import FRAME_MILLISECONDS
+from meancache.cli.generate import save_frames
 from meancache.models import load_digits_model
 from meancache.models.digits import CLASSES, recognised
 from meancache.models.quality import image_metrics, temporal_error
@@ -133,10 +133,9 @@ def save_grid(rows: list[np.ndarray], labels: list[str], path: Path, scale: int 
     row (``labels``, one per row). Rows of images ``(N, H, W)`` give a still image; rows of videos
     ``(N, T, H, W)`` an animated one whose frame ``t`` shows frame ``t`` of every video."""
     if rows[0].ndim == 4:
-        frames = [_grid_image([row[:, t] for row in rows], labels, scale) for t in range(rows[0].shape[1])]
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=FRAME_MILLISECONDS, loop=0)
+        save_frames([_grid_image([row[:, t] for row in rows], labels, scale) for t in range(rows[0].shape[1])], path)
     else:
-        _grid_image(rows, labels, scale).save(path)
+        save_frames([_grid_image(rows, labels, scale)], path)
 
 
 def _grid_image(rows: list[np.ndarray], labels: list[str], scale: int) -> Image.Image:

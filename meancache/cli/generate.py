@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from meancache import MeanCacheConfig, Schedule, enable_mean_cache, summary
 from meancache.cli.arguments import check_device, check_output_file, check_prompts
@@ -68,9 +70,14 @@ def run_generate(args: argparse.Namespace) -> None:
     frames = output.frames[0] if hasattr(output, "frames") else [output.images[0]]  # a video pipeline: its frames
     seconds = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if len(frames) == 1:
-        frames[0].save(args.out)
-    else:
-        frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=FRAME_MILLISECONDS, loop=0)
+    save_frames(frames, args.out)
     print(summary(pipe) if cached else f"no cache: {args.steps} steps, every step computed")
     print(f"wrote {args.out} in {seconds:.2f} s")
+
+
+def save_frames(frames: Sequence[Image.Image], path: Path) -> None:
+    """One frame as a still image, several as an animated one (``FRAME_MILLISECONDS`` each, looping)."""
+    if len(frames) == 1:
+        frames[0].save(path)
+    else:
+        frames[0].save(path, save_all=True, append_images=list(frames[1:]), duration=FRAME_MILLISECONDS, loop=0)
