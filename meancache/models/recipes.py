@@ -253,7 +253,8 @@ class HunyuanVideoDigits(DigitsRecipe):
     guidance = 6.0  # HunyuanVideoPipeline's default
     true_cfg_scale = 3.0
     """Sampling also runs the pipeline's true CFG against the "no class" embedding: without it the requested digit
-    is read in 48 % of frames, with it 73 % (scales 2 / 3 / 4: 69 / 73 / 73 %; seeds 0-1, 50 steps)."""
+    is read in 49 % of frames, with it 73 % (scales 2 / 3 / 4: 72 / 73 / 73 %; digits 0-9 x seeds 0-2, 50 steps:
+    ``benchmarks/bench_models.py``)."""
     vae_steps = 1000
     vae_batch = 16
     transformer_steps = 12000
