@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -1663,3 +1664,16 @@ def coverage_text() -> str:
     rows += [f"| `{refusal.pipeline}` | {refusal.notes} (tested) |" for refusal in REFUSED]
     rows += [f"| `{name}` | {why} |" for name, why in sorted(NOT_COVERED.items())]
     return text + "\n".join(rows)
+
+
+def write_readme(path: Path = Path(__file__).parents[1] / "README.md") -> None:
+    """Replace README.md's verified-pipelines table and coverage section with :func:`readme_table` and
+    :func:`coverage_text` (``python -m tests.pipeline_matrix`` after changing the matrix)."""
+    text = path.read_text()
+    begin = text.index("| Pipeline | Case | Notes |")
+    end = text.index("\n\n", text.index("| Pipeline | Status |"))
+    path.write_text(text[:begin] + readme_table() + "\n\n" + coverage_text() + text[end:])
+
+
+if __name__ == "__main__":
+    write_readme()

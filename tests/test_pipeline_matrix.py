@@ -275,5 +275,6 @@ def test_every_flow_pipeline_class_is_verified_refused_or_listed_with_a_reason()
 
 def test_readme_lists_the_matrix():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert readme_table() in readme, "README.md's table of verified pipelines is not tests/pipeline_matrix.py's"
-    assert coverage_text() in readme, "README.md's coverage statement is not tests/pipeline_matrix.py's"
+    fix = "regenerate it with `python -m tests.pipeline_matrix`"
+    assert readme_table() in readme, f"README.md's table of verified pipelines is not the matrix's: {fix}"
+    assert coverage_text() in readme, f"README.md's coverage statement is not the matrix's: {fix}"
