@@ -177,6 +177,23 @@ def test_first_generations_are_the_uncached_pipeline_then_the_budget_runs(caplog
     disable_mean_cache(pipe)
 
 
+def test_first_use_measures_the_costs_meancache_calibrate_measures(flux):
+    """Calibrating on first use and ``meancache calibrate`` (``calibrate_pipeline``) are two routes to one
+    measurement: on the same generations (two batches of two prompts) they store the same costs."""
+    calls = [{**tiny_inputs("flux", batch_size=2, seed=s), "generator": torch.Generator().manual_seed(s)} for s in (0, 1)]
+    offline = meancache.calibrate_pipeline(flux, calls, STEPS)
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=2))
+    for seed in (0, 1):
+        generate_latents(flux, tiny_inputs("flux", batch_size=2, seed=seed), STEPS, seed=seed)
+    disable_mean_cache(flux)
+    (stored,) = calibration_store().files()
+    online = Calibration.load(stored)
+    assert (online.max_gap, online.max_span) == (offline.max_gap, offline.max_span)
+    np.testing.assert_allclose(online.sigmas, offline.sigmas, atol=1e-6)  # the key's sigmas: rounded to 6 decimals
+    for kind in ("one_shot", "closed_loop"):
+        np.testing.assert_allclose(getattr(online, kind), getattr(offline, kind), rtol=1e-5, err_msg=kind)
+
+
 def test_calibration_runs_zero_is_the_uniform_fallback_and_stores_nothing(flux):
     enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
     generate_latents(flux, tiny_inputs("flux"), STEPS)
