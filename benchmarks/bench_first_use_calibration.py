@@ -12,7 +12,10 @@ with the default solver settings (what a budget gets without a replayed selectio
 
 Rows at B = 8, 10, 13, 17, against the full 50-step run over digits 0-9 x seeds 0-2 (PSNR, SSIM): the shipped
 validated schedule, a single PSSP solution (closed-loop, gamma 2) of the shipped 30-trajectory calibration,
-uniform plain reuse (K = 1), and DPM-Solver++ 2M at B steps. Overhead: the median wall time of a calibrating
+uniform plain reuse (K = 1), and DPM-Solver++ 2M at B steps. How much the calibration data matters: first use on
+three generations of all ten digits (30 trajectories, as the shipped calibration), on the shipped calibration's
+own seeds and on others, and its pick with span 1 on the second interval (the look-back from step 1 to step 0)
+where it chose more. Overhead: the median wall time of a calibrating
 generation over a plain generation of the same one-digit call, for the calibrating generations that only
 measure costs and for the last ones, which also select by replay.
 Results: ``benchmarks/results/first_use_calibration_<model>.json``.
@@ -39,6 +42,9 @@ from meancache.schedule import defaults
 
 BUDGETS = (8, 10, 13, 17)
 RUNS = (1, 2, 4)
+BATCHED = ((3, (100, 101, 102)), (3, (1000, 1001, 1002)))
+"""First use on 30 trajectories: R = 3 generations of all ten digits, on the shipped calibration's own seeds
+(100-102) and on others."""
 DPM = "fewer steps: DPM-Solver++ 2M"
 
 
@@ -107,6 +113,21 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             rows.append(row(f"first-use calibration R={runs}: PSSP default settings, no replay", budget,
                             run_schedule(single), references, compute_steps=list(single.compute_steps),
                             spans=list(single.spans)))  # fmt: skip
+        for (runs, seeds), budget in itertools.product(BATCHED, BUDGETS):
+            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_batched_{seeds[0]}_B{budget}"))
+            enable_mean_cache(pipe, MeanCacheConfig(budget=budget, calibration_runs=runs))
+            for seed in seeds:
+                generate(model.inputs(CLASSES), seed)
+            generate(model.inputs([0]), 0)
+            schedule = summary(pipe).schedule
+            disable_mean_cache(pipe)
+            label = f"calibrate on first use, R={runs} generations of digits 0-9, seeds {seeds[0]}-{seeds[-1]}"
+            rows.append(row(label, budget, run_schedule(schedule), references,
+                            compute_steps=list(schedule.compute_steps), spans=list(schedule.spans)))  # fmt: skip
+            if schedule.spans[1] != 1:
+                variant = Schedule(STEPS, schedule.compute_steps, (schedule.spans[0], 1, *schedule.spans[2:]))
+                rows.append(row(f"{label}, span 1 on its second interval", budget, run_schedule(variant), references,
+                                compute_steps=list(variant.compute_steps), spans=list(variant.spans)))  # fmt: skip
         for budget in BUDGETS:
             shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
             single = shipped_calibration.schedule(budget, kind="closed-loop", gamma=2.0)
