@@ -180,10 +180,12 @@ def test_first_generations_are_the_uncached_pipeline_then_the_budget_runs(caplog
 def test_first_use_measures_the_costs_meancache_calibrate_measures(flux):
     """Calibrating on first use and ``meancache calibrate`` (``calibrate_pipeline``) are two routes to one
     measurement: on the same generations (two batches of two prompts) they store the same costs."""
-    calls = [{**tiny_inputs("flux", batch_size=2, seed=s), "generator": torch.Generator().manual_seed(s)} for s in (0, 1)]
+    seeds = (0, 1)
+    calls = [{**tiny_inputs("flux", batch_size=2, seed=s), "generator": torch.Generator().manual_seed(s)}
+             for s in seeds]  # fmt: skip
     offline = meancache.calibrate_pipeline(flux, calls, STEPS)
     enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=2))
-    for seed in (0, 1):
+    for seed in seeds:
         generate_latents(flux, tiny_inputs("flux", batch_size=2, seed=seed), STEPS, seed=seed)
     disable_mean_cache(flux)
     (stored,) = calibration_store().files()

@@ -223,11 +223,14 @@ def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
         ("ideogram4", r"'exact-jvp' estimator needs the transformer's timestep proportional to sigma"),
         # the first frame is the image's latents; the scheduler steps the others
         ("hunyuan-video-i2v-token-replace", r"that block is not the latents \(1, 4, 1, 2, 2\) the scheduler steps"),
+        # the ControlNet's residuals depend on the latents and sigma: the transformer's derivative alone is not
+        # the velocity's
+        ("flux-controlnet", r"ControlNet residuals move with sigma too"),
     ],
 )
 def test_exact_jvp_estimator_refuses_a_layout_its_tangent_does_not_follow(name: str, error: str):
-    """The forward-mode tangent would be wrong (silently, before these checks): the generation is refused at the
-    computed step of its first forward-mode pass, before any skipped step uses the derivative."""
+    """The forward-mode derivative would be wrong (silently, before these checks): the generation is refused at its
+    start or at the computed step of its first forward-mode pass, before any skipped step uses the derivative."""
     pipe, inputs = CASE[name].build()
     pipe.set_progress_bar_config(disable=True)
     enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))

@@ -91,6 +91,12 @@ class TransformerGate:
                 "which torch.compile'd modules do not support; use the default estimator='paper' with a compiled "
                 "transformer, or an uncompiled transformer"
             )
+        if "controlnet" in self.state.gates and any(run.estimator.needs_derivative(i) for i in range(run.num_steps)):
+            raise RuntimeError(
+                f"the {run.estimator.name!r} estimator differentiates the transformer alone, but this pipeline's "
+                "ControlNet residuals move with sigma too and would be held fixed (a wrong derivative); use the "
+                "default estimator='paper' with ControlNet pipelines"
+            )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         run = self.state.run_for_call(kwargs.get("hidden_states", args[0] if args else None))
