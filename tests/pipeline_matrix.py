@@ -1623,7 +1623,8 @@ def _dreamlite(pipeline: type) -> Build:
 
 def _kandinsky6_ti2va() -> tuple[DiffusionPipeline, dict[str, Any]]:
     """Kandinsky 6's text/image-to-video-and-audio pipeline on a one-block Kandinsky 6 transformer with its audio
-    stream; no generation arguments (refused at enable time)."""
+    stream (no audio VAE or vocoder: the refusal reads the class, not the call); no generation arguments (refused at
+    enable time)."""
     torch.manual_seed(0)
     transformer = Kandinsky6Transformer3DModel(
         in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
@@ -1701,7 +1702,9 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("DreamLitePipeline", _dreamlite(DreamLitePipeline), "no `transformer` module", _NO_TRANSFORMER),
     Refusal("DreamLiteMobilePipeline", _dreamlite(DreamLiteMobilePipeline), "no `transformer` module",
             _NO_TRANSFORMER),
-    Refusal("Kandinsky6TI2VAPipeline", _kandinsky6_ti2va, _AUDIO_LOOP_ERROR, _AUDIO_LOOP),
+    Refusal("Kandinsky6TI2VAPipeline", _kandinsky6_ti2va, _AUDIO_LOOP_ERROR,
+            f"{_AUDIO_LOOP} (with `sample_audio=True`, its default; a video-only call, `sample_audio=False`, is "
+            "refused too: the check reads the class's source)"),
     *(Refusal(pipeline.__name__, _ltx2(pipeline), _AUDIO_LOOP_ERROR, _AUDIO_LOOP)
       for pipeline in (LTX2Pipeline, LTX2ImageToVideoPipeline, LTX2ConditionPipeline, LTX2InContextPipeline,
                        LTX2HDRPipeline, LTX2DFRPipeline)),
