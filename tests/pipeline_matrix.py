@@ -1707,7 +1707,10 @@ REFUSED: tuple[Refusal, ...] = (
             "refused too: the check reads the class's source)"),
     *(Refusal(pipeline.__name__, _ltx2(pipeline), _AUDIO_LOOP_ERROR, _AUDIO_LOOP)
       for pipeline in (LTX2Pipeline, LTX2ImageToVideoPipeline, LTX2ConditionPipeline, LTX2InContextPipeline,
-                       LTX2HDRPipeline, LTX2DFRPipeline)),
+                       LTX2DFRPipeline)),
+    Refusal("LTX2HDRPipeline", _ltx2(LTX2HDRPipeline), _AUDIO_LOOP_ERROR,
+            f"{_AUDIO_LOOP} (without an `audio_scheduler` component; with one it makes no copy, and its audio, stepped "
+            "with zero velocity, is discarded, but it is refused too: the check reads the class's source)"),
     Refusal("LTX2DFRTemporalRefinePipeline", _ltx2(LTX2DFRTemporalRefinePipeline, LTXEulerAncestralRFScheduler),
             _AUDIO_LOOP_ERROR, f"{_AUDIO_LOOP}; its `LTXEulerAncestralRFScheduler` (ancestral: stochastic) would be "
             "refused next"),
