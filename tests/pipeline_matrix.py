@@ -21,6 +21,10 @@ import PIL.Image
 import torch
 from diffusers import (
     AdaptiveProjectedMixGuidance,
+    AnyFlowFARPipeline,
+    AnyFlowFARTransformer3DModel,
+    AnyFlowPipeline,
+    AnyFlowTransformer3DModel,
     AuraFlowPipeline,
     AuraFlowTransformer2DModel,
     AutoencoderDC,
@@ -50,11 +54,15 @@ from diffusers import (
     CogView4Transformer2DModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    DreamLiteMobilePipeline,
+    DreamLitePipeline,
+    DreamLiteUNetModel,
     EasyAnimateInpaintPipeline,
     EasyAnimatePipeline,
     EasyAnimateTransformer3DModel,
     ErnieImagePipeline,
     ErnieImageTransformer2DModel,
+    FlowMapEulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinInpaintPipeline,
     Flux2KleinKVPipeline,
@@ -95,9 +103,20 @@ from diffusers import (
     Kandinsky5I2VPipeline,
     Kandinsky5T2VPipeline,
     Kandinsky5Transformer3DModel,
+    Kandinsky6TI2VAPipeline,
+    Kandinsky6Transformer3DModel,
     Krea2Pipeline,
     Krea2Transformer2DModel,
+    LTX2ConditionPipeline,
+    LTX2DFRPipeline,
+    LTX2DFRTemporalRefinePipeline,
+    LTX2HDRPipeline,
+    LTX2ImageToVideoPipeline,
+    LTX2InContextPipeline,
+    LTX2Pipeline,
+    LTX2VideoTransformer3DModel,
     LTXConditionPipeline,
+    LTXEulerAncestralRFScheduler,
     LTXI2VLongMultiPromptPipeline,
     LTXImageToVideoPipeline,
     LTXPipeline,
@@ -130,10 +149,13 @@ from diffusers import (
     SanaImageToVideoPipeline,
     SanaPAGPipeline,
     SanaPipeline,
+    SanaSprintImg2ImgPipeline,
     SanaSprintPipeline,
     SanaTransformer2DModel,
     SanaVideoPipeline,
     SanaVideoTransformer3DModel,
+    SanaWMPipeline,
+    SanaWMTransformer3DModel,
     SCMScheduler,
     SD3ControlNetModel,
     SD3Transformer2DModel,
@@ -1539,10 +1561,16 @@ class Refusal:
     notes: str
 
 
-def _sana_sprint() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    pipe, inputs = _sana(SanaSprintPipeline)()
-    pipe.register_modules(scheduler=SCMScheduler())  # its checkpoints' scheduler
-    return pipe, inputs
+def _sana_sprint(pipeline: type = SanaSprintPipeline, **extra: Any) -> Build:
+    """A Sana Sprint pipeline (text-to-image or, with an ``image`` in ``extra``, image-to-image) on the tiny Sana
+    components, with its checkpoints' scheduler, the ``SCMScheduler``."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        pipe, inputs = _sana(pipeline, **extra)()
+        pipe.register_modules(scheduler=SCMScheduler())
+        return pipe, inputs
+
+    return build
 
 
 def _ltx_long_multi_prompt() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -1562,19 +1590,133 @@ def _ltx_long_multi_prompt() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "max_sequence_length": 8}  # fmt: skip
 
 
+def _anyflow(pipeline: type) -> Build:
+    """An AnyFlow pipeline (``AnyFlowFARPipeline``: its frame-autoregressive variant) with its flow-map sampler, the
+    ``FlowMapEulerDiscreteScheduler``, and an AnyFlow transformer of the tiny Wan transformer's size; no generation
+    arguments (refused at enable time)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        model = AnyFlowFARTransformer3DModel if pipeline is AnyFlowFARPipeline else AnyFlowTransformer3DModel
+        pipe = pipeline(tokenizer=None, text_encoder=None, transformer=_wan_transformer(0, model), vae=None,
+                        scheduler=FlowMapEulerDiscreteScheduler())  # fmt: skip
+        return pipe, {}
+
+    return build
+
+
+def _dreamlite(pipeline: type) -> Build:
+    """A DreamLite pipeline on a three-level DreamLite UNet (8 channels, one layer per block); no generation arguments
+    (refused at enable time)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        unet = DreamLiteUNetModel(
+            sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 8, 8), layers_per_block=1,
+            norm_num_groups=2, cross_attention_dim=16, attention_head_dim=4, num_kv_heads=1,
+        )  # fmt: skip
+        pipe = pipeline(text_encoder=None, tokenizer=None, processor=None, vae=None, unet=unet,
+                        scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+        return pipe, {}
+
+    return build
+
+
+def _kandinsky6_ti2va() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Kandinsky 6's text/image-to-video-and-audio pipeline on a one-block Kandinsky 6 transformer with its audio
+    stream (no audio VAE or vocoder: the refusal reads the class, not the call); no generation arguments (refused at
+    enable time)."""
+    torch.manual_seed(0)
+    transformer = Kandinsky6Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), in_audio_dim=4,
+        out_audio_dim=4,
+    )  # fmt: skip
+    pipe = Kandinsky6TI2VAPipeline(transformer=transformer, vae=None, text_encoder=None, tokenizer=None,
+                                   text_encoder_2=None, tokenizer_2=None,
+                                   scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+    return pipe, {}
+
+
+def _ltx2(pipeline: type, scheduler: type = FlowMatchEulerDiscreteScheduler) -> Build:
+    """An LTX-2-family pipeline with its ``scheduler`` on a one-layer LTX-2 audio-video transformer; no generation
+    arguments (refused at enable time)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = LTX2VideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+            audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
+            audio_cross_attention_dim=16, num_layers=1, caption_channels=16,
+        )  # fmt: skip
+        components = {
+            "scheduler": scheduler(),
+            "transformer": transformer,
+            "temporal_latent_upsampler": None,
+            **dict.fromkeys(["vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "vocoder"]),
+        }
+        return pipeline(**_accepted(pipeline, components)), {}
+
+    return build
+
+
+def _sana_wm() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """SANA-WM (camera-controlled world model) on a one-layer SANA-WM transformer; no generation arguments (refused at
+    enable time)."""
+    torch.manual_seed(0)
+    transformer = SanaWMTransformer3DModel(
+        in_channels=4, num_layers=1, hidden_size=16, num_attention_heads=2, linear_head_dim=8,
+        chunk_plucker_post_attn_blocks=1, caption_channels=16, image_size=32, mixed_precision="fp32",
+    )  # fmt: skip
+    pipe = SanaWMPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                          scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+    return pipe, {}
+
+
+_AUDIO_LOOP = (
+    "refused at enable: its loop steps a second (audio) latent stream with a deep copy of the scheduler, which would "
+    "carry a copy of MeanCache's hooks"
+)
+_AUDIO_LOOP_ERROR = "a second latent stream .* with a copy of the scheduler"
+_FLOW_MAP = (
+    "refused at enable: its `FlowMapEulerDiscreteScheduler` (a flow-map sampler: the model predicts the average "
+    "velocity to the step's target time, not the instantaneous velocity MeanCache's estimate is built from)"
+)
+_NO_TRANSFORMER = "refused at enable: a UNet (`DreamLiteUNetModel`), no `transformer` module to skip"
+
+
 REFUSED: tuple[Refusal, ...] = (
     Refusal("LTXConditionPipeline", _ltx(LTXConditionPipeline), "per_token_timesteps",
             "refused at enable: its loop steps with `per_token_timesteps` (each token from its own sigma)"),
     Refusal("LTXI2VLongMultiPromptPipeline", _ltx_long_multi_prompt, r"timesteps\[:-1\]",
             "refused at enable: its loop leaves the scheduler's last step out (`timesteps[:-1]`), so the last step "
             "of MeanCache's plan would never run (its budget one computed step short, silently)"),
-    Refusal("SanaSprintPipeline", _sana_sprint, "with its SCMScheduler",
+    Refusal("SanaSprintPipeline", _sana_sprint(), "with its SCMScheduler",
             "refused at enable: its `SCMScheduler` (sCM consistency sampling) is not a flow-matching Euler or "
             "DPM-Solver++ step"),
+    Refusal("SanaSprintImg2ImgPipeline", _sana_sprint(SanaSprintImg2ImgPipeline, image=_pil_image()),
+            "with its SCMScheduler", "refused at enable: its `SCMScheduler`, as Sana Sprint"),
+    Refusal("SanaWMPipeline", _sana_wm, "per_token_timesteps",
+            "refused at enable: its loop steps with `per_token_timesteps` (the first latent frame pinned at sigma 0)"),
+    Refusal("AnyFlowPipeline", _anyflow(AnyFlowPipeline), "with its FlowMapEulerDiscreteScheduler", _FLOW_MAP),
+    Refusal("AnyFlowFARPipeline", _anyflow(AnyFlowFARPipeline), "with its FlowMapEulerDiscreteScheduler", _FLOW_MAP),
+    Refusal("DreamLitePipeline", _dreamlite(DreamLitePipeline), "no `transformer` module", _NO_TRANSFORMER),
+    Refusal("DreamLiteMobilePipeline", _dreamlite(DreamLiteMobilePipeline), "no `transformer` module",
+            _NO_TRANSFORMER),
+    Refusal("Kandinsky6TI2VAPipeline", _kandinsky6_ti2va, _AUDIO_LOOP_ERROR,
+            f"{_AUDIO_LOOP} (with `sample_audio=True`, its default; a video-only call, `sample_audio=False`, is "
+            "refused too: the check reads the class's source)"),
+    *(Refusal(pipeline.__name__, _ltx2(pipeline), _AUDIO_LOOP_ERROR, _AUDIO_LOOP)
+      for pipeline in (LTX2Pipeline, LTX2ImageToVideoPipeline, LTX2ConditionPipeline, LTX2InContextPipeline,
+                       LTX2DFRPipeline)),
+    Refusal("LTX2HDRPipeline", _ltx2(LTX2HDRPipeline), _AUDIO_LOOP_ERROR,
+            f"{_AUDIO_LOOP} (without an `audio_scheduler` component; with one it makes no copy, and its audio, stepped "
+            "with zero velocity, is discarded, but it is refused too: the check reads the class's source)"),
+    Refusal("LTX2DFRTemporalRefinePipeline", _ltx2(LTX2DFRTemporalRefinePipeline, LTXEulerAncestralRFScheduler),
+            _AUDIO_LOOP_ERROR, f"{_AUDIO_LOOP}; its `LTXEulerAncestralRFScheduler` (ancestral: stochastic) would be "
+            "refused next"),
 )  # fmt: skip
 """Pipelines refused at enable time, each checked on a tiny instance."""
 
-_LOOP = "refused at enable: its loop steps a second (audio) latent stream with a deep copy of the scheduler"
 _NOT_BUILT = "not built in the matrix yet"
 _KANDINSKY5 = (
     "resizes every request to a trained resolution (1024 x 1024 and up: 4096 tokens, seconds a step on the tiny "
@@ -1594,16 +1736,12 @@ NOT_COVERED: dict[str, str] = {
     "(`len(prompt)` with no prompt, and its inputs check refuses both), so it needs its Qwen3-VL processor, whose "
     "video processor needs torchvision (not installed here)",
     "AceStepPipeline": f"audio; {_NOT_BUILT}",
-    "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
-    "AnyFlowPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "Cosmos2TextToImagePipeline": _COSMOS,
     "Cosmos2VideoToWorldPipeline": _COSMOS,
     "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
     f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
     "Cosmos2_5_TransferPipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
     f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
-    "DreamLiteMobilePipeline": "refused at enable: a UNet, no `transformer` module",
-    "DreamLitePipeline": "refused at enable: a UNet, no `transformer` module",
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
@@ -1611,14 +1749,6 @@ NOT_COVERED: dict[str, str] = {
     "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "
     f"latent output): {_LOOPS}",
-    "Kandinsky6TI2VAPipeline": _LOOP,
-    "LTX2ConditionPipeline": _LOOP,
-    "LTX2DFRPipeline": _LOOP,
-    "LTX2DFRTemporalRefinePipeline": f"{_LOOP}; its `LTXEulerAncestralRFScheduler` is stochastic",
-    "LTX2HDRPipeline": _LOOP,
-    "LTX2ImageToVideoPipeline": _LOOP,
-    "LTX2InContextPipeline": _LOOP,
-    "LTX2Pipeline": _LOOP,
     "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
     "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
     "torchvision (not installed here); it also resizes every request to about a megapixel",
@@ -1632,10 +1762,8 @@ NOT_COVERED: dict[str, str] = {
     f"torchvision (not installed here); {_NOT_BUILT}",
     "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "
     "(thousands of tokens, seconds a step on the tiny model here): left out of the matrix's time budget",
-    "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
     "SanaWMLTX2Refiner": "one 3-step distilled loop per autoregressive block (new timesteps each; its K/V capture "
     f"calls after each loop run outside any generation, as direct calls): {_LOOPS}",
-    "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",
     "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3InpaintPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3Pipeline": f"audio; {_NOT_BUILT}",
