@@ -103,7 +103,8 @@ def unsupported_loop(pipeline: type) -> str | None:
     """Why the denoising loop of ``pipeline`` (read from its class's source) steps in a way MeanCache does not follow,
     or None. Refused rather than run wrong: a scheduler step with ``per_token_timesteps`` moves each token from its
     own sigma (LTX-Video's condition pipeline), a second latent stream stepped by a ``copy.deepcopy`` of the
-    scheduler (LTX-2's audio) would carry a copy of MeanCache's hooks, with its own state and generation, and a loop
+    scheduler (LTX-2's audio) would carry a copy of MeanCache's hooks into a second generation over the same
+    transformer, which fails on its first step, and a loop
     over ``timesteps[:-1]`` (LTX-Video's long multi-prompt pipeline) never runs the last step MeanCache planned
     for."""
     try:
@@ -118,7 +119,8 @@ def unsupported_loop(pipeline: type) -> str | None:
     if re.search(r"deepcopy\(\s*self\.scheduler\s*\)", source):
         return (
             "its loop steps a second latent stream (e.g. audio) with a copy of the scheduler, which would carry a "
-            "copy of MeanCache's hooks and estimate that stream on its own"
+            "copy of MeanCache's hooks: a second generation over the same transformer, whose skipped steps the copy "
+            "cannot follow"
         )
     if re.search(r"for\s[^\n]*\bin\b[^\n]*timesteps\[\s*:\s*-1\s*\]", source):
         return (
