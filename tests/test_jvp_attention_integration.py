@@ -1,9 +1,15 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention, is_jvp_attention_enabled
+from meancache.integrations.jvp_attention import (
+    SDPAToJVPAttention,
+    disable_jvp_attention,
+    enable_jvp_attention,
+    is_jvp_attention_enabled,
+)
 from meancache.testing import tiny_inputs, tiny_pipeline
 
 
@@ -109,3 +115,37 @@ def test_a_forward_that_never_reaches_sdpa_raises():
     enable_jvp_attention(transformer)
     with torch.no_grad(), attention_backend("flex"), pytest.raises(RuntimeError, match="native attention backend"):
         call(*primals)
+
+
+@pytest.mark.parametrize("masked", (-1e4, float("-inf")))
+def test_additive_padding_masks_run_as_the_boolean_masks_they_stand_for(masked):
+    """LTX-Video, Chroma and SD3's PAG pass key padding as an additive float mask (0 or -10000 / -inf): under JVP
+    attention it gives SDPA's output and tangent (math backend, float64)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, q_t, k_t, v_t = (torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(6))
+    mask = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
+    mask[0, ..., 3:] = masked
+    mask[1, ..., 1:] = masked
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = torch.func.jvp(sdpa, (q, k, v), (q_t, k_t, v_t))
+    with SDPAToJVPAttention() as mode:
+        got = torch.func.jvp(sdpa, (q, k, v), (q_t, k_t, v_t))
+    assert mode.calls == 1
+    for g_, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g_, e)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(-0.5, r"holds other values \(e.g. -0.5\), a real attention bias"), (-1e4, r"every key")]
+)
+def test_additive_masks_that_are_not_padding_are_refused(value, error):
+    q = torch.randn(1, 1, 3, 4)
+    mask = torch.full((1, 1, 3, 3), value)
+    if value > -1e4:
+        mask[..., 0] = 0  # every row attends somewhere; -0.5 is a bias
+    with SDPAToJVPAttention(), pytest.raises(TypeError, match=error):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask)

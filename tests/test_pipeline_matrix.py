@@ -204,16 +204,25 @@ def test_published_tables_are_matched_by_model_family():
     assert meancache.summary(pipe).schedule == Schedule.preset("qwen-image", 10)
 
 
-@pytest.mark.parametrize("name", ["flux-kontext", "flux2-reference", "flux-fill"])
-def test_exact_jvp_estimator_with_reference_image_tokens(name: str):
-    """The forward-mode tangent covers the latents only (reference tokens and conditioning channels do not move
-    with sigma)."""
+@pytest.mark.parametrize(
+    ("name", "calls_per_step"),
+    [
+        # reference tokens and conditioning channels: the tangent covers the latents only (they do not move)
+        ("flux-kontext", 1), ("flux2-reference", 1), ("flux-fill", 1),
+        # additive key-padding masks (0 / -10000) in JVP attention
+        ("ltx", 1), ("sd3-pag", 1),
+        # a transformer returning a bare tensor with return_dict=False: its first sample had been taken
+        ("kandinsky5-t2v", 2),
+    ],
+)  # fmt: skip
+def test_exact_jvp_estimator_on_other_layouts(name: str, calls_per_step: int):
     pipe, inputs = CASE[name].build()
     pipe.set_progress_bar_config(disable=True)
     enable_mean_cache(pipe, MeanCacheConfig(SPANS, estimator="exact-jvp"))
     out = generate(pipe, inputs, 12)
     report = meancache.summary(pipe)
-    assert report.derivative_calls == 3 and torch.isfinite(out).all()  # steps 1, 4 and 7 precede skips
+    assert report.derivative_calls == 3 * calls_per_step  # steps 1, 4 and 7 precede skips
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,31 @@ def _sdpa_as_attention(
     for name, used in unsupported.items():
         if used:
             raise NotImplementedError(f"meancache JVP attention does not support {name}; it was given")
-    return attention(query, key, value, attn_mask=attn_mask, scale=scale)
+    return attention(query, key, value, attn_mask=_as_boolean_mask(attn_mask), scale=scale)
+
+
+MASKED_BIAS = -1e4
+"""An additive mask entry at or below this excludes its key: ``exp(-1e4)`` is 0 in every floating dtype."""
+
+
+def _as_boolean_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An additive float mask as the boolean mask it stands for (True = attend), when it is one: every entry 0 (attend)
+    or at most ``MASKED_BIAS`` (-inf, or the ``-10000`` some pipelines use: LTX-Video, Chroma, SD3's PAG), and every
+    row attending to some key (where all keys are masked, SDPA attends uniformly and the boolean op gives 0). Any
+    other float mask (a real bias) is refused, naming it."""
+    if mask is None or mask.dtype == torch.bool or not mask.is_floating_point():
+        return mask
+    attend = mask == 0
+    bias = mask[~attend & (mask > MASKED_BIAS)]
+    if bias.numel():
+        raise TypeError(
+            "meancache JVP attention takes boolean masks, and additive masks of 0 (attend) and <= -1e4 or -inf "
+            f"(masked) entries; this {mask.dtype} mask holds other values (e.g. {bias[0].item():.4g}), a real "
+            "attention bias"
+        )
+    if not bool(attend.any(dim=-1).all()):
+        raise TypeError("meancache JVP attention: this additive mask masks every key of some query rows")
+    return attend
 
 
 @contextmanager

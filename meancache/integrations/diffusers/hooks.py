@@ -158,7 +158,8 @@ class TransformerGate:
 
         def velocity(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             call = {**kwargs, "hidden_states": h, "timestep": t, "return_dict": False}
-            return self.call_transformer(*args, **call)[0]
+            output = self.call_transformer(*args, **call)
+            return output if isinstance(output, torch.Tensor) else output[0]  # Kandinsky 5 returns the bare tensor
 
         if run.steps_run == 0:
             tangent = velocity(hidden, timestep)
@@ -313,7 +314,9 @@ def _latents_tangent(velocity: torch.Tensor, hidden: torch.Tensor) -> torch.Tens
     block, 0 elsewhere."""
     if hidden.shape[0] % velocity.shape[0]:
         raise RuntimeError(
-            f"hidden_states of batch {hidden.shape[0]} are not a whole number of latent batches {velocity.shape[0]}"
+            f"the 'exact-jvp' estimator puts its tangent on the latents in the transformer's hidden_states, but "
+            f"hidden_states of shape {tuple(hidden.shape)} are not whole batches of the latents "
+            f"{tuple(velocity.shape)} the scheduler steps; use the default estimator='paper' with this pipeline"
         )
     tangent = torch.zeros_like(hidden)
     tiles = hidden.shape[0] // velocity.shape[0]
