@@ -20,6 +20,9 @@ import diffusers
 import PIL.Image
 import torch
 from diffusers import (
+    AceStepConditionEncoder,
+    AceStepPipeline,
+    AceStepTransformer1DModel,
     AdaptiveProjectedMixGuidance,
     AuraFlowPipeline,
     AuraFlowTransformer2DModel,
@@ -31,6 +34,8 @@ from diffusers import (
     AutoencoderKLMagvit,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    AutoencoderOobleck,
+    AutoencoderSAME,
     BriaFibo2Pipeline,
     BriaFibo2Transformer2DModel,
     BriaFiboEditPipeline,
@@ -137,6 +142,11 @@ from diffusers import (
     SCMScheduler,
     SD3ControlNetModel,
     SD3Transformer2DModel,
+    StableAudio3AudioToAudioPipeline,
+    StableAudio3DiTModel,
+    StableAudio3DurationEmbedder,
+    StableAudio3InpaintPipeline,
+    StableAudio3Pipeline,
     StableDiffusion3ControlNetInpaintingPipeline,
     StableDiffusion3ControlNetPipeline,
     StableDiffusion3Img2ImgPipeline,
@@ -170,6 +180,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3Model,
     Qwen3VLConfig,
     Qwen3VLModel,
     Siglip2ImageProcessor,
@@ -1100,6 +1112,68 @@ def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "height": SIZE, "width": SIZE}  # fmt: skip
 
 
+def _ace_step() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """ACE-Step 1.5 (music): a one-layer 1-D transformer on ``(batch, frames, 4)`` latents, its condition encoder
+    (lyrics, timbre and text in one sequence) and a one-layer Qwen3 text encoder with :func:`_byte_tokenizer` (it
+    takes no prompt embeddings); an Oobleck VAE of 4 latent frames a second (the loop reads its rate)."""
+    sizes = {"hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 8, "rope_theta": 10000.0, "sliding_window": 16}  # fmt: skip
+    torch.manual_seed(0)
+    transformer = AceStepTransformer1DModel(num_hidden_layers=1, in_channels=4 * 3, audio_acoustic_hidden_dim=4,
+                                            **sizes)  # fmt: skip
+    torch.manual_seed(0)
+    condition_encoder = AceStepConditionEncoder(text_hidden_dim=8, timbre_hidden_dim=4,
+                                                num_lyric_encoder_hidden_layers=1,
+                                                num_timbre_encoder_hidden_layers=1, **sizes)  # fmt: skip
+    tokenizer = _byte_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4,
+    )).eval()  # fmt: skip
+    torch.manual_seed(0)
+    vae = AutoencoderOobleck(encoder_hidden_size=4, downsampling_ratios=[1, 2], channel_multiples=[1, 1],
+                             decoder_channels=2, decoder_input_channels=4, sampling_rate=8)  # fmt: skip
+    pipe = AceStepPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                           condition_encoder=condition_encoder,
+                           scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0))  # fmt: skip
+    return pipe, {"prompt": "piano", "lyrics": "la la", "audio_duration": 4.0, "guidance_scale": 4.0,
+                  "max_text_length": 32, "max_lyric_length": 16}  # fmt: skip
+
+
+def _stable_audio3(pipeline: type = StableAudio3Pipeline, **extra: Any) -> Build:
+    """A Stable Audio 3-family pipeline on ``(batch, 4, frames)`` latents: a one-block DiT, a one-block SAME VAE
+    (4x: 4 latent frames a second at 16 Hz; the audio-to-audio and inpainting pipelines encode their audio) and the
+    duration embedder; prompts enter as embeddings. The scheduler is the base checkpoint's Euler one (the distilled
+    checkpoint's ``stochastic_sampling`` is refused at enable)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = StableAudio3DiTModel(
+            io_channels=4, embed_dim=16, depth=1, num_heads=2, cond_token_dim=8, global_cond_dim=8,
+            local_add_cond_dim=4 + 1, timestep_features_dim=8, ff_mult=1.0, num_memory_tokens=2,
+            use_differential_attention=False,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        vae = AutoencoderSAME(
+            patch_size=2, encoder_channels=4, encoder_c_mults=(1,), encoder_strides=(2,),
+            encoder_transformer_depths=(1,), latent_dim=4, use_differential_attention=False, dim_heads=4, ff_mult=1,
+            sampling_rate=16,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        pipe = pipeline(vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+                        duration_embedder=StableAudio3DurationEmbedder(output_dim=8, fourier_dim=8),
+                        scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+        return pipe, {"prompt_embeds": _randn(1, 5, 8), "duration": 4.0, **extra}
+
+    return build
+
+
+def _audio(seconds: float = 4.0, rate: int = 16) -> torch.Tensor:
+    """A ``(1, 2, samples)`` stereo waveform in [-1, 1]."""
+    return torch.rand(1, 2, int(seconds * rate), generator=_g()) * 2 - 1
+
+
 CASES: tuple[Case, ...] = (
     Case("flux", "FluxPipeline", _kind("flux"), "guidance-distilled, one branch"),
     Case(
@@ -1524,6 +1598,25 @@ CASES: tuple[Case, ...] = (
         _ideogram4,
         "CFG branch on its own model (`unconditional_transformer`): both models run on computed steps only",
     ),
+    Case("ace-step", "AceStepPipeline", _ace_step, "audio (1-D latents); CFG batched, APG guidance with momentum"),
+    Case(
+        "stable-audio3",
+        "StableAudio3Pipeline",
+        _stable_audio3(guidance_scale=4.0, negative_prompt_embeds=_randn(1, 5, 8, seed=1)),
+        "audio (1-D latents); CFG batched; its log-SNR sigmas",
+    ),
+    Case(
+        "stable-audio3-a2a",
+        "StableAudio3AudioToAudioPipeline",
+        _stable_audio3(StableAudio3AudioToAudioPipeline, audio=_audio(), init_noise_level=0.6),
+        "audio-to-audio at noise level 0.6 (its first step raises sigma: 0.6, then 0.92, as the reference); no CFG",
+    ),
+    Case(
+        "stable-audio3-inpaint",
+        "StableAudio3InpaintPipeline",
+        _stable_audio3(StableAudio3InpaintPipeline, audio=_audio(), mask_start_seconds=1.0, mask_end_seconds=3.0),
+        "mask and masked audio latents as local conditioning; no CFG",
+    ),
 )
 """Every case the matrix test runs."""
 
@@ -1593,7 +1686,6 @@ NOT_COVERED: dict[str, str] = {
     "JoyImageEditPlusPipeline": "with prompt embeddings and reference images it fails in diffusers 0.42.1 itself "
     "(`len(prompt)` with no prompt, and its inputs check refuses both), so it needs its Qwen3-VL processor, whose "
     "video processor needs torchvision (not installed here)",
-    "AceStepPipeline": f"audio; {_NOT_BUILT}",
     "AnyFlowFARPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "AnyFlowPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "Cosmos2TextToImagePipeline": _COSMOS,
@@ -1636,9 +1728,6 @@ NOT_COVERED: dict[str, str] = {
     "SanaWMLTX2Refiner": "one 3-step distilled loop per autoregressive block (new timesteps each; its K/V capture "
     f"calls after each loop run outside any generation, as direct calls): {_LOOPS}",
     "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",
-    "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
-    "StableAudio3InpaintPipeline": f"audio; {_NOT_BUILT}",
-    "StableAudio3Pipeline": f"audio; {_NOT_BUILT}",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
 and why."""

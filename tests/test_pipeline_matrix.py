@@ -35,12 +35,16 @@ CASE = {case.name: case for case in CASES}
 
 def denoisers(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """Every denoising model the pipeline holds, found without MeanCache's own naming rules: its diffusers models
-    other than the VAEs and the ControlNet (``transformer``, Wan2.2's ``transformer_2``, Ideogram4's
-    ``unconditional_transformer``, ...)."""
+    other than the VAEs (Stable Audio 3's SAME VAE is no ``AutoencoderMixin``), the ControlNet and the conditioning
+    models that run once before the loop (ACE-Step's ``condition_encoder``, Stable Audio 3's ``duration_embedder``):
+    ``transformer``, Wan2.2's ``transformer_2``, Ideogram4's ``unconditional_transformer``, ..."""
     return {
         name: module
         for name, module in pipe.components.items()
-        if isinstance(module, ModelMixin) and not isinstance(module, AutoencoderMixin) and name != "controlnet"
+        if isinstance(module, ModelMixin)
+        and not isinstance(module, AutoencoderMixin)
+        and name not in ("vae", "controlnet")
+        and not name.endswith(("_encoder", "_embedder"))
     }
 
 
@@ -139,6 +143,8 @@ def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> tor
         ("flux-img2img-0.6", 20, MeanCacheConfig(SPANS)),  # strength 0.6: 12 of 20 steps
         ("hunyuan-video-1.5", 12, MeanCacheConfig(SPANS)),  # a guider without state (ClassifierFreeGuidance)
         ("sana", 12, MeanCacheConfig(SPANS)),  # the flow DPM-Solver++
+        ("stable-audio3", 12, MeanCacheConfig(SPANS)),  # 1-D latents, channels first
+        ("stable-audio3-a2a", 12, MeanCacheConfig(SPANS)),  # its first step raises sigma
     ],
 )
 def test_matches_the_independent_reference_loop(name: str, steps: int, config: MeanCacheConfig):
