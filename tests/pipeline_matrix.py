@@ -102,6 +102,9 @@ from diffusers import (
     Kandinsky5Transformer3DModel,
     Krea2Pipeline,
     Krea2Transformer2DModel,
+    LongCatAudioDiTPipeline,
+    LongCatAudioDiTTransformer,
+    LongCatAudioDiTVae,
     LTXConditionPipeline,
     LTXI2VLongMultiPromptPipeline,
     LTXImageToVideoPipeline,
@@ -195,6 +198,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from meancache.testing import tiny_inputs, tiny_pipeline
@@ -327,15 +332,23 @@ def _nucleus_moe() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, {**{k: v for k, v in _qwen_inputs().items() if k != "true_cfg_scale"}, "guidance_scale": 4.0}
 
 
+CHARS = [chr(code) for code in range(33, 127)]
+"""The printable ASCII characters: the vocabularies of the character-level tokenizers."""
+
+
+def _t5_tokenizer() -> T5Tokenizer:
+    """A character-level T5 tokenizer (built from its vocabulary: nothing is downloaded)."""
+    return T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0),
+                              *((c, -1.0) for c in CHARS)], extra_ids=0)  # fmt: skip
+
+
 def _clip_t5_text_encoders() -> dict[str, Any]:
     """Flux's two text encoders, one layer each and 32 wide (the tiny Flux transformer's widths), with character-level
     tokenizers (built from configs and vocabularies: nothing is downloaded), for the pipelines that take no prompt
     embeddings."""
-    chars = [chr(code) for code in range(33, 127)]
-    clip_vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *chars,
-                                                      *(c + "</w>" for c in chars)])}  # fmt: skip
-    tokenizer_2 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0),
-                                     *((c, -1.0) for c in chars)], extra_ids=0)  # fmt: skip
+    clip_vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *CHARS,
+                                                      *(c + "</w>" for c in CHARS)])}  # fmt: skip
+    tokenizer_2 = _t5_tokenizer()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -1174,6 +1187,27 @@ def _audio(seconds: float = 4.0, rate: int = 16) -> torch.Tensor:
     return torch.rand(1, 2, int(seconds * rate), generator=_g()) * 2 - 1
 
 
+def _longcat_audio() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """LongCat-AudioDiT: a one-block 1-D transformer on ``(batch, frames, 4)`` latents (its zero-initialised layers
+    drawn at random) and a one-layer UMT5 text encoder with :func:`_t5_tokenizer` (it takes no prompt embeddings); its
+    VAE of 4 latent frames a second (the loop reads its rate); its own scheduler, with inverted sigmas (0 up to 1)."""
+    tokenizer = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
+                                               vocab_size=len(tokenizer))).eval()  # fmt: skip
+    torch.manual_seed(0)
+    transformer = _randomise_zero_parameters(LongCatAudioDiTTransformer(
+        dit_dim=16, dit_depth=1, dit_heads=2, dit_text_dim=8, latent_dim=4, text_conv=False, ff_mult=1.0,
+    ))  # fmt: skip
+    torch.manual_seed(0)
+    vae = LongCatAudioDiTVae(channels=2, c_mults=[1, 1], strides=[4], latent_dim=4, encoder_latent_dim=8,
+                             downsampling_ratio=4, sample_rate=16)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, invert_sigmas=True)
+    pipe = LongCatAudioDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                                   scheduler=scheduler)  # fmt: skip
+    return pipe, {"prompt": "waves", "negative_prompt": "noise", "audio_duration_s": 4.0, "guidance_scale": 4.0}
+
+
 CASES: tuple[Case, ...] = (
     Case("flux", "FluxPipeline", _kind("flux"), "guidance-distilled, one branch"),
     Case(
@@ -1617,6 +1651,12 @@ CASES: tuple[Case, ...] = (
         _stable_audio3(StableAudio3InpaintPipeline, audio=_audio(), mask_start_seconds=1.0, mask_end_seconds=3.0),
         "mask and masked audio latents as local conditioning; no CFG",
     ),
+    Case(
+        "longcat-audio",
+        "LongCatAudioDiTPipeline",
+        _longcat_audio,
+        "audio (1-D latents); CFG in two calls; inverted sigmas (its scheduler's `invert_sigmas`)",
+    ),
 )
 """Every case the matrix test runs."""
 
@@ -1711,7 +1751,6 @@ NOT_COVERED: dict[str, str] = {
     "LTX2ImageToVideoPipeline": _LOOP,
     "LTX2InContextPipeline": _LOOP,
     "LTX2Pipeline": _LOOP,
-    "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
     "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
     "torchvision (not installed here); it also resizes every request to about a megapixel",
     "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "

@@ -145,6 +145,7 @@ def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> tor
         ("sana", 12, MeanCacheConfig(SPANS)),  # the flow DPM-Solver++
         ("stable-audio3", 12, MeanCacheConfig(SPANS)),  # 1-D latents, channels first
         ("stable-audio3-a2a", 12, MeanCacheConfig(SPANS)),  # its first step raises sigma
+        ("longcat-audio", 12, MeanCacheConfig(SPANS)),  # inverted sigmas; CFG in two calls
     ],
 )
 def test_matches_the_independent_reference_loop(name: str, steps: int, config: MeanCacheConfig):
