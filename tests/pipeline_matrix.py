@@ -122,6 +122,7 @@ from diffusers import (
     OvisImagePipeline,
     OvisImageTransformer2DModel,
     PRXPipeline,
+    PRXPixelPipeline,
     PRXTransformer2DModel,
     QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
@@ -961,16 +962,24 @@ def _kandinsky5(image: bool) -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, {**prompt, **negative, "guidance_scale": 4.0, "num_frames": 5}
 
 
-def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = PRXTransformer2DModel(
-        in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1,
-        axes_dim=[8, 8],
-    )  # fmt: skip
-    pipe = PRXPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
-                       tokenizer=None, vae=_kl_vae(4), default_sample_size=SIZE)  # fmt: skip
-    return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "use_resolution_binning": False, "height": SIZE,
-                  "width": SIZE}  # fmt: skip
+def _prx(pipeline: type = PRXPipeline) -> Build:
+    """A PRX-family pipeline: on the 8x VAE's latents, or PRX Pixel's on the RGB pixels themselves (4x4 patches; its
+    transformer predicts the clean image, which the loop turns into a velocity)."""
+    pixel = pipeline is PRXPixelPipeline
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = PRXTransformer2DModel(
+            in_channels=3 if pixel else 4, patch_size=4 if pixel else 2, context_in_dim=16, hidden_size=32,
+            mlp_ratio=2.0, num_heads=2, depth=1, axes_dim=[8, 8],
+        )  # fmt: skip
+        vae = {} if pixel else {"vae": _kl_vae(4)}
+        pipe = pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
+                        tokenizer=None, default_sample_size=SIZE, **vae)  # fmt: skip
+        return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "use_resolution_binning": False, "height": SIZE,
+                      "width": SIZE}  # fmt: skip
+
+    return build
 
 
 def _easyanimate(pipeline: type = EasyAnimatePipeline, in_channels: int = 4, **extra: Any) -> Build:
@@ -1623,7 +1632,13 @@ CASES: tuple[Case, ...] = (
         "image latents as extra input channels, SigLIP image embeddings; guider",
     ),
     Case("ovis-image", "OvisImagePipeline", _ovis, "CFG in two calls"),
-    Case("prx", "PRXPipeline", _prx, "CFG batched"),
+    Case("prx", "PRXPipeline", _prx(), "CFG batched"),
+    Case(
+        "prx-pixel",
+        "PRXPixelPipeline",
+        _prx(PRXPixelPipeline),
+        "pixel space, x-prediction turned into a velocity; CFG batched",
+    ),
     Case("ernie-image", "ErnieImagePipeline", _ernie_image, "CFG batched; variable-length prompt embeddings"),
     Case("krea2", "Krea2Pipeline", _krea2, "CFG in two calls; per-layer prompt embeddings"),
     Case(
@@ -1758,7 +1773,6 @@ NOT_COVERED: dict[str, str] = {
     f"{_NOT_BUILT}",
     "OmniGenPipeline": "its multimodal processor builds torchvision transforms in its constructor (torchvision is "
     "not installed here)",
-    "PRXPixelPipeline": _NOT_BUILT,
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
     "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "

@@ -146,6 +146,7 @@ def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> tor
         ("stable-audio3", 12, MeanCacheConfig(SPANS)),  # 1-D latents, channels first
         ("stable-audio3-a2a", 12, MeanCacheConfig(SPANS)),  # its first step raises sigma
         ("longcat-audio", 12, MeanCacheConfig(SPANS)),  # inverted sigmas; CFG in two calls
+        ("prx-pixel", 12, MeanCacheConfig(SPANS)),  # the velocity is made from the latents after the transformer
     ],
 )
 def test_matches_the_independent_reference_loop(name: str, steps: int, config: MeanCacheConfig):
