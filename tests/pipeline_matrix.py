@@ -1733,6 +1733,10 @@ _COSMOS = (
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
     "pipeline does not allow to be absent"
 )
+_COSMOS2_5 = (
+    "refused at enable with its default `UniPCMultistepScheduler`; with a FlowMatchEulerDiscreteScheduler, it "
+    f"{_COSMOS} (its constructor makes one when given None, an ImportError without `cosmos_guardrail`)"
+)
 _LOOPS = (
     "MeanCache takes each loop as a generation of its own at the budget B (an error when B exceeds a loop's steps), "
     "as in the verified VisualClozePipeline; not built in the matrix yet"
@@ -1745,10 +1749,8 @@ NOT_COVERED: dict[str, str] = {
     "AnyFlowPipeline": "refused at enable: `FlowMapEulerDiscreteScheduler` (a flow-map sampler, not Euler steps)",
     "Cosmos2TextToImagePipeline": _COSMOS,
     "Cosmos2VideoToWorldPipeline": _COSMOS,
-    "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
-    f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
-    "Cosmos2_5_TransferPipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
-    f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
+    "Cosmos2_5_PredictBasePipeline": _COSMOS2_5,
+    "Cosmos2_5_TransferPipeline": _COSMOS2_5,
     "DreamLiteMobilePipeline": "refused at enable: a UNet, no `transformer` module",
     "DreamLitePipeline": "refused at enable: a UNet, no `transformer` module",
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
