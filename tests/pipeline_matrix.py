@@ -80,6 +80,8 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    GlmImagePipeline,
+    GlmImageTransformer2DModel,
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
     HunyuanImagePipeline,
@@ -1217,6 +1219,32 @@ def _longcat_audio() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, {"prompt": "waves", "negative_prompt": "noise", "audio_duration_s": 4.0, "guidance_scale": 4.0}
 
 
+def _glm_image(**extra: Any) -> Build:
+    """GLM-Image's diffusion stage: a one-layer transformer on the 8x VAE's latents (its latent statistics: the
+    image-to-image path reads them), given the prior tokens its autoregressive vision-language stage would generate
+    (``prior_token_ids``, one per latent patch; codebook of 32) and the prompt's glyph embeddings, so neither that
+    stage nor the text encoder is built."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = GlmImageTransformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            text_embed_dim=16, time_embed_dim=8, condition_dim=4, prior_vq_quantizer_codebook_size=32,
+        )  # fmt: skip
+        vae = _kl_vae(4)
+        vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                    use_dynamic_shifting=True, time_shift_type="linear")  # fmt: skip
+        pipe = GlmImagePipeline(tokenizer=None, processor=None, text_encoder=None, vision_language_encoder=None,
+                                vae=vae, transformer=transformer, scheduler=scheduler)  # fmt: skip
+        tokens = (SIZE // 16) ** 2
+        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                      "prior_token_ids": torch.randint(0, 32, (1, tokens), generator=_g()), "guidance_scale": 4.0,
+                      "height": SIZE, "width": SIZE, **extra}  # fmt: skip
+
+    return build
+
+
 CASES: tuple[Case, ...] = (
     Case("flux", "FluxPipeline", _kind("flux"), "guidance-distilled, one branch"),
     Case(
@@ -1639,6 +1667,17 @@ CASES: tuple[Case, ...] = (
         _prx(PRXPixelPipeline),
         "pixel space, x-prediction turned into a velocity; CFG batched",
     ),
+    Case("glm-image", "GlmImagePipeline", _glm_image(), "CFG in two calls; prior tokens given (its AR stage's output)"),
+    Case(
+        "glm-image-edit",
+        "GlmImagePipeline",
+        _glm_image(
+            image=[_pil_image()],
+            prior_token_image_ids=[torch.randint(0, 32, ((SIZE // 16) ** 2,), generator=_g(1))],
+            source_image_grid_thw=[torch.tensor([[1, SIZE // 16, SIZE // 16]])],
+        ),
+        "condition image's K/V written by a transformer call before the loop, read by the conditional branch",
+    ),
     Case("ernie-image", "ErnieImagePipeline", _ernie_image, "CFG batched; variable-length prompt embeddings"),
     Case("krea2", "Krea2Pipeline", _krea2, "CFG in two calls; per-layer prompt embeddings"),
     Case(
@@ -1755,7 +1794,6 @@ NOT_COVERED: dict[str, str] = {
     "DreamLitePipeline": "refused at enable: a UNet, no `transformer` module",
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
-    "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
     "Kandinsky5I2IPipeline": _KANDINSKY5,
     "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "

@@ -55,13 +55,20 @@ def run_counting_blocks(
     transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every denoising model
     of the pipeline (:func:`denoisers`), and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that
     calls the transformer on every step tells when it is not given (the scheduler's ``step_index`` is None on the
-    first step only)."""
+    first step only). Forwards before the pipeline's ``set_timesteps`` (GLM-Image's condition-image K/V, outside the
+    generation) count to step 0, and are also counted apart (``"before_loop"``): until then the scheduler's
+    ``step_index`` is the previous run's last."""
     scheduler = pipe.scheduler
-    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
+    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter(),
+                                  "before_loop": Counter()}  # fmt: skip
+    previous_timesteps = scheduler.timesteps  # set_timesteps replaces them
 
     def counter(kind: str) -> Any:
         def count(*_: Any) -> None:
-            counts[kind][-1 if scheduler.step_index is None else scheduler.step_index] += 1
+            before_loop = scheduler.timesteps is previous_timesteps
+            counts[kind][-1 if before_loop or scheduler.step_index is None else scheduler.step_index] += 1
+            if before_loop and kind == "forwards":
+                counts["before_loop"][-1] += 1
 
         return count
 
@@ -113,8 +120,10 @@ def test_pipeline(case: Case):
     assert report.num_steps == steps and len(computed) == BUDGET
     assert cached_counts["blocks"] == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
     loops = case.loops  # the summary is the last loop's
-    assert report.transformer_calls * loops == cached_counts["forwards"].total()  # the summary counts real forwards
-    assert (report.transformer_calls + report.skipped_calls) * loops == forwards.total()
+    # the summary counts the generation's real forwards
+    outside = counts["before_loop"].total()
+    assert report.transformer_calls * loops == cached_counts["forwards"].total() - outside
+    assert (report.transformer_calls + report.skipped_calls) * loops == forwards.total() - outside
     # a ControlNet runs with the transformer, on the computed steps only
     assert cached_counts["controlnet"] == Counter({i: controlnet[i] for i in computed if controlnet[i]})
     assert (report.controlnet_calls * loops, report.skipped_controlnet_calls * loops) == (
