@@ -194,6 +194,27 @@ def test_stateful_guider_against_the_reference_loop():
     assert error < 0.6 * caching_error, (error, caching_error)
 
 
+def test_a_call_before_the_loop_is_no_part_of_an_interrupted_generation():
+    """GLM-Image's image-conditioned generation writes the condition image's K/V with a transformer call before its
+    ``set_timesteps``. After a generation interrupted by diffusers' protocol (``pipe._interrupt``: the loop skips
+    its remaining steps, so the generation never finishes), that call was taken as one of the unfinished
+    generation's, answered on a skipped step with a placeholder: the K/V were never written and the next
+    generation came out different (0.13 off)."""
+    pipe, inputs = CASE["glm-image-edit"].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
+    expected = generate(pipe, inputs, STEPS)
+
+    def interrupt(pipe_: DiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pipe_._interrupt = i == 1
+        return kwargs
+
+    generate(pipe, {**inputs, "callback_on_step_end": interrupt}, STEPS)
+    assert meancache.summary(pipe).steps_run == 2  # interrupted after its second step
+    assert torch.equal(generate(pipe, inputs, STEPS), expected)
+    disable_mean_cache(pipe)
+
+
 def test_wan22_experts_share_one_schedule_and_the_summary_counts_their_forwards():
     pipe, inputs = CASE["wan2.2"].build()
     pipe.set_progress_bar_config(disable=True)
