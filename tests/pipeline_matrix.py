@@ -20,6 +20,9 @@ import diffusers
 import PIL.Image
 import torch
 from diffusers import (
+    AceStepConditionEncoder,
+    AceStepPipeline,
+    AceStepTransformer1DModel,
     AdaptiveProjectedMixGuidance,
     AnyFlowFARPipeline,
     AnyFlowFARTransformer3DModel,
@@ -35,6 +38,8 @@ from diffusers import (
     AutoencoderKLMagvit,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    AutoencoderOobleck,
+    AutoencoderSAME,
     BriaFibo2Pipeline,
     BriaFibo2Transformer2DModel,
     BriaFiboEditPipeline,
@@ -83,6 +88,8 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    GlmImagePipeline,
+    GlmImageTransformer2DModel,
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
     HunyuanImagePipeline,
@@ -107,6 +114,9 @@ from diffusers import (
     Kandinsky6Transformer3DModel,
     Krea2Pipeline,
     Krea2Transformer2DModel,
+    LongCatAudioDiTPipeline,
+    LongCatAudioDiTTransformer,
+    LongCatAudioDiTVae,
     LTX2ConditionPipeline,
     LTX2DFRPipeline,
     LTX2DFRTemporalRefinePipeline,
@@ -133,6 +143,7 @@ from diffusers import (
     OvisImagePipeline,
     OvisImageTransformer2DModel,
     PRXPipeline,
+    PRXPixelPipeline,
     PRXTransformer2DModel,
     QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
@@ -159,6 +170,11 @@ from diffusers import (
     SCMScheduler,
     SD3ControlNetModel,
     SD3Transformer2DModel,
+    StableAudio3AudioToAudioPipeline,
+    StableAudio3DiTModel,
+    StableAudio3DurationEmbedder,
+    StableAudio3InpaintPipeline,
+    StableAudio3Pipeline,
     StableDiffusion3ControlNetInpaintingPipeline,
     StableDiffusion3ControlNetPipeline,
     StableDiffusion3Img2ImgPipeline,
@@ -192,6 +208,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3Model,
     Qwen3VLConfig,
     Qwen3VLModel,
     Siglip2ImageProcessor,
@@ -205,6 +223,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from meancache.testing import tiny_inputs, tiny_pipeline
@@ -337,15 +357,23 @@ def _nucleus_moe() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, {**{k: v for k, v in _qwen_inputs().items() if k != "true_cfg_scale"}, "guidance_scale": 4.0}
 
 
+CHARS = [chr(code) for code in range(33, 127)]
+"""The printable ASCII characters: the vocabularies of the character-level tokenizers."""
+
+
+def _t5_tokenizer() -> T5Tokenizer:
+    """A character-level T5 tokenizer (built from its vocabulary: nothing is downloaded)."""
+    return T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0),
+                              *((c, -1.0) for c in CHARS)], extra_ids=0)  # fmt: skip
+
+
 def _clip_t5_text_encoders() -> dict[str, Any]:
     """Flux's two text encoders, one layer each and 32 wide (the tiny Flux transformer's widths), with character-level
     tokenizers (built from configs and vocabularies: nothing is downloaded), for the pipelines that take no prompt
     embeddings."""
-    chars = [chr(code) for code in range(33, 127)]
-    clip_vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *chars,
-                                                      *(c + "</w>" for c in chars)])}  # fmt: skip
-    tokenizer_2 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0),
-                                     *((c, -1.0) for c in chars)], extra_ids=0)  # fmt: skip
+    clip_vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *CHARS,
+                                                      *(c + "</w>" for c in CHARS)])}  # fmt: skip
+    tokenizer_2 = _t5_tokenizer()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -958,16 +986,24 @@ def _kandinsky5(image: bool) -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, {**prompt, **negative, "guidance_scale": 4.0, "num_frames": 5}
 
 
-def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
-    torch.manual_seed(0)
-    transformer = PRXTransformer2DModel(
-        in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1,
-        axes_dim=[8, 8],
-    )  # fmt: skip
-    pipe = PRXPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
-                       tokenizer=None, vae=_kl_vae(4), default_sample_size=SIZE)  # fmt: skip
-    return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "use_resolution_binning": False, "height": SIZE,
-                  "width": SIZE}  # fmt: skip
+def _prx(pipeline: type = PRXPipeline) -> Build:
+    """A PRX-family pipeline: on the 8x VAE's latents, or PRX Pixel's on the RGB pixels themselves (4x4 patches; its
+    transformer predicts the clean image, which the loop turns into a velocity)."""
+    pixel = pipeline is PRXPixelPipeline
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = PRXTransformer2DModel(
+            in_channels=3 if pixel else 4, patch_size=4 if pixel else 2, context_in_dim=16, hidden_size=32,
+            mlp_ratio=2.0, num_heads=2, depth=1, axes_dim=[8, 8],
+        )  # fmt: skip
+        vae = {} if pixel else {"vae": _kl_vae(4)}
+        pipe = pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
+                        tokenizer=None, default_sample_size=SIZE, **vae)  # fmt: skip
+        return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "use_resolution_binning": False, "height": SIZE,
+                      "width": SIZE}  # fmt: skip
+
+    return build
 
 
 def _easyanimate(pipeline: type = EasyAnimatePipeline, in_channels: int = 4, **extra: Any) -> Build:
@@ -1120,6 +1156,115 @@ def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
                              unconditional_transformer=transformer(1))  # fmt: skip
     return pipe, {"prompt": "a cat", "guidance_scale": 4.0, "guidance_schedule": None, "max_sequence_length": 8,
                   "height": SIZE, "width": SIZE}  # fmt: skip
+
+
+def _ace_step() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """ACE-Step 1.5 (music): a one-layer 1-D transformer on ``(batch, frames, 4)`` latents, its condition encoder
+    (lyrics, timbre and text in one sequence) and a one-layer Qwen3 text encoder with :func:`_byte_tokenizer` (it
+    takes no prompt embeddings); an Oobleck VAE of 4 latent frames a second (the loop reads its rate)."""
+    sizes = {"hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 8, "rope_theta": 10000.0, "sliding_window": 16}  # fmt: skip
+    torch.manual_seed(0)
+    transformer = AceStepTransformer1DModel(num_hidden_layers=1, in_channels=4 * 3, audio_acoustic_hidden_dim=4,
+                                            **sizes)  # fmt: skip
+    torch.manual_seed(0)
+    condition_encoder = AceStepConditionEncoder(text_hidden_dim=8, timbre_hidden_dim=4,
+                                                num_lyric_encoder_hidden_layers=1,
+                                                num_timbre_encoder_hidden_layers=1, **sizes)  # fmt: skip
+    tokenizer = _byte_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4,
+    )).eval()  # fmt: skip
+    torch.manual_seed(0)
+    vae = AutoencoderOobleck(encoder_hidden_size=4, downsampling_ratios=[1, 2], channel_multiples=[1, 1],
+                             decoder_channels=2, decoder_input_channels=4, sampling_rate=8)  # fmt: skip
+    pipe = AceStepPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                           condition_encoder=condition_encoder,
+                           scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0))  # fmt: skip
+    return pipe, {"prompt": "piano", "lyrics": "la la", "audio_duration": 4.0, "guidance_scale": 4.0,
+                  "max_text_length": 32, "max_lyric_length": 16}  # fmt: skip
+
+
+def _stable_audio3(pipeline: type = StableAudio3Pipeline, **extra: Any) -> Build:
+    """A Stable Audio 3-family pipeline on ``(batch, 4, frames)`` latents: a one-block DiT, a one-block SAME VAE
+    (4x: 4 latent frames a second at 16 Hz; the audio-to-audio and inpainting pipelines encode their audio) and the
+    duration embedder; prompts enter as embeddings. The scheduler is the base checkpoint's Euler one (the distilled
+    checkpoint's ``stochastic_sampling`` is refused at enable)."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = StableAudio3DiTModel(
+            io_channels=4, embed_dim=16, depth=1, num_heads=2, cond_token_dim=8, global_cond_dim=8,
+            local_add_cond_dim=4 + 1, timestep_features_dim=8, ff_mult=1.0, num_memory_tokens=2,
+            use_differential_attention=False,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        vae = AutoencoderSAME(
+            patch_size=2, encoder_channels=4, encoder_c_mults=(1,), encoder_strides=(2,),
+            encoder_transformer_depths=(1,), latent_dim=4, use_differential_attention=False, dim_heads=4, ff_mult=1,
+            sampling_rate=16,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        pipe = pipeline(vae=vae, text_encoder=None, tokenizer=None, transformer=transformer,
+                        duration_embedder=StableAudio3DurationEmbedder(output_dim=8, fourier_dim=8),
+                        scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+        return pipe, {"prompt_embeds": _randn(1, 5, 8), "duration": 4.0, **extra}
+
+    return build
+
+
+def _audio(seconds: float = 4.0, rate: int = 16) -> torch.Tensor:
+    """A ``(1, 2, samples)`` stereo waveform in [-1, 1]."""
+    return torch.rand(1, 2, int(seconds * rate), generator=_g()) * 2 - 1
+
+
+def _longcat_audio() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """LongCat-AudioDiT: a one-block 1-D transformer on ``(batch, frames, 4)`` latents (its zero-initialised layers
+    drawn at random) and a one-layer UMT5 text encoder with :func:`_t5_tokenizer` (it takes no prompt embeddings); its
+    VAE of 4 latent frames a second (the loop reads its rate); its own scheduler, with inverted sigmas (0 up to 1)."""
+    tokenizer = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
+                                               vocab_size=len(tokenizer))).eval()  # fmt: skip
+    torch.manual_seed(0)
+    transformer = _randomise_zero_parameters(LongCatAudioDiTTransformer(
+        dit_dim=16, dit_depth=1, dit_heads=2, dit_text_dim=8, latent_dim=4, text_conv=False, ff_mult=1.0,
+    ))  # fmt: skip
+    torch.manual_seed(0)
+    vae = LongCatAudioDiTVae(channels=2, c_mults=[1, 1], strides=[4], latent_dim=4, encoder_latent_dim=8,
+                             downsampling_ratio=4, sample_rate=16)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, invert_sigmas=True)
+    pipe = LongCatAudioDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                                   scheduler=scheduler)  # fmt: skip
+    return pipe, {"prompt": "waves", "negative_prompt": "noise", "audio_duration_s": 4.0, "guidance_scale": 4.0}
+
+
+def _glm_image(**extra: Any) -> Build:
+    """GLM-Image's diffusion stage: a one-layer transformer on the 8x VAE's latents (its latent statistics: the
+    image-to-image path reads them), given the prior tokens its autoregressive vision-language stage would generate
+    (``prior_token_ids``, one per latent patch; codebook of 32) and the prompt's glyph embeddings, so neither that
+    stage nor the text encoder is built."""
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = GlmImageTransformer2DModel(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            text_embed_dim=16, time_embed_dim=8, condition_dim=4, prior_vq_quantizer_codebook_size=32,
+        )  # fmt: skip
+        vae = _kl_vae(4)
+        vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                    use_dynamic_shifting=True, time_shift_type="linear")  # fmt: skip
+        pipe = GlmImagePipeline(tokenizer=None, processor=None, text_encoder=None, vision_language_encoder=None,
+                                vae=vae, transformer=transformer, scheduler=scheduler)  # fmt: skip
+        tokens = (SIZE // 16) ** 2
+        return pipe, {"prompt_embeds": _randn(1, 6, 16), "negative_prompt_embeds": _randn(1, 6, 16, seed=1),
+                      "prior_token_ids": torch.randint(0, 32, (1, tokens), generator=_g()), "guidance_scale": 4.0,
+                      "height": SIZE, "width": SIZE, **extra}  # fmt: skip
+
+    return build
 
 
 CASES: tuple[Case, ...] = (
@@ -1537,7 +1682,24 @@ CASES: tuple[Case, ...] = (
         "image latents as extra input channels, SigLIP image embeddings; guider",
     ),
     Case("ovis-image", "OvisImagePipeline", _ovis, "CFG in two calls"),
-    Case("prx", "PRXPipeline", _prx, "CFG batched"),
+    Case("prx", "PRXPipeline", _prx(), "CFG batched"),
+    Case(
+        "prx-pixel",
+        "PRXPixelPipeline",
+        _prx(PRXPixelPipeline),
+        "pixel space, x-prediction turned into a velocity; CFG batched",
+    ),
+    Case("glm-image", "GlmImagePipeline", _glm_image(), "CFG in two calls; prior tokens given (its AR stage's output)"),
+    Case(
+        "glm-image-edit",
+        "GlmImagePipeline",
+        _glm_image(
+            image=[_pil_image()],
+            prior_token_image_ids=[torch.randint(0, 32, ((SIZE // 16) ** 2,), generator=_g(1))],
+            source_image_grid_thw=[torch.tensor([[1, SIZE // 16, SIZE // 16]])],
+        ),
+        "condition image's K/V written by a transformer call before the loop, read by the conditional branch",
+    ),
     Case("ernie-image", "ErnieImagePipeline", _ernie_image, "CFG batched; variable-length prompt embeddings"),
     Case("krea2", "Krea2Pipeline", _krea2, "CFG in two calls; per-layer prompt embeddings"),
     Case(
@@ -1545,6 +1707,31 @@ CASES: tuple[Case, ...] = (
         "Ideogram4Pipeline",
         _ideogram4,
         "CFG branch on its own model (`unconditional_transformer`): both models run on computed steps only",
+    ),
+    Case("ace-step", "AceStepPipeline", _ace_step, "audio (1-D latents); CFG batched, APG guidance with momentum"),
+    Case(
+        "stable-audio3",
+        "StableAudio3Pipeline",
+        _stable_audio3(guidance_scale=4.0, negative_prompt_embeds=_randn(1, 5, 8, seed=1)),
+        "audio (1-D latents); CFG batched; its log-SNR sigmas",
+    ),
+    Case(
+        "stable-audio3-a2a",
+        "StableAudio3AudioToAudioPipeline",
+        _stable_audio3(StableAudio3AudioToAudioPipeline, audio=_audio(), init_noise_level=0.6),
+        "audio-to-audio at noise level 0.6 (its first step raises sigma: 0.6, then 0.92, as the reference); no CFG",
+    ),
+    Case(
+        "stable-audio3-inpaint",
+        "StableAudio3InpaintPipeline",
+        _stable_audio3(StableAudio3InpaintPipeline, audio=_audio(), mask_start_seconds=1.0, mask_end_seconds=3.0),
+        "mask and masked audio latents as local conditioning; no CFG",
+    ),
+    Case(
+        "longcat-audio",
+        "LongCatAudioDiTPipeline",
+        _longcat_audio,
+        "audio (1-D latents); CFG in two calls; inverted sigmas (its scheduler's `invert_sigmas`)",
     ),
 )
 """Every case the matrix test runs."""
@@ -1727,6 +1914,10 @@ _COSMOS = (
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
     "pipeline does not allow to be absent"
 )
+_COSMOS2_5 = (
+    "refused at enable with its default `UniPCMultistepScheduler`; with a FlowMatchEulerDiscreteScheduler, it "
+    f"{_COSMOS} (its constructor makes one when given None, an ImportError without `cosmos_guardrail`)"
+)
 _LOOPS = (
     "MeanCache takes each loop as a generation of its own at the budget B (an error when B exceeds a loop's steps), "
     "as in the verified VisualClozePipeline; not built in the matrix yet"
@@ -1735,21 +1926,16 @@ NOT_COVERED: dict[str, str] = {
     "JoyImageEditPlusPipeline": "with prompt embeddings and reference images it fails in diffusers 0.42.1 itself "
     "(`len(prompt)` with no prompt, and its inputs check refuses both), so it needs its Qwen3-VL processor, whose "
     "video processor needs torchvision (not installed here)",
-    "AceStepPipeline": f"audio; {_NOT_BUILT}",
     "Cosmos2TextToImagePipeline": _COSMOS,
     "Cosmos2VideoToWorldPipeline": _COSMOS,
-    "Cosmos2_5_PredictBasePipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
-    f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
-    "Cosmos2_5_TransferPipeline": "refused at enable with its default `UniPCMultistepScheduler`; with a "
-    f"FlowMatchEulerDiscreteScheduler: {_NOT_BUILT}",
+    "Cosmos2_5_PredictBasePipeline": _COSMOS2_5,
+    "Cosmos2_5_TransferPipeline": _COSMOS2_5,
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
-    "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
     "Kandinsky5I2IPipeline": _KANDINSKY5,
     "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "
     f"latent output): {_LOOPS}",
-    "LongCatAudioDiTPipeline": f"audio; {_NOT_BUILT}",
     "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
     "torchvision (not installed here); it also resizes every request to about a megapixel",
     "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
@@ -1757,16 +1943,12 @@ NOT_COVERED: dict[str, str] = {
     f"{_NOT_BUILT}",
     "OmniGenPipeline": "its multimodal processor builds torchvision transforms in its constructor (torchvision is "
     "not installed here)",
-    "PRXPixelPipeline": _NOT_BUILT,
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
     "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "
     "(thousands of tokens, seconds a step on the tiny model here): left out of the matrix's time budget",
     "SanaWMLTX2Refiner": "one 3-step distilled loop per autoregressive block (new timesteps each; its K/V capture "
     f"calls after each loop run outside any generation, as direct calls): {_LOOPS}",
-    "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
-    "StableAudio3InpaintPipeline": f"audio; {_NOT_BUILT}",
-    "StableAudio3Pipeline": f"audio; {_NOT_BUILT}",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
 and why."""

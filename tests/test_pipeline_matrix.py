@@ -35,12 +35,16 @@ CASE = {case.name: case for case in CASES}
 
 def denoisers(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """Every denoising model the pipeline holds, found without MeanCache's own naming rules: its diffusers models
-    other than the VAEs and the ControlNet (``transformer``, Wan2.2's ``transformer_2``, Ideogram4's
-    ``unconditional_transformer``, ...)."""
+    other than the VAEs (Stable Audio 3's SAME VAE is no ``AutoencoderMixin``), the ControlNet and the conditioning
+    models that run once before the loop (ACE-Step's ``condition_encoder``, Stable Audio 3's ``duration_embedder``):
+    ``transformer``, Wan2.2's ``transformer_2``, Ideogram4's ``unconditional_transformer``, ..."""
     return {
         name: module
         for name, module in pipe.components.items()
-        if isinstance(module, ModelMixin) and not isinstance(module, AutoencoderMixin) and name != "controlnet"
+        if isinstance(module, ModelMixin)
+        and not isinstance(module, AutoencoderMixin)
+        and name not in ("vae", "controlnet")
+        and not name.endswith(("_encoder", "_embedder"))
     }
 
 
@@ -51,13 +55,20 @@ def run_counting_blocks(
     transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every denoising model
     of the pipeline (:func:`denoisers`), and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that
     calls the transformer on every step tells when it is not given (the scheduler's ``step_index`` is None on the
-    first step only)."""
+    first step only). Forwards before the pipeline's ``set_timesteps`` (GLM-Image's condition-image K/V, outside the
+    generation) count to step 0, and are also counted apart (``"before_loop"``): until then the scheduler's
+    ``step_index`` is the previous run's last."""
     scheduler = pipe.scheduler
-    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
+    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter(),
+                                  "before_loop": Counter()}  # fmt: skip
+    previous_timesteps = scheduler.timesteps  # set_timesteps replaces them
 
     def counter(kind: str) -> Any:
         def count(*_: Any) -> None:
-            counts[kind][-1 if scheduler.step_index is None else scheduler.step_index] += 1
+            before_loop = scheduler.timesteps is previous_timesteps
+            counts[kind][-1 if before_loop or scheduler.step_index is None else scheduler.step_index] += 1
+            if before_loop and kind == "forwards":
+                counts["before_loop"][-1] += 1
 
         return count
 
@@ -109,8 +120,10 @@ def test_pipeline(case: Case):
     assert report.num_steps == steps and len(computed) == BUDGET
     assert cached_counts["blocks"] == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
     loops = case.loops  # the summary is the last loop's
-    assert report.transformer_calls * loops == cached_counts["forwards"].total()  # the summary counts real forwards
-    assert (report.transformer_calls + report.skipped_calls) * loops == forwards.total()
+    # the summary counts the generation's real forwards
+    outside = counts["before_loop"].total()
+    assert report.transformer_calls * loops == cached_counts["forwards"].total() - outside
+    assert (report.transformer_calls + report.skipped_calls) * loops == forwards.total() - outside
     # a ControlNet runs with the transformer, on the computed steps only
     assert cached_counts["controlnet"] == Counter({i: controlnet[i] for i in computed if controlnet[i]})
     assert (report.controlnet_calls * loops, report.skipped_controlnet_calls * loops) == (
@@ -139,6 +152,10 @@ def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> tor
         ("flux-img2img-0.6", 20, MeanCacheConfig(SPANS)),  # strength 0.6: 12 of 20 steps
         ("hunyuan-video-1.5", 12, MeanCacheConfig(SPANS)),  # a guider without state (ClassifierFreeGuidance)
         ("sana", 12, MeanCacheConfig(SPANS)),  # the flow DPM-Solver++
+        ("stable-audio3", 12, MeanCacheConfig(SPANS)),  # 1-D latents, channels first
+        ("stable-audio3-a2a", 12, MeanCacheConfig(SPANS)),  # its first step raises sigma
+        ("longcat-audio", 12, MeanCacheConfig(SPANS)),  # inverted sigmas; CFG in two calls
+        ("prx-pixel", 12, MeanCacheConfig(SPANS)),  # the velocity is made from the latents after the transformer
     ],
 )
 def test_matches_the_independent_reference_loop(name: str, steps: int, config: MeanCacheConfig):
@@ -175,6 +192,27 @@ def test_stateful_guider_against_the_reference_loop():
     disable_mean_cache(pipe)
     error, caching_error = (ours - expected).abs().max(), (full - expected).abs().max()
     assert error < 0.6 * caching_error, (error, caching_error)
+
+
+def test_a_call_before_the_loop_is_no_part_of_an_interrupted_generation():
+    """GLM-Image's image-conditioned generation writes the condition image's K/V with a transformer call before its
+    ``set_timesteps``. After a generation interrupted by diffusers' protocol (``pipe._interrupt``: the loop skips
+    its remaining steps, so the generation never finishes), that call was taken as one of the unfinished
+    generation's, answered on a skipped step with a placeholder: the K/V were never written and the next
+    generation came out different (0.13 off)."""
+    pipe, inputs = CASE["glm-image-edit"].build()
+    pipe.set_progress_bar_config(disable=True)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
+    expected = generate(pipe, inputs, STEPS)
+
+    def interrupt(pipe_: DiffusionPipeline, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pipe_._interrupt = i == 1
+        return kwargs
+
+    generate(pipe, {**inputs, "callback_on_step_end": interrupt}, STEPS)
+    assert meancache.summary(pipe).steps_run == 2  # interrupted after its second step
+    assert torch.equal(generate(pipe, inputs, STEPS), expected)
+    disable_mean_cache(pipe)
 
 
 def test_wan22_experts_share_one_schedule_and_the_summary_counts_their_forwards():

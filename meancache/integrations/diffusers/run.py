@@ -127,6 +127,10 @@ class GenerationRun:
     """While the schedule is pending: the gate, arguments and keyword arguments of each transformer call."""
     latents: torch.Tensor | None = field(default=None, repr=False)
     """The tensor the generation started from (the first transformer call's ``hidden_states``), for the key."""
+    in_loop: bool = False
+    """Whether the pipeline's ``_current_timestep`` was set during this generation: diffusers pipelines set it on
+    each step of their loop and reset it to None when a call begins and after the loop, so once it was set, None
+    again means the pipeline left the loop (an interrupted generation: :meth:`MeanCacheState.run_for_call`)."""
 
     @property
     def num_steps(self) -> int:
@@ -176,14 +180,21 @@ class MeanCacheState:
     def run_for_call(self, latents: torch.Tensor | None) -> GenerationRun | None:
         """The generation a transformer call (``latents``: its ``hidden_states``) or scheduler step (its sample)
         belongs to, or None outside a generation."""
+        in_loop = getattr(self.pipe, "_current_timestep", None) is not None
         if self._announced:
             self._announced = False
             self._start_run(latents)
+        elif self.run is not None and self.run.in_loop and not in_loop:
+            # an interrupted generation (diffusers' `_interrupt`, an exception): this call, before the pipeline's
+            # next `set_timesteps` (GLM-Image's condition-image K/V), is no part of it
+            self.end_run()
         elif self.run is None and (pipe := self.pipe) is not None and pipe.scheduler is not self.scheduler:
             raise RuntimeError(
                 f"pipe.scheduler was replaced ({type(pipe.scheduler).__name__}) after enable_mean_cache, so MeanCache "
                 "no longer sees the steps; call disable_mean_cache(pipe) and enable_mean_cache again"
             )
+        if self.run is not None and in_loop:
+            self.run.in_loop = True
         return self.run
 
     def finish_step(self, run: GenerationRun) -> None:
