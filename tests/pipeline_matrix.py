@@ -92,7 +92,9 @@ from diffusers import (
     Ideogram4Transformer2DModel,
     JoyImageEditPipeline,
     JoyImageEditTransformer3DModel,
+    Kandinsky5I2IPipeline,
     Kandinsky5I2VPipeline,
+    Kandinsky5T2IPipeline,
     Kandinsky5T2VPipeline,
     Kandinsky5Transformer3DModel,
     Krea2Pipeline,
@@ -913,27 +915,36 @@ def _krea2() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
-def _kandinsky5(image: bool) -> tuple[DiffusionPipeline, dict[str, Any]]:
-    """Kandinsky 5 on the tiny HunyuanVideo VAE. Image-to-video: without CFG (one call per step), 17 frames (it
-    renormalises the first 4 latent frames by the statistics of the next ones: NaN with fewer than 5).
-    Text-to-video: CFG in two calls a step, 5 frames."""
-    torch.manual_seed(0)
-    transformer = Kandinsky5Transformer3DModel(
-        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
-        model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=image,
-    )  # fmt: skip
-    pipeline = Kandinsky5I2VPipeline if image else Kandinsky5T2VPipeline
-    pipe = pipeline(transformer=transformer, vae=tiny_pipeline("hunyuan-video").vae, text_encoder=None,
-                    tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                    scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
-    prompt = {"prompt_embeds_qwen": _randn(1, 6, 16), "prompt_embeds_clip": _randn(1, 8),
-              "prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32), "height": SIZE, "width": SIZE}  # fmt: skip
-    if image:
-        return pipe, {**prompt, "image": _pil_image(), "guidance_scale": 1.0, "num_frames": 17}
-    negative = {"negative_prompt_embeds_qwen": _randn(1, 6, 16, seed=1),
-                "negative_prompt_embeds_clip": _randn(1, 8, seed=1),
-                "negative_prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32)}  # fmt: skip
-    return pipe, {**prompt, **negative, "guidance_scale": 4.0, "num_frames": 5}
+def _kandinsky5(pipeline: type) -> Build:
+    """A Kandinsky 5 pipeline. Video, on the tiny HunyuanVideo VAE: image-to-video without CFG (one call per step),
+    17 frames (it renormalises the first 4 latent frames by the statistics of the next ones: NaN with fewer than 5);
+    text-to-video with CFG in two calls a step, 5 frames. Image, on the tiny AutoencoderKL, with CFG in two calls a
+    step: at 640 x 1408, the smallest of the trained resolutions it resizes every request to (80 x 176 latents:
+    3520 tokens); image-to-image encodes its image at that size."""
+    image = pipeline in (Kandinsky5I2VPipeline, Kandinsky5I2IPipeline)
+    video = pipeline in (Kandinsky5I2VPipeline, Kandinsky5T2VPipeline)
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = Kandinsky5Transformer3DModel(
+            in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+            model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=image,
+        )  # fmt: skip
+        vae = tiny_pipeline("hunyuan-video").vae if video else _kl_vae(4)
+        pipe = pipeline(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
+        size = {"height": SIZE, "width": SIZE} if video else {"height": 640, "width": 1408}
+        prompt = {"prompt_embeds_qwen": _randn(1, 6, 16), "prompt_embeds_clip": _randn(1, 8),
+                  "prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32), **size}  # fmt: skip
+        if pipeline is Kandinsky5I2VPipeline:
+            return pipe, {**prompt, "image": _pil_image(), "guidance_scale": 1.0, "num_frames": 17}
+        negative = {"negative_prompt_embeds_qwen": _randn(1, 6, 16, seed=1),
+                    "negative_prompt_embeds_clip": _randn(1, 8, seed=1),
+                    "negative_prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32)}  # fmt: skip
+        extra = {"num_frames": 5} if video else {"image": _pil_image()} if image else {}
+        return pipe, {**prompt, **negative, "guidance_scale": 4.0, **extra}
+
+    return build
 
 
 def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
@@ -1327,13 +1338,26 @@ CASES: tuple[Case, ...] = (
         "tokens; SigLIP image embeddings",
         loops=2,
     ),
-    Case("kandinsky5-t2v", "Kandinsky5T2VPipeline", lambda: _kandinsky5(image=False), "CFG in two calls a step"),
+    Case("kandinsky5-t2v", "Kandinsky5T2VPipeline", _kandinsky5(Kandinsky5T2VPipeline), "CFG in two calls a step"),
     Case(
         "kandinsky5-i2v",
         "Kandinsky5I2VPipeline",
-        lambda: _kandinsky5(image=True),
+        _kandinsky5(Kandinsky5I2VPipeline),
         "the image's latents as the first frame and visual condition channels; the scheduler steps the other frames "
         "in place",
+    ),
+    Case(
+        "kandinsky5-t2i",
+        "Kandinsky5T2IPipeline",
+        _kandinsky5(Kandinsky5T2IPipeline),
+        "CFG in two calls a step; at 640 x 1408, its smallest trained resolution (3520 tokens)",
+    ),
+    Case(
+        "kandinsky5-i2i",
+        "Kandinsky5I2IPipeline",
+        _kandinsky5(Kandinsky5I2IPipeline),
+        "the image's latents as visual condition channels; the scheduler steps the latent channels in place; CFG in "
+        "two calls a step, at 640 x 1408",
     ),
     Case(
         "hunyuan-skyreels-i2v",
@@ -1576,10 +1600,6 @@ REFUSED: tuple[Refusal, ...] = (
 
 _LOOP = "refused at enable: its loop steps a second (audio) latent stream with a deep copy of the scheduler"
 _NOT_BUILT = "not built in the matrix yet"
-_KANDINSKY5 = (
-    "resizes every request to a trained resolution (1024 x 1024 and up: 4096 tokens, seconds a step on the tiny "
-    "model here): left out of the matrix's time budget (Kandinsky 5 text-to-video, which does not, is verified)"
-)
 _COSMOS = (
     "refuses to run without its safety checker (`CosmosSafetyChecker`, from the `cosmos_guardrail` package, which "
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
@@ -1607,8 +1627,6 @@ NOT_COVERED: dict[str, str] = {
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
-    "Kandinsky5I2IPipeline": _KANDINSKY5,
-    "Kandinsky5T2IPipeline": _KANDINSKY5,
     "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "
     f"latent output): {_LOOPS}",
     "Kandinsky6TI2VAPipeline": _LOOP,
