@@ -45,13 +45,13 @@ def denoisers(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
 
 
 def run_counting_blocks(
-    pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None
+    pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None, output_type: str = "latent"
 ) -> tuple[torch.Tensor, dict[str, Counter], int]:
-    """Final latents; per step of the generation (step 0 is the scheduler's first, ``begin``) the number of
-    transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every denoising model
-    of the pipeline (:func:`denoisers`), and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that
-    calls the transformer on every step tells when it is not given (the scheduler's ``step_index`` is None on the
-    first step only)."""
+    """Final latents (or, ``output_type="pt"``, the decoded output); per step of the generation (step 0 is the
+    scheduler's first, ``begin``) the number of transformer-block forwards (``"blocks"``) and of transformer forwards
+    (``"forwards"``), over every denoising model of the pipeline (:func:`denoisers`), and of ControlNet forwards
+    (``"controlnet"``); and ``begin``, which a run that calls the transformer on every step tells when it is not given
+    (the scheduler's ``step_index`` is None on the first step only)."""
     scheduler = pipe.scheduler
     counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
 
@@ -74,11 +74,11 @@ def run_counting_blocks(
     torch.manual_seed(0)  # some pipelines sample from the global generator (CogView4 Control's VAE encoding)
     try:
         out = pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                   output_type="latent", return_dict=False)[0]  # fmt: skip
+                   output_type=output_type, return_dict=False)[0]  # fmt: skip
     finally:
         for handle in handles:
             handle.remove()
-    if isinstance(out, list):  # one latents tensor per video section (FramePack): compared whole
+    if isinstance(out, list):  # one tensor per video section (FramePack) or per prompt: compared whole
         out = torch.cat([section.flatten() for section in out])
     if begin is None:
         begin = min(step for step in counts["forwards"] if step != -1) - 1
@@ -91,18 +91,19 @@ def test_pipeline(case: Case):
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
     assert transformer_names(pipe) == sorted(denoisers(pipe))  # MeanCache gates every denoising model
-    baseline, counts, begin = run_counting_blocks(pipe, inputs)
+    output = case.output_type
+    baseline, counts, begin = run_counting_blocks(pipe, inputs, output_type=output)
     blocks, forwards, controlnet = counts["blocks"], counts["forwards"], counts["controlnet"]
     steps = len(forwards)
     assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=steps, calibration_runs=0))
-    full, full_counts, _ = run_counting_blocks(pipe, inputs, begin)
+    full, full_counts, _ = run_counting_blocks(pipe, inputs, begin, output)
     disable_mean_cache(pipe)
     assert torch.equal(full, baseline) and full_counts == counts
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
-    cached, cached_counts, _ = run_counting_blocks(pipe, inputs, begin)
+    cached, cached_counts, _ = run_counting_blocks(pipe, inputs, begin, output)
     report = meancache.summary(pipe)
     disable_mean_cache(pipe)
     computed = report.schedule.compute_steps
@@ -120,7 +121,7 @@ def test_pipeline(case: Case):
     assert cached.shape == baseline.shape and torch.isfinite(cached).all()
     assert not torch.equal(cached, baseline)
 
-    assert torch.equal(run_counting_blocks(pipe, inputs)[0], baseline)
+    assert torch.equal(run_counting_blocks(pipe, inputs, output_type=output)[0], baseline)
 
 
 def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> torch.Tensor:
