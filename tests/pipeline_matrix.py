@@ -97,6 +97,9 @@ from diffusers import (
     Kandinsky5T2IPipeline,
     Kandinsky5T2VPipeline,
     Kandinsky5Transformer3DModel,
+    Kandinsky6SRPipeline,
+    Kandinsky6SRTransformer3DModel,
+    Kandinsky6SRVAE,
     Krea2Pipeline,
     Krea2Transformer2DModel,
     LTXConditionPipeline,
@@ -965,6 +968,25 @@ def _kandinsky5(pipeline: type) -> Build:
     return build
 
 
+def _kandinsky6_sr() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Kandinsky 6 video super-resolution (2x) on a tiny K-VAE (8x spatial, 4x temporal) and a transformer trained,
+    per its config, on 64 x 64 tiles (8 x 8 latents: NABLA attention's smallest token grid): a 5-frame 32 x 48 video
+    is cut into two overlapping 32 x 32 tiles, each denoised in a loop of its own (new timesteps each) and decoded.
+    It takes a FlowMatchEulerDiscreteScheduler or, in its distilled checkpoints, a PiflowScheduler (refused at
+    enable)."""
+    torch.manual_seed(0)
+    transformer = Kandinsky6SRTransformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, time_dim=16, model_dim=32, ff_dim=32, num_visual_blocks=1,
+        axes_dims=(4, 6, 6), tile_sizes=((64, 64),),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    vae = Kandinsky6SRVAE(latent_channels=4, encoder_block_out_channels=(4,) * 4,
+                          decoder_block_out_channels=(4,) * 4, layers_per_block=1)  # fmt: skip
+    pipe = Kandinsky6SRPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler())
+    video = torch.rand(1, 5, 3, SIZE, 3 * SIZE // 2, generator=_g())  # (batch, frames, channels, height, width)
+    return pipe, {"video": video, "resolution_scale": 2}
+
+
 def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
     torch.manual_seed(0)
     transformer = PRXTransformer2DModel(
@@ -1387,6 +1409,15 @@ CASES: tuple[Case, ...] = (
         "two calls a step, at 640 x 1408",
     ),
     Case(
+        "kandinsky6-sr",
+        "Kandinsky6SRPipeline",
+        _kandinsky6_sr,
+        "two loops per call, one per tile (each a generation at the budget), from the tile's noised low-resolution "
+        "latents; no text; decoded output compared (it always decodes)",
+        loops=2,
+        output_type="pt",
+    ),
+    Case(
         "hunyuan-skyreels-i2v",
         "HunyuanSkyreelsImageToVideoPipeline",
         _hunyuan_video_i2v(HunyuanSkyreelsImageToVideoPipeline, 4 + 4, guidance_embeds=False),
@@ -1654,8 +1685,6 @@ NOT_COVERED: dict[str, str] = {
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
     "GlmImagePipeline": f"needs a vision-language encoder; {_NOT_BUILT}",
-    "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "
-    f"latent output): {_LOOPS}",
     "Kandinsky6TI2VAPipeline": _LOOP,
     "LTX2ConditionPipeline": _LOOP,
     "LTX2DFRPipeline": _LOOP,

@@ -17,7 +17,6 @@ import diffusers
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin, UniPCMultistepScheduler
-from diffusers.models.autoencoders.vae import AutoencoderMixin
 
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
@@ -35,12 +34,15 @@ CASE = {case.name: case for case in CASES}
 
 def denoisers(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """Every denoising model the pipeline holds, found without MeanCache's own naming rules: its diffusers models
-    other than the VAEs and the ControlNet (``transformer``, Wan2.2's ``transformer_2``, Ideogram4's
+    other than the VAEs (the models with an ``encode`` and a ``decode``: every ``AutoencoderMixin``, and Kandinsky 6's
+    K-VAE, which is not one) and the ControlNet (``transformer``, Wan2.2's ``transformer_2``, Ideogram4's
     ``unconditional_transformer``, ...)."""
     return {
         name: module
         for name, module in pipe.components.items()
-        if isinstance(module, ModelMixin) and not isinstance(module, AutoencoderMixin) and name != "controlnet"
+        if isinstance(module, ModelMixin)
+        and not (hasattr(module, "encode") and hasattr(module, "decode"))
+        and name != "controlnet"
     }
 
 
