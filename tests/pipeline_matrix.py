@@ -140,6 +140,8 @@ from diffusers import (
     SanaTransformer2DModel,
     SanaVideoPipeline,
     SanaVideoTransformer3DModel,
+    SanaWMLTX2Refiner,
+    SanaWMLTX2RefinerTransformer3DModel,
     SCMScheduler,
     SD3ControlNetModel,
     SD3Transformer2DModel,
@@ -167,6 +169,7 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
@@ -175,6 +178,9 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    GemmaTokenizer,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2TokenizerFast,
     Qwen3VLModel,
@@ -197,6 +203,15 @@ from tests.flow_pipelines import flow_pipeline_classes
 Build = Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]
 """A fresh tiny pipeline and the keyword arguments of one generation (no steps, generator or output type)."""
 
+Call = Callable[[DiffusionPipeline, dict[str, Any]], Any]
+"""Runs a pipeline with the keyword arguments of one generation and the test's ``num_inference_steps``,
+``generator`` and ``output_type``, and returns its output."""
+
+
+def _call(pipe: DiffusionPipeline, kwargs: dict[str, Any]) -> Any:
+    return pipe(**kwargs, return_dict=False)[0]
+
+
 SIZE = 32
 """Image side in pixels (16 latent tokens for the 8x VAEs)."""
 
@@ -218,6 +233,8 @@ class Case:
     """What the call returns, and the test compares: the final latents, or (``"pt"``) the decoded images, for a
     pipeline without a working latent output (decoding is deterministic: bit-identical latents decode to
     bit-identical images)."""
+    call: Call = _call
+    """How the test calls the pipeline (SanaWM's refiner takes its steps as sigmas)."""
 
 
 def _g(seed: int = 0) -> torch.Generator:
@@ -987,6 +1004,52 @@ def _kandinsky6_sr() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, {"video": video, "resolution_scale": 2}
 
 
+def _sana_wm_refiner() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """SanaWM's LTX-2 refiner without a VAE (it returns the refined latents), with a one-layer Gemma-3 text encoder
+    and a character-level tokenizer (built from a config and a vocabulary: nothing is downloaded; it takes no prompt
+    embeddings) and LTX-2's text connectors: a 7-frame stage-1 latent is its sink frame and two autoregressive blocks
+    of 3 frames, each refined in a loop of its own (new timesteps each)."""
+    chars = [chr(code) for code in range(33, 127)]
+    tokenizer = GemmaTokenizer(vocab={token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
+                                                                           "\u2581", *chars])}, merges=[])  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 4},
+        vision_config={"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 8},
+        mm_tokens_per_image=4,
+    )).eval()  # fmt: skip
+    torch.manual_seed(0)
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_double_precision=False,
+        rope_type="split",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformer = SanaWMLTX2RefinerTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=1, caption_channels=16, rope_double_precision=False,
+        rope_type="split",
+    )  # fmt: skip
+    pipe = SanaWMLTX2Refiner(transformer=transformer, connectors=connectors, tokenizer=tokenizer,
+                             text_encoder=text_encoder, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                             text_max_sequence_length=8)  # fmt: skip
+    return pipe, {"sana_latent": _randn(1, 4, 7, 4, 4), "prompt": "a cat", "fps": 24.0}
+
+
+def _sana_wm_refiner_call(pipe: DiffusionPipeline, kwargs: dict[str, Any]) -> Any:
+    """SanaWM's refiner takes its steps as descending sigmas ending at 0 (here from 0.9, its distilled schedule's
+    start) and returns its output itself."""
+    steps = kwargs["num_inference_steps"]
+    sigmas = tuple(torch.linspace(0.9, 0.0, steps + 1).tolist())
+    return pipe(**{k: v for k, v in kwargs.items() if k != "num_inference_steps"}, sigmas=sigmas)
+
+
 def _prx() -> tuple[DiffusionPipeline, dict[str, Any]]:
     torch.manual_seed(0)
     transformer = PRXTransformer2DModel(
@@ -1530,6 +1593,16 @@ CASES: tuple[Case, ...] = (
         _sana_video(SanaImageToVideoPipeline, image=_pil_image()),
         "the first frame is the image's latents; the scheduler steps the others; flow DPM-Solver++",
     ),
+    Case(
+        "sana-wm-refiner",
+        "SanaWMLTX2Refiner",
+        _sana_wm_refiner,
+        "two loops per call, one per autoregressive block (each a generation at the budget), their steps given as "
+        "sigmas; its K/V captures (the sink's before the blocks, each block's after it) run outside the steps; its "
+        "Gemma-3 text encoder runs",
+        loops=2,
+        call=_sana_wm_refiner_call,
+    ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
     Case("bria-fibo", "BriaFiboPipeline", _bria_fibo(), "CFG batched; every text-encoder layer feeds the blocks"),
@@ -1663,10 +1736,6 @@ _COSMOS = (
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
     "pipeline does not allow to be absent"
 )
-_LOOPS = (
-    "MeanCache takes each loop as a generation of its own at the budget B (an error when B exceeds a loop's steps), "
-    "as in the verified VisualClozePipeline; not built in the matrix yet"
-)
 NOT_COVERED: dict[str, str] = {
     "JoyImageEditPlusPipeline": "with prompt embeddings and reference images it fails in diffusers 0.42.1 itself "
     "(`len(prompt)` with no prompt, and its inputs check refuses both), so it needs its Qwen3-VL processor, whose "
@@ -1705,8 +1774,6 @@ NOT_COVERED: dict[str, str] = {
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
     "SanaSprintImg2ImgPipeline": "refused at enable: its `SCMScheduler`, as Sana Sprint",
-    "SanaWMLTX2Refiner": "one 3-step distilled loop per autoregressive block (new timesteps each; its K/V capture "
-    f"calls after each loop run outside any generation, as direct calls): {_LOOPS}",
     "SanaWMPipeline": "refused at enable: its loop steps with `per_token_timesteps`",
     "StableAudio3AudioToAudioPipeline": f"audio; {_NOT_BUILT}",
     "StableAudio3InpaintPipeline": f"audio; {_NOT_BUILT}",

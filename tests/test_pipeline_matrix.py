@@ -35,31 +35,32 @@ CASE = {case.name: case for case in CASES}
 def denoisers(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """Every denoising model the pipeline holds, found without MeanCache's own naming rules: its diffusers models
     other than the VAEs (the models with an ``encode`` and a ``decode``: every ``AutoencoderMixin``, and Kandinsky 6's
-    K-VAE, which is not one) and the ControlNet (``transformer``, Wan2.2's ``transformer_2``, Ideogram4's
-    ``unconditional_transformer``, ...)."""
+    K-VAE, which is not one), the ControlNet and LTX-2's text connectors (``transformer``, Wan2.2's
+    ``transformer_2``, Ideogram4's ``unconditional_transformer``, ...)."""
     return {
         name: module
         for name, module in pipe.components.items()
         if isinstance(module, ModelMixin)
         and not (hasattr(module, "encode") and hasattr(module, "decode"))
-        and name != "controlnet"
+        and name not in ("controlnet", "connectors")
     }
 
 
 def run_counting_blocks(
-    pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None, output_type: str = "latent"
+    case: Case, pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None
 ) -> tuple[torch.Tensor, dict[str, Counter], int]:
-    """Final latents (or, ``output_type="pt"``, the decoded output); per step of the generation (step 0 is the
+    """The case's output (final latents, or the decoded output); per step of the generation (step 0 is the
     scheduler's first, ``begin``) the number of transformer-block forwards (``"blocks"``) and of transformer forwards
     (``"forwards"``), over every denoising model of the pipeline (:func:`denoisers`), and of ControlNet forwards
-    (``"controlnet"``); and ``begin``, which a run that calls the transformer on every step tells when it is not given
-    (the scheduler's ``step_index`` is None on the first step only)."""
+    (``"controlnet"``); per kind, those outside every step (``"outside"``: before a loop's timesteps are stepped, or
+    after its last step: SanaWM's refiner's K/V captures); and ``begin``, which a run that calls the transformer on
+    every step tells when it is not given (the scheduler's ``step_index`` is None on the first step only)."""
     scheduler = pipe.scheduler
-    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
+    calls: list[tuple[str, torch.Tensor, int | None]] = []  # kind, the scheduler's timesteps, its step index
 
     def counter(kind: str) -> Any:
         def count(*_: Any) -> None:
-            counts[kind][-1 if scheduler.step_index is None else scheduler.step_index] += 1
+            calls.append((kind, scheduler.timesteps, scheduler.step_index))
 
         return count
 
@@ -75,17 +76,25 @@ def run_counting_blocks(
         handles.append(controlnet.register_forward_pre_hook(counter("controlnet")))
     torch.manual_seed(0)  # some pipelines sample from the global generator (CogView4 Control's VAE encoding)
     try:
-        out = pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                   output_type=output_type, return_dict=False)[0]  # fmt: skip
+        out = case.call(pipe, {**inputs, "num_inference_steps": STEPS, "generator": torch.Generator().manual_seed(0),
+                               "output_type": case.output_type})  # fmt: skip
     finally:
         for handle in handles:
             handle.remove()
+    stepped = [timesteps for _, timesteps, step in calls if step is not None]  # loops that ran past their step 0
+    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
+    outside: Counter = Counter()
+    for kind, timesteps, step in calls:
+        if any(timesteps is t for t in stepped) if step is None else step < len(timesteps):
+            counts[kind][-1 if step is None else step] += 1
+        else:
+            outside[kind] += 1
     if isinstance(out, list):  # one tensor per video section (FramePack) or per prompt: compared whole
         out = torch.cat([section.flatten() for section in out])
     if begin is None:
         begin = min(step for step in counts["forwards"] if step != -1) - 1
     relative = {kind: Counter({0 if s == -1 else s - begin: n for s, n in c.items()}) for kind, c in counts.items()}
-    return out, relative, begin
+    return out, relative | {"outside": outside}, begin
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -93,19 +102,18 @@ def test_pipeline(case: Case):
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
     assert transformer_names(pipe) == sorted(denoisers(pipe))  # MeanCache gates every denoising model
-    output = case.output_type
-    baseline, counts, begin = run_counting_blocks(pipe, inputs, output_type=output)
+    baseline, counts, begin = run_counting_blocks(case, pipe, inputs)
     blocks, forwards, controlnet = counts["blocks"], counts["forwards"], counts["controlnet"]
     steps = len(forwards)
     assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=steps, calibration_runs=0))
-    full, full_counts, _ = run_counting_blocks(pipe, inputs, begin, output)
+    full, full_counts, _ = run_counting_blocks(case, pipe, inputs, begin)
     disable_mean_cache(pipe)
     assert torch.equal(full, baseline) and full_counts == counts
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
-    cached, cached_counts, _ = run_counting_blocks(pipe, inputs, begin, output)
+    cached, cached_counts, _ = run_counting_blocks(case, pipe, inputs, begin)
     report = meancache.summary(pipe)
     disable_mean_cache(pipe)
     computed = report.schedule.compute_steps
@@ -113,6 +121,7 @@ def test_pipeline(case: Case):
     assert cached_counts["blocks"] == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
     loops = case.loops  # the summary is the last loop's
     assert report.transformer_calls * loops == cached_counts["forwards"].total()  # the summary counts real forwards
+    assert cached_counts["outside"] == counts["outside"]  # forwards outside the steps run as they are
     assert (report.transformer_calls + report.skipped_calls) * loops == forwards.total()
     # a ControlNet runs with the transformer, on the computed steps only
     assert cached_counts["controlnet"] == Counter({i: controlnet[i] for i in computed if controlnet[i]})
@@ -123,7 +132,7 @@ def test_pipeline(case: Case):
     assert cached.shape == baseline.shape and torch.isfinite(cached).all()
     assert not torch.equal(cached, baseline)
 
-    assert torch.equal(run_counting_blocks(pipe, inputs, output_type=output)[0], baseline)
+    assert torch.equal(run_counting_blocks(case, pipe, inputs)[0], baseline)
 
 
 def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> torch.Tensor:
