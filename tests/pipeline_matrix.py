@@ -107,9 +107,14 @@ from diffusers import (
     Ideogram4Transformer2DModel,
     JoyImageEditPipeline,
     JoyImageEditTransformer3DModel,
+    Kandinsky5I2IPipeline,
     Kandinsky5I2VPipeline,
+    Kandinsky5T2IPipeline,
     Kandinsky5T2VPipeline,
     Kandinsky5Transformer3DModel,
+    Kandinsky6SRPipeline,
+    Kandinsky6SRTransformer3DModel,
+    Kandinsky6SRVAE,
     Kandinsky6TI2VAPipeline,
     Kandinsky6Transformer3DModel,
     Krea2Pipeline,
@@ -153,6 +158,7 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     QwenImageImg2ImgPipeline,
     QwenImageInpaintPipeline,
+    QwenImageLayeredPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SanaControlNetModel,
@@ -165,6 +171,8 @@ from diffusers import (
     SanaTransformer2DModel,
     SanaVideoPipeline,
     SanaVideoTransformer3DModel,
+    SanaWMLTX2Refiner,
+    SanaWMLTX2RefinerTransformer3DModel,
     SanaWMPipeline,
     SanaWMTransformer3DModel,
     SCMScheduler,
@@ -199,6 +207,7 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
@@ -207,10 +216,13 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    GemmaTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2TokenizerFast,
     Qwen3Config,
     Qwen3Model,
-    Qwen3VLConfig,
     Qwen3VLModel,
     Siglip2ImageProcessor,
     Siglip2VisionConfig,
@@ -233,6 +245,15 @@ from tests.flow_pipelines import flow_pipeline_classes
 Build = Callable[[], tuple[DiffusionPipeline, dict[str, Any]]]
 """A fresh tiny pipeline and the keyword arguments of one generation (no steps, generator or output type)."""
 
+Call = Callable[[DiffusionPipeline, dict[str, Any]], Any]
+"""Runs a pipeline with the keyword arguments of one generation and the test's ``num_inference_steps``,
+``generator`` and ``output_type``, and returns its output."""
+
+
+def _call(pipe: DiffusionPipeline, kwargs: dict[str, Any]) -> Any:
+    return pipe(**kwargs, return_dict=False)[0]
+
+
 SIZE = 32
 """Image side in pixels (16 latent tokens for the 8x VAEs)."""
 
@@ -250,6 +271,12 @@ class Case:
     loops: int = 1
     """Denoising loops per call, all over the same steps (VisualCloze's generation and upsampling, FramePack's video
     sections): each is a generation of its own to MeanCache, and its summary is the last one's."""
+    output_type: str = "latent"
+    """What the call returns, and the test compares: the final latents, or (``"pt"``) the decoded images, for a
+    pipeline without a working latent output (decoding is deterministic: bit-identical latents decode to
+    bit-identical images)."""
+    call: Call = _call
+    """How the test calls the pipeline (SanaWM's refiner takes its steps as sigmas)."""
 
 
 def _g(seed: int = 0) -> torch.Generator:
@@ -404,11 +431,12 @@ def _visualcloze(pipeline: type = VisualClozeGenerationPipeline, **extra: Any) -
     return build
 
 
-def _qwen_transformer() -> QwenImageTransformer2DModel:
+def _qwen_transformer(**extra: Any) -> QwenImageTransformer2DModel:
+    """A one-block Qwen-Image transformer, with the config keys ``extra`` (Qwen-Image-Layered's)."""
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4), **extra,
     )  # fmt: skip
 
 
@@ -483,6 +511,18 @@ def _qwen(pipeline: type, controlnet: int | None = None, **extra: Any) -> Build:
         return pipeline(**components), {**_qwen_inputs(), **extra}
 
     return build
+
+
+def _qwen_layered() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Qwen-Image-Layered at 640 px, the smaller of the two resolutions it allows (it resizes its image to that area),
+    on the 16x VAE (40 x 40 latents: 400 tokens a frame; 1 layer, so the composite, the layer and the image: 1200
+    tokens), with a one-layer Qwen2.5-VL text encoder: it reads the encoder's dtype even with prompt embeddings,
+    and captions the image with it when the prompt is empty, so the prompts are given and encoded."""
+    text_encoder, tokenizer = _qwen_vl_text_encoder(1, 16, Qwen2_5_VLForConditionalGeneration)
+    components = _qwen_components(downsamples=4, text_encoder=text_encoder, tokenizer=tokenizer, processor=None)
+    components["transformer"] = _qwen_transformer(use_additional_t_cond=True, use_layer3d_rope=True)
+    return QwenImageLayeredPipeline(**components), {"image": _pil_image(), "prompt": "a cat", "negative_prompt": "bad",
+                                                    "true_cfg_scale": 4.0, "layers": 1, "resolution": 640}  # fmt: skip
 
 
 def _qwen_edit(pipeline: type, images: int, **extra: Any) -> Build:
@@ -963,27 +1003,101 @@ def _krea2() -> tuple[DiffusionPipeline, dict[str, Any]]:
                   "guidance_scale": 4.0, "height": SIZE, "width": SIZE}  # fmt: skip
 
 
-def _kandinsky5(image: bool) -> tuple[DiffusionPipeline, dict[str, Any]]:
-    """Kandinsky 5 on the tiny HunyuanVideo VAE. Image-to-video: without CFG (one call per step), 17 frames (it
-    renormalises the first 4 latent frames by the statistics of the next ones: NaN with fewer than 5).
-    Text-to-video: CFG in two calls a step, 5 frames."""
+def _kandinsky5(pipeline: type) -> Build:
+    """A Kandinsky 5 pipeline. Video, on the tiny HunyuanVideo VAE: image-to-video without CFG (one call per step),
+    17 frames (it renormalises the first 4 latent frames by the statistics of the next ones: NaN with fewer than 5);
+    text-to-video with CFG in two calls a step, 5 frames. Image, on the tiny AutoencoderKL, with CFG in two calls a
+    step: at 640 x 1408, the smallest of the trained resolutions it resizes every request to (80 x 176 latents:
+    3520 tokens); image-to-image encodes its image at that size."""
+    image = pipeline in (Kandinsky5I2VPipeline, Kandinsky5I2IPipeline)
+    video = pipeline in (Kandinsky5I2VPipeline, Kandinsky5T2VPipeline)
+
+    def build() -> tuple[DiffusionPipeline, dict[str, Any]]:
+        torch.manual_seed(0)
+        transformer = Kandinsky5Transformer3DModel(
+            in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+            model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=image,
+        )  # fmt: skip
+        vae = tiny_pipeline("hunyuan-video").vae if video else _kl_vae(4)
+        pipe = pipeline(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
+        size = {"height": SIZE, "width": SIZE} if video else {"height": 640, "width": 1408}
+        prompt = {"prompt_embeds_qwen": _randn(1, 6, 16), "prompt_embeds_clip": _randn(1, 8),
+                  "prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32), **size}  # fmt: skip
+        if pipeline is Kandinsky5I2VPipeline:
+            return pipe, {**prompt, "image": _pil_image(), "guidance_scale": 1.0, "num_frames": 17}
+        negative = {"negative_prompt_embeds_qwen": _randn(1, 6, 16, seed=1),
+                    "negative_prompt_embeds_clip": _randn(1, 8, seed=1),
+                    "negative_prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32)}  # fmt: skip
+        extra = {"num_frames": 5} if video else {"image": _pil_image()} if image else {}
+        return pipe, {**prompt, **negative, "guidance_scale": 4.0, **extra}
+
+    return build
+
+
+def _kandinsky6_sr() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """Kandinsky 6 video super-resolution (2x) on a tiny K-VAE (8x spatial, 4x temporal) and a transformer trained,
+    per its config, on 64 x 64 tiles (8 x 8 latents: NABLA attention's smallest token grid): a 5-frame 32 x 48 video
+    is cut into two overlapping 32 x 32 tiles, each denoised in a loop of its own (new timesteps each) and decoded.
+    It takes a FlowMatchEulerDiscreteScheduler or, in its distilled checkpoints, a PiflowScheduler (refused at
+    enable)."""
     torch.manual_seed(0)
-    transformer = Kandinsky5Transformer3DModel(
-        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
-        model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=image,
+    transformer = Kandinsky6SRTransformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, time_dim=16, model_dim=32, ff_dim=32, num_visual_blocks=1,
+        axes_dims=(4, 6, 6), tile_sizes=((64, 64),),
     )  # fmt: skip
-    pipeline = Kandinsky5I2VPipeline if image else Kandinsky5T2VPipeline
-    pipe = pipeline(transformer=transformer, vae=tiny_pipeline("hunyuan-video").vae, text_encoder=None,
-                    tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                    scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
-    prompt = {"prompt_embeds_qwen": _randn(1, 6, 16), "prompt_embeds_clip": _randn(1, 8),
-              "prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32), "height": SIZE, "width": SIZE}  # fmt: skip
-    if image:
-        return pipe, {**prompt, "image": _pil_image(), "guidance_scale": 1.0, "num_frames": 17}
-    negative = {"negative_prompt_embeds_qwen": _randn(1, 6, 16, seed=1),
-                "negative_prompt_embeds_clip": _randn(1, 8, seed=1),
-                "negative_prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32)}  # fmt: skip
-    return pipe, {**prompt, **negative, "guidance_scale": 4.0, "num_frames": 5}
+    torch.manual_seed(0)
+    vae = Kandinsky6SRVAE(latent_channels=4, encoder_block_out_channels=(4,) * 4,
+                          decoder_block_out_channels=(4,) * 4, layers_per_block=1)  # fmt: skip
+    pipe = Kandinsky6SRPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler())
+    video = torch.rand(1, 5, 3, SIZE, 3 * SIZE // 2, generator=_g())  # (batch, frames, channels, height, width)
+    return pipe, {"video": video, "resolution_scale": 2}
+
+
+def _sana_wm_refiner() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """SanaWM's LTX-2 refiner without a VAE (it returns the refined latents), with a one-layer Gemma-3 text encoder
+    and a character-level tokenizer (built from a config and a vocabulary: nothing is downloaded; it takes no prompt
+    embeddings) and LTX-2's text connectors: a 7-frame stage-1 latent is its sink frame and two autoregressive blocks
+    of 3 frames, each refined in a loop of its own (new timesteps each)."""
+    chars = [chr(code) for code in range(33, 127)]
+    tokenizer = GemmaTokenizer(vocab={token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
+                                                                           "\u2581", *chars])}, merges=[])  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 4},
+        vision_config={"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 8},
+        mm_tokens_per_image=4,
+    )).eval()  # fmt: skip
+    torch.manual_seed(0)
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_double_precision=False,
+        rope_type="split",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformer = SanaWMLTX2RefinerTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=1, caption_channels=16, rope_double_precision=False,
+        rope_type="split",
+    )  # fmt: skip
+    pipe = SanaWMLTX2Refiner(transformer=transformer, connectors=connectors, tokenizer=tokenizer,
+                             text_encoder=text_encoder, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                             text_max_sequence_length=8)  # fmt: skip
+    return pipe, {"sana_latent": _randn(1, 4, 7, 4, 4), "prompt": "a cat", "fps": 24.0}
+
+
+def _sana_wm_refiner_call(pipe: DiffusionPipeline, kwargs: dict[str, Any]) -> Any:
+    """SanaWM's refiner takes its steps as descending sigmas ending at 0 (here from 0.9, its distilled schedule's
+    start) and returns its output itself."""
+    steps = kwargs["num_inference_steps"]
+    sigmas = tuple(torch.linspace(0.9, 0.0, steps + 1).tolist())
+    return pipe(**{k: v for k, v in kwargs.items() if k != "num_inference_steps"}, sigmas=sigmas)
 
 
 def _prx(pipeline: type = PRXPipeline) -> Build:
@@ -1065,19 +1179,19 @@ def _byte_tokenizer() -> Qwen2TokenizerFast:
     return tokenizer
 
 
-def _qwen3_vl_text_encoder(layers: int, width: int = 8) -> tuple[Any, Any]:
-    """A tiny Qwen3-VL model of ``layers`` decoder layers (built from a config: nothing is downloaded) and
-    :func:`_byte_tokenizer`."""
+def _qwen_vl_text_encoder(layers: int, width: int = 8, model: type = Qwen3VLModel) -> tuple[Any, Any]:
+    """A tiny Qwen-VL ``model`` (Qwen3-VL, or Qwen2.5-VL) of ``layers`` decoder layers of ``width`` (heads of 4;
+    built from a config: nothing is downloaded) and :func:`_byte_tokenizer`."""
     tokenizer = _byte_tokenizer()
     torch.manual_seed(0)
-    config = Qwen3VLConfig(
+    config = model.config_class(
         text_config={"vocab_size": len(tokenizer), "hidden_size": width, "intermediate_size": width,
-                     "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "head_dim": width // 2, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 0]}},
+                     "num_hidden_layers": layers, "num_attention_heads": width // 4, "num_key_value_heads": 1,
+                     "head_dim": 4, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 0]}},
         vision_config={"depth": 1, "hidden_size": width, "intermediate_size": width, "num_heads": 2,
                        "out_hidden_size": width},
     )  # fmt: skip
-    return Qwen3VLModel(config).eval(), tokenizer
+    return model(config).eval(), tokenizer
 
 
 def _bria_fibo(pipeline: type = BriaFiboPipeline, **extra: Any) -> Build:
@@ -1142,7 +1256,7 @@ def _joyimage_edit() -> tuple[DiffusionPipeline, dict[str, Any]]:
 def _ideogram4() -> tuple[DiffusionPipeline, dict[str, Any]]:
     """Ideogram4: a conditional and an unconditional transformer (its CFG branch's own model), and a Qwen3-VL text
     encoder whose 36 layers' hidden states it taps (it takes no prompt embeddings)."""
-    text_encoder, tokenizer = _qwen3_vl_text_encoder(36)
+    text_encoder, tokenizer = _qwen_vl_text_encoder(36)
 
     def transformer(seed: int) -> Ideogram4Transformer2DModel:
         torch.manual_seed(seed)
@@ -1393,6 +1507,15 @@ CASES: tuple[Case, ...] = (
         "reference-image tokens, inpainting at the default strength 0.6",
     ),
     Case(
+        "qwen-image-layered",
+        "QwenImageLayeredPipeline",
+        _qwen_layered,
+        "the composite and 1 layer as latent frames, the image's latents as a frame of context tokens; CFG in two "
+        'calls; its Qwen2.5-VL text encoder runs; decoded output compared (`output_type="latent"` fails in '
+        "diffusers 0.42.1: it returns an unassigned `images`)",
+        output_type="pt",
+    ),
+    Case(
         "joyimage-edit",
         "JoyImageEditPipeline",
         _joyimage_edit,
@@ -1494,13 +1617,35 @@ CASES: tuple[Case, ...] = (
         "tokens; SigLIP image embeddings",
         loops=2,
     ),
-    Case("kandinsky5-t2v", "Kandinsky5T2VPipeline", lambda: _kandinsky5(image=False), "CFG in two calls a step"),
+    Case("kandinsky5-t2v", "Kandinsky5T2VPipeline", _kandinsky5(Kandinsky5T2VPipeline), "CFG in two calls a step"),
     Case(
         "kandinsky5-i2v",
         "Kandinsky5I2VPipeline",
-        lambda: _kandinsky5(image=True),
+        _kandinsky5(Kandinsky5I2VPipeline),
         "the image's latents as the first frame and visual condition channels; the scheduler steps the other frames "
         "in place",
+    ),
+    Case(
+        "kandinsky5-t2i",
+        "Kandinsky5T2IPipeline",
+        _kandinsky5(Kandinsky5T2IPipeline),
+        "CFG in two calls a step; at 640 x 1408, its smallest trained resolution (3520 tokens)",
+    ),
+    Case(
+        "kandinsky5-i2i",
+        "Kandinsky5I2IPipeline",
+        _kandinsky5(Kandinsky5I2IPipeline),
+        "the image's latents as visual condition channels; the scheduler steps the latent channels in place; CFG in "
+        "two calls a step, at 640 x 1408",
+    ),
+    Case(
+        "kandinsky6-sr",
+        "Kandinsky6SRPipeline",
+        _kandinsky6_sr,
+        "two loops per call, one per tile (each a generation at the budget), from the tile's noised low-resolution "
+        "latents; no text; decoded output compared (it always decodes)",
+        loops=2,
+        output_type="pt",
     ),
     Case(
         "hunyuan-skyreels-i2v",
@@ -1614,6 +1759,16 @@ CASES: tuple[Case, ...] = (
         "SanaImageToVideoPipeline",
         _sana_video(SanaImageToVideoPipeline, image=_pil_image()),
         "the first frame is the image's latents; the scheduler steps the others; flow DPM-Solver++",
+    ),
+    Case(
+        "sana-wm-refiner",
+        "SanaWMLTX2Refiner",
+        _sana_wm_refiner,
+        "two loops per call, one per autoregressive block (each a generation at the budget), their steps given as "
+        "sigmas; its K/V captures (the sink's before the blocks, each block's after it) run outside the steps; its "
+        "Gemma-3 text encoder runs",
+        loops=2,
+        call=_sana_wm_refiner_call,
     ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
@@ -1905,10 +2060,6 @@ REFUSED: tuple[Refusal, ...] = (
 """Pipelines refused at enable time, each checked on a tiny instance."""
 
 _NOT_BUILT = "not built in the matrix yet"
-_KANDINSKY5 = (
-    "resizes every request to a trained resolution (1024 x 1024 and up: 4096 tokens, seconds a step on the tiny "
-    "model here): left out of the matrix's time budget (Kandinsky 5 text-to-video, which does not, is verified)"
-)
 _COSMOS = (
     "refuses to run without its safety checker (`CosmosSafetyChecker`, from the `cosmos_guardrail` package, which "
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
@@ -1917,10 +2068,6 @@ _COSMOS = (
 _COSMOS2_5 = (
     "refused at enable with its default `UniPCMultistepScheduler`; with a FlowMatchEulerDiscreteScheduler, it "
     f"{_COSMOS} (its constructor makes one when given None, an ImportError without `cosmos_guardrail`)"
-)
-_LOOPS = (
-    "MeanCache takes each loop as a generation of its own at the budget B (an error when B exceeds a loop's steps), "
-    "as in the verified VisualClozePipeline; not built in the matrix yet"
 )
 NOT_COVERED: dict[str, str] = {
     "JoyImageEditPlusPipeline": "with prompt embeddings and reference images it fails in diffusers 0.42.1 itself "
@@ -1932,10 +2079,6 @@ NOT_COVERED: dict[str, str] = {
     "Cosmos2_5_TransferPipeline": _COSMOS2_5,
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
-    "Kandinsky5I2IPipeline": _KANDINSKY5,
-    "Kandinsky5T2IPipeline": _KANDINSKY5,
-    "Kandinsky6SRPipeline": f"one denoising loop per batch of tiles (new timesteps each), and it always decodes (no "
-    f"latent output): {_LOOPS}",
     "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
     "torchvision (not installed here); it also resizes every request to about a megapixel",
     "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
@@ -1945,10 +2088,6 @@ NOT_COVERED: dict[str, str] = {
     "not installed here)",
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
     f"torchvision (not installed here); {_NOT_BUILT}",
-    "QwenImageLayeredPipeline": "asserts a 640 or 1024 px resolution and denoises layers + 1 latent frames "
-    "(thousands of tokens, seconds a step on the tiny model here): left out of the matrix's time budget",
-    "SanaWMLTX2Refiner": "one 3-step distilled loop per autoregressive block (new timesteps each; its K/V capture "
-    f"calls after each loop run outside any generation, as direct calls): {_LOOPS}",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
 and why."""

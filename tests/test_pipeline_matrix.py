@@ -17,7 +17,6 @@ import diffusers
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin, UniPCMultistepScheduler
-from diffusers.models.autoencoders.vae import AutoencoderMixin
 
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
@@ -35,40 +34,35 @@ CASE = {case.name: case for case in CASES}
 
 def denoisers(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """Every denoising model the pipeline holds, found without MeanCache's own naming rules: its diffusers models
-    other than the VAEs (Stable Audio 3's SAME VAE is no ``AutoencoderMixin``), the ControlNet and the conditioning
+    other than the VAEs (the models with an ``encode`` and a ``decode``: every ``AutoencoderMixin``, Kandinsky 6's
+    K-VAE and Stable Audio 3's SAME VAE, which are not), the ControlNet, LTX-2's text connectors and the conditioning
     models that run once before the loop (ACE-Step's ``condition_encoder``, Stable Audio 3's ``duration_embedder``):
     ``transformer``, Wan2.2's ``transformer_2``, Ideogram4's ``unconditional_transformer``, ..."""
     return {
         name: module
         for name, module in pipe.components.items()
         if isinstance(module, ModelMixin)
-        and not isinstance(module, AutoencoderMixin)
-        and name not in ("vae", "controlnet")
+        and not (hasattr(module, "encode") and hasattr(module, "decode"))
+        and name not in ("controlnet", "connectors")
         and not name.endswith(("_encoder", "_embedder"))
     }
 
 
 def run_counting_blocks(
-    pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None
+    case: Case, pipe: DiffusionPipeline, inputs: dict[str, Any], begin: int | None = None
 ) -> tuple[torch.Tensor, dict[str, Counter], int]:
-    """Final latents; per step of the generation (step 0 is the scheduler's first, ``begin``) the number of
-    transformer-block forwards (``"blocks"``) and of transformer forwards (``"forwards"``), over every denoising model
-    of the pipeline (:func:`denoisers`), and of ControlNet forwards (``"controlnet"``); and ``begin``, which a run that
-    calls the transformer on every step tells when it is not given (the scheduler's ``step_index`` is None on the
-    first step only). Forwards before the pipeline's ``set_timesteps`` (GLM-Image's condition-image K/V, outside the
-    generation) count to step 0, and are also counted apart (``"before_loop"``): until then the scheduler's
-    ``step_index`` is the previous run's last."""
+    """The case's output (final latents, or the decoded output); per step of the generation (step 0 is the
+    scheduler's first, ``begin``) the number of transformer-block forwards (``"blocks"``) and of transformer forwards
+    (``"forwards"``), over every denoising model of the pipeline (:func:`denoisers`), and of ControlNet forwards
+    (``"controlnet"``); per kind, those outside every step (``"outside"``: before a loop's timesteps are stepped, or
+    after its last step: SanaWM's refiner's K/V captures); and ``begin``, which a run that calls the transformer on
+    every step tells when it is not given (the scheduler's ``step_index`` is None on the first step only)."""
     scheduler = pipe.scheduler
-    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter(),
-                                  "before_loop": Counter()}  # fmt: skip
-    previous_timesteps = scheduler.timesteps  # set_timesteps replaces them
+    calls: list[tuple[str, torch.Tensor, int | None]] = []  # kind, the scheduler's timesteps, its step index
 
     def counter(kind: str) -> Any:
         def count(*_: Any) -> None:
-            before_loop = scheduler.timesteps is previous_timesteps
-            counts[kind][-1 if before_loop or scheduler.step_index is None else scheduler.step_index] += 1
-            if before_loop and kind == "forwards":
-                counts["before_loop"][-1] += 1
+            calls.append((kind, scheduler.timesteps, scheduler.step_index))
 
         return count
 
@@ -84,17 +78,25 @@ def run_counting_blocks(
         handles.append(controlnet.register_forward_pre_hook(counter("controlnet")))
     torch.manual_seed(0)  # some pipelines sample from the global generator (CogView4 Control's VAE encoding)
     try:
-        out = pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                   output_type="latent", return_dict=False)[0]  # fmt: skip
+        out = case.call(pipe, {**inputs, "num_inference_steps": STEPS, "generator": torch.Generator().manual_seed(0),
+                               "output_type": case.output_type})  # fmt: skip
     finally:
         for handle in handles:
             handle.remove()
-    if isinstance(out, list):  # one latents tensor per video section (FramePack): compared whole
+    stepped = [timesteps for _, timesteps, step in calls if step is not None]  # loops that ran past their step 0
+    counts: dict[str, Counter] = {"blocks": Counter(), "forwards": Counter(), "controlnet": Counter()}
+    outside: Counter = Counter()
+    for kind, timesteps, step in calls:
+        if any(timesteps is t for t in stepped) if step is None else step < len(timesteps):
+            counts[kind][-1 if step is None else step] += 1
+        else:
+            outside[kind] += 1
+    if isinstance(out, list):  # one tensor per video section (FramePack) or per prompt: compared whole
         out = torch.cat([section.flatten() for section in out])
     if begin is None:
         begin = min(step for step in counts["forwards"] if step != -1) - 1
     relative = {kind: Counter({0 if s == -1 else s - begin: n for s, n in c.items()}) for kind, c in counts.items()}
-    return out, relative, begin
+    return out, relative | {"outside": outside}, begin
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -102,28 +104,27 @@ def test_pipeline(case: Case):
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
     assert transformer_names(pipe) == sorted(denoisers(pipe))  # MeanCache gates every denoising model
-    baseline, counts, begin = run_counting_blocks(pipe, inputs)
+    baseline, counts, begin = run_counting_blocks(case, pipe, inputs)
     blocks, forwards, controlnet = counts["blocks"], counts["forwards"], counts["controlnet"]
     steps = len(forwards)
     assert sorted(forwards) == sorted(blocks) == list(range(steps)) and 0 < steps <= STEPS
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=steps, calibration_runs=0))
-    full, full_counts, _ = run_counting_blocks(pipe, inputs, begin)
+    full, full_counts, _ = run_counting_blocks(case, pipe, inputs, begin)
     disable_mean_cache(pipe)
     assert torch.equal(full, baseline) and full_counts == counts
 
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=0))
-    cached, cached_counts, _ = run_counting_blocks(pipe, inputs, begin)
+    cached, cached_counts, _ = run_counting_blocks(case, pipe, inputs, begin)
     report = meancache.summary(pipe)
     disable_mean_cache(pipe)
     computed = report.schedule.compute_steps
     assert report.num_steps == steps and len(computed) == BUDGET
     assert cached_counts["blocks"] == Counter({i: blocks[i] for i in computed})  # B times per CFG branch and expert
     loops = case.loops  # the summary is the last loop's
-    # the summary counts the generation's real forwards
-    outside = counts["before_loop"].total()
-    assert report.transformer_calls * loops == cached_counts["forwards"].total() - outside
-    assert (report.transformer_calls + report.skipped_calls) * loops == forwards.total() - outside
+    assert report.transformer_calls * loops == cached_counts["forwards"].total()  # the summary counts real forwards
+    assert cached_counts["outside"] == counts["outside"]  # forwards outside the steps run as they are
+    assert (report.transformer_calls + report.skipped_calls) * loops == forwards.total()
     # a ControlNet runs with the transformer, on the computed steps only
     assert cached_counts["controlnet"] == Counter({i: controlnet[i] for i in computed if controlnet[i]})
     assert (report.controlnet_calls * loops, report.skipped_controlnet_calls * loops) == (
@@ -133,7 +134,7 @@ def test_pipeline(case: Case):
     assert cached.shape == baseline.shape and torch.isfinite(cached).all()
     assert not torch.equal(cached, baseline)
 
-    assert torch.equal(run_counting_blocks(pipe, inputs)[0], baseline)
+    assert torch.equal(run_counting_blocks(case, pipe, inputs)[0], baseline)
 
 
 def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> torch.Tensor:
