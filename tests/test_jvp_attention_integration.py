@@ -119,8 +119,8 @@ def test_a_forward_that_never_reaches_sdpa_raises():
 
 @pytest.mark.parametrize("masked", (-1e4, float("-inf")))
 def test_additive_padding_masks_run_as_the_boolean_masks_they_stand_for(masked):
-    """LTX-Video, Chroma and SD3's PAG pass key padding as an additive float mask (0 or -10000 / -inf): under JVP
-    attention it gives SDPA's output and tangent (math backend, float64)."""
+    """Key padding as an additive float mask (0 or -10000 as LTX-Video passes it, or -inf): under JVP attention it
+    gives SDPA's output and tangent (math backend, float64)."""
     g = torch.Generator().manual_seed(0)
     q, k, v, q_t, k_t, v_t = (torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(6))
     mask = torch.zeros(2, 1, 1, 5, dtype=torch.float64)

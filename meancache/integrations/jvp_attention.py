@@ -72,7 +72,7 @@ MASKED_BIAS = -1e4
 
 def _as_boolean_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """An additive float mask as the boolean mask it stands for (True = attend), when it is one: every entry 0 (attend)
-    or at most ``MASKED_BIAS`` (-inf, or the ``-10000`` some pipelines use: LTX-Video, Chroma, SD3's PAG), and every
+    or at most ``MASKED_BIAS`` (-inf, or the ``-10000`` of LTX-Video's key padding), and every
     row attending to some key (where all keys are masked, SDPA attends uniformly and the boolean op gives 0). Any
     other float mask (a real bias) is refused, naming it."""
     if mask is None or mask.dtype == torch.bool or not mask.is_floating_point():
