@@ -122,6 +122,8 @@ from diffusers import (
     LongCatAudioDiTPipeline,
     LongCatAudioDiTTransformer,
     LongCatAudioDiTVae,
+    LongCatImagePipeline,
+    LongCatImageTransformer2DModel,
     LTX2ConditionPipeline,
     LTX2DFRPipeline,
     LTX2DFRTemporalRefinePipeline,
@@ -1355,6 +1357,23 @@ def _longcat_audio() -> tuple[DiffusionPipeline, dict[str, Any]]:
     return pipe, {"prompt": "waves", "negative_prompt": "noise", "audio_duration_s": 4.0, "guidance_scale": 4.0}
 
 
+def _longcat_image() -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """LongCat-Image: a one-double-block, one-single-block transformer on the 8x VAE's 16 latent channels, with its
+    Qwen2.5-VL text encoder (one layer, 16 wide) and :func:`_byte_tokenizer`: its ``prompt_embeds`` path fails in
+    diffusers 0.42.1 (``len(prompt)`` with no prompt), so the prompts are given and encoded, padded to its 512 tokens.
+    No prompt rewriting: that generates with the encoder through its Qwen2-VL processor (None here)."""
+    text_encoder, tokenizer = _qwen_vl_text_encoder(1, 16, Qwen2_5_VLForConditionalGeneration)
+    torch.manual_seed(0)
+    transformer = LongCatImageTransformer2DModel(
+        in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[0, 4, 4],
+    )  # fmt: skip
+    pipe = LongCatImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(16), text_encoder=text_encoder,
+                                tokenizer=tokenizer, text_processor=None, transformer=transformer)  # fmt: skip
+    return pipe, {"prompt": "a cat", "negative_prompt": "bad", "guidance_scale": 4.0, "height": SIZE, "width": SIZE,
+                  "enable_prompt_rewrite": False}  # fmt: skip
+
+
 def _glm_image(**extra: Any) -> Build:
     """GLM-Image's diffusion stage: a one-layer transformer on the 8x VAE's latents (its latent statistics: the
     image-to-image path reads them), given the prior tokens its autoregressive vision-language stage would generate
@@ -1888,6 +1907,12 @@ CASES: tuple[Case, ...] = (
         _longcat_audio,
         "audio (1-D latents); CFG in two calls; inverted sigmas (its scheduler's `invert_sigmas`)",
     ),
+    Case(
+        "longcat-image",
+        "LongCatImagePipeline",
+        _longcat_image,
+        "CFG in two calls with norm rescale; its Qwen2.5-VL text encoder runs, prompts padded to 512 tokens",
+    ),
 )
 """Every case the matrix test runs."""
 
@@ -2079,11 +2104,11 @@ NOT_COVERED: dict[str, str] = {
     "Cosmos2_5_TransferPipeline": _COSMOS2_5,
     "EasyAnimateControlPipeline": "fails in diffusers 0.42.1 itself on every call (it passes `text_encoder_index` to "
     "its own `encode_prompt`, which does not take it)",
-    "LongCatImageEditPipeline": "its constructor reads its Qwen2-VL processor, whose video processor needs "
-    "torchvision (not installed here); it also resizes every request to about a megapixel",
-    "LongCatImagePipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`encode_prompt` takes "
-    "`len(prompt)` with no prompt), so it needs its Qwen2.5-VL text encoder with 512-token prompts; "
-    f"{_NOT_BUILT}",
+    "LongCatImageEditPipeline": "its `prompt_embeds` path fails in diffusers 0.42.1 itself (`len(prompt)` with no "
+    "prompt), so it needs its Qwen2-VL processor (its image processor feeds the image to the text encoder), which "
+    "its constructor reads (None is refused); that processor cannot be built here even without a video processor: "
+    "transformers 5.24 checks its `video_processor` argument, None included, against `VideoProcessorMixin`, which it "
+    "exports only with torchvision (not installed here); it also resizes every request to about a megapixel",
     "OmniGenPipeline": "its multimodal processor builds torchvision transforms in its constructor (torchvision is "
     "not installed here)",
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
