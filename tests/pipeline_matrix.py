@@ -273,6 +273,9 @@ class Case:
     loops: int = 1
     """Denoising loops per call, all over the same steps (VisualCloze's generation and upsampling, FramePack's video
     sections): each is a generation of its own to MeanCache, and its summary is the last one's."""
+    first_use_declined: str | None = None
+    """Why ``MeanCacheConfig(budget=B)`` does not calibrate this case on first use (its first step does not show the
+    guidance, or its sigmas do not fall), or None: it does."""
     output_type: str = "latent"
     """What the call returns, and the test compares: the final latents, or (``"pt"``) the decoded images, for a
     pipeline without a working latent output (decoding is deterministic: bit-identical latents decode to
@@ -1021,8 +1024,9 @@ def _kandinsky5(pipeline: type) -> Build:
             model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=image,
         )  # fmt: skip
         vae = tiny_pipeline("hunyuan-video").vae if video else _kl_vae(4)
-        pipe = pipeline(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
+        pipe = pipeline(transformer=_randomise_zero_parameters(transformer), vae=vae, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
         size = {"height": SIZE, "width": SIZE} if video else {"height": 640, "width": 1408}
         prompt = {"prompt_embeds_qwen": _randn(1, 6, 16), "prompt_embeds_clip": _randn(1, 8),
                   "prompt_cu_seqlens": torch.tensor([0, 6], dtype=torch.int32), **size}  # fmt: skip
@@ -1114,8 +1118,9 @@ def _prx(pipeline: type = PRXPipeline) -> Build:
             mlp_ratio=2.0, num_heads=2, depth=1, axes_dim=[8, 8],
         )  # fmt: skip
         vae = {} if pixel else {"vae": _kl_vae(4)}
-        pipe = pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None,
-                        tokenizer=None, default_sample_size=SIZE, **vae)  # fmt: skip
+        pipe = pipeline(transformer=_randomise_zero_parameters(transformer),
+                        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None, tokenizer=None,
+                        default_sample_size=SIZE, **vae)  # fmt: skip
         return pipe, {**_masked_embeds(), "guidance_scale": 4.0, "use_resolution_binning": False, "height": SIZE,
                       "width": SIZE}  # fmt: skip
 
@@ -1539,6 +1544,7 @@ CASES: tuple[Case, ...] = (
         "JoyImageEditPipeline",
         _joyimage_edit,
         "the reference image's latents as an extra item the scheduler steps and the loop resets; CFG in two calls",
+        first_use_declined="the tiny model's two branches differ by 1e-3",
     ),
     Case(
         "z-image",
@@ -1617,6 +1623,7 @@ CASES: tuple[Case, ...] = (
         "HunyuanVideoImageToVideoPipeline",
         _hunyuan_video_i2v(HunyuanVideoImageToVideoPipeline, 4, image_condition_type="token_replace"),
         "the image's latents replace the first frame; the scheduler steps the others (`token_replace`)",
+        first_use_declined="the first frame is the image's, not the guided step's",
     ),
     Case(
         "hunyuan-video-framepack",
@@ -1643,6 +1650,7 @@ CASES: tuple[Case, ...] = (
         _kandinsky5(Kandinsky5I2VPipeline),
         "the image's latents as the first frame and visual condition channels; the scheduler steps the other frames "
         "in place",
+        first_use_declined="the first frame is the image's, not the guided step's",
     ),
     Case(
         "kandinsky5-t2i",
@@ -1695,6 +1703,7 @@ CASES: tuple[Case, ...] = (
         "LTXImageToVideoPipeline",
         _ltx(LTXImageToVideoPipeline, image=_pil_image()),
         "the first frame is the image's latents; the scheduler steps the others",
+        first_use_declined="the loop unpacks the tokens around the image's frame",
     ),
     Case(
         "wan",
@@ -1771,6 +1780,7 @@ CASES: tuple[Case, ...] = (
         "SanaControlNetPipeline",
         _sana(SanaControlNetPipeline, controlnet=True, **CONTROL),
         "ControlNet: runs on computed steps only; flow DPM-Solver++",
+        first_use_declined="1 x 1 latents in this tiny case",
     ),
     Case("sana-video", "SanaVideoPipeline", _sana_video(), "video, CFG batched; flow DPM-Solver++"),
     Case(
@@ -1778,6 +1788,7 @@ CASES: tuple[Case, ...] = (
         "SanaImageToVideoPipeline",
         _sana_video(SanaImageToVideoPipeline, image=_pil_image()),
         "the first frame is the image's latents; the scheduler steps the others; flow DPM-Solver++",
+        first_use_declined="the first frame is the image's, not the guided step's",
     ),
     Case(
         "sana-wm-refiner",
@@ -1788,6 +1799,7 @@ CASES: tuple[Case, ...] = (
         "Gemma-3 text encoder runs",
         loops=2,
         call=_sana_wm_refiner_call,
+        first_use_declined="the refiner's outputs hold the sink frame too",
     ),
     Case("mochi", "MochiPipeline", _mochi, "video, CFG batched"),
     Case("bria", "BriaPipeline", _bria, "CFG batched"),
@@ -1806,7 +1818,13 @@ CASES: tuple[Case, ...] = (
     ),
     Case("bria-fibo2", "BriaFibo2Pipeline", _bria_fibo2, "CFG in two calls; layer groups of prompt embeddings"),
     Case("auraflow", "AuraFlowPipeline", _auraflow, "CFG batched"),
-    Case("lumina", "LuminaPipeline", _lumina, "Lumina-Next, CFG batched"),
+    Case(
+        "lumina",
+        "LuminaPipeline",
+        _lumina,
+        "Lumina-Next, CFG batched",
+        first_use_declined="CFG on the first three channels only",
+    ),
     Case("hidream", "HiDreamImagePipeline", _hidream, "CFG batched"),
     Case("flux2", "Flux2Pipeline", _flux2(), "text-to-image"),
     Case(
@@ -1862,6 +1880,7 @@ CASES: tuple[Case, ...] = (
         "PRXPixelPipeline",
         _prx(PRXPixelPipeline),
         "pixel space, x-prediction turned into a velocity; CFG batched",
+        first_use_declined="the loop turns a clean-image prediction into a velocity",
     ),
     Case("glm-image", "GlmImagePipeline", _glm_image(), "CFG in two calls; prior tokens given (its AR stage's output)"),
     Case(
@@ -1881,8 +1900,15 @@ CASES: tuple[Case, ...] = (
         "Ideogram4Pipeline",
         _ideogram4,
         "CFG branch on its own model (`unconditional_transformer`): both models run on computed steps only",
+        first_use_declined="it runs in model time 1 - sigma with its unconditional model",
     ),
-    Case("ace-step", "AceStepPipeline", _ace_step, "audio (1-D latents); CFG batched, APG guidance with momentum"),
+    Case(
+        "ace-step",
+        "AceStepPipeline",
+        _ace_step,
+        "audio (1-D latents); CFG batched, APG guidance with momentum",
+        first_use_declined="adaptive projected guidance with momentum",
+    ),
     Case(
         "stable-audio3",
         "StableAudio3Pipeline",
@@ -1894,6 +1920,7 @@ CASES: tuple[Case, ...] = (
         "StableAudio3AudioToAudioPipeline",
         _stable_audio3(StableAudio3AudioToAudioPipeline, audio=_audio(), init_noise_level=0.6),
         "audio-to-audio at noise level 0.6 (its first step raises sigma: 0.6, then 0.92, as the reference); no CFG",
+        first_use_declined="its first step raises sigma",
     ),
     Case(
         "stable-audio3-inpaint",
@@ -1906,6 +1933,7 @@ CASES: tuple[Case, ...] = (
         "LongCatAudioDiTPipeline",
         _longcat_audio,
         "audio (1-D latents); CFG in two calls; inverted sigmas (its scheduler's `invert_sigmas`)",
+        first_use_declined="its sigmas count up from 0 to 1",
     ),
     Case(
         "longcat-image",
@@ -2121,8 +2149,14 @@ and why."""
 def readme_table() -> str:
     """The README's table of verified pipelines (Markdown), one row per case."""
     rows = ["| Pipeline | Case | Notes |", "| --- | --- | --- |"]
-    rows += [f"| `{case.pipeline}` | {case.name} | {case.notes} |" for case in CASES]
+    rows += [f"| `{case.pipeline}` | {case.name} | {case.notes}{_first_use_note(case)} |" for case in CASES]
     return "\n".join(rows)
+
+
+def _first_use_note(case: Case) -> str:
+    if case.first_use_declined is None:
+        return ""
+    return f"; not calibrated on first use ({case.first_use_declined}): uniform steps unless given a schedule"
 
 
 def coverage_text() -> str:

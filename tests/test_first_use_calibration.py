@@ -67,6 +67,21 @@ def test_key_follows_trajectory_settings_not_prompt_or_seed(flux):
     assert _key_of(flux, inputs) == base
 
 
+def test_input_structure_ignores_values_sizes_and_batch():
+    per_sample = [torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)]
+    call = {"x": per_sample, "cap_feats": [torch.zeros(5, 16), torch.zeros(9, 16)], "t": torch.ones(2), "mask": None}
+    smaller = {"x": per_sample[:1], "cap_feats": [torch.zeros(3, 16)], "t": torch.ones(1), "mask": None}
+    assert key_module.input_structure(call) == key_module.input_structure(smaller)
+    assert key_module.input_structure(call) == {
+        "cap_feats": ["tensor2:float32"], "mask": None, "t": "tensor1:float32", "x": ["tensor4:float32"]
+    }  # fmt: skip
+    with_image = {**smaller, "x": [[torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 4, 4)]]}
+    assert key_module.input_structure(with_image) != key_module.input_structure(smaller)
+    assert key_module.input_structure({**smaller, "mask": torch.ones(1, 5, dtype=torch.bool)}) != (
+        key_module.input_structure(smaller)
+    )
+
+
 def test_key_follows_the_weights_of_every_gated_model():
     """A ControlNet (like a second expert or a CFG branch's own model) shapes the trajectory: new weights in it
     must not reuse a calibration made with the old ones."""

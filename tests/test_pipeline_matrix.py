@@ -137,6 +137,47 @@ def test_pipeline(case: Case):
     assert torch.equal(run_counting_blocks(case, pipe, inputs)[0], baseline)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_calibrate_on_first_use(case: Case, caplog: pytest.LogCaptureFixture):
+    """A budget with no known schedule, as a user's own checkpoint gets it: the first call runs in full (each of its
+    loops a calibrating generation) and equals the uncached pipeline, the next runs B computed steps calibrated on
+    it (the call after, where a call's loops have keys of their own); or, where MeanCache cannot calibrate the
+    pipeline on first use (``Case.first_use_declined``), one warning saying why and evenly spaced steps."""
+    pipe, inputs = case.build()
+    pipe.set_progress_bar_config(disable=True)
+    baseline, _, begin = run_counting_blocks(case, pipe, inputs)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=case.loops))
+    with caplog.at_level("WARNING", logger="meancache"):
+        first = run_counting_blocks(case, pipe, inputs, begin)[0]
+        first_source = meancache.summary(pipe).schedule.metadata["source"]
+        for _ in range(case.loops):  # loops of different keys (VisualCloze's upsampling) calibrate on each call
+            run_counting_blocks(case, pipe, inputs, begin)
+            report = meancache.summary(pipe)
+            if not report.schedule.metadata["source"].startswith("calibrating"):
+                break
+    disable_mean_cache(pipe)
+    assert report.computed_steps == BUDGET
+    if case.first_use_declined is None:
+        assert torch.equal(first, baseline) and first_source.startswith("calibrating on first use"), first_source
+        assert report.schedule.metadata["source"].startswith("calibrated on first use"), report.schedule.metadata
+    else:
+        assert report.schedule.metadata["source"] == "fallback: uniform, K=1"
+        assert caplog.text.count("not calibrating") == 1, caplog.text
+
+
+def test_calibration_key_follows_the_conditioning_inputs():
+    """Z-Image Omni with a condition image and without one: the same model, sigmas and latents, but other transformer
+    inputs (SigLIP features, more images per sample), so other trajectories and another calibration. A calibration
+    made on one mode was taken by the other before the key held the inputs' structure."""
+    for name, expected in (("z-image-omni", "calibrating"), ("z-image-omni-t2i", "calibrating")):
+        pipe, inputs = CASE[name].build()
+        pipe.set_progress_bar_config(disable=True)
+        enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+        generate(pipe, inputs, STEPS)
+        assert meancache.summary(pipe).schedule.metadata["source"].startswith(expected), name
+        disable_mean_cache(pipe)
+
+
 def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> torch.Tensor:
     return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
                 return_dict=False)[0]  # fmt: skip

@@ -155,13 +155,17 @@ def latent_branches(prediction: torch.Tensor, guided: torch.Tensor) -> list[torc
     return list(block.reshape(-1, *guided.shape).unbind(0))
 
 
-def _prediction(output: Any) -> torch.Tensor | None:
+def _prediction(output: Any, sample: torch.Size) -> torch.Tensor | None:
     """The prediction in a transformer output: a tensor, the first entry of a tuple or diffusers output class, a
-    list of per-sample tensors stacked (None when they differ in shape)."""
+    list of per-sample tensors stacked (None when they differ in shape), each reshaped to ``sample`` (one latent
+    sample's shape) when it holds as many elements: Z-Image returns ``(C, 1, H, W)`` per sample of ``(C, H, W)``
+    latents and squeezes the frame dimension itself."""
     if isinstance(output, (tuple, BaseOutput)) and not isinstance(output, torch.Tensor):
         output = output[0]
     if isinstance(output, list) and output and all(isinstance(t, torch.Tensor) for t in output):
-        return torch.stack(output) if len({t.shape for t in output}) == 1 else None
+        if len({t.shape for t in output}) != 1:
+            return None
+        return torch.stack([t.reshape(sample) if t.numel() == sample.numel() else t for t in output])
     return output if isinstance(output, torch.Tensor) else None
 
 
@@ -170,7 +174,7 @@ def _branch_predictions(outputs: Sequence[Any], guided: torch.Tensor) -> list[to
     order; None when an output's layout does not contain a whole number of latent batches."""
     branches: list[torch.Tensor] = []
     for output in outputs:
-        prediction = _prediction(output)
+        prediction = _prediction(output, guided.shape[1:])
         if prediction is None:
             return None
         try:

@@ -10,6 +10,9 @@
   including the resolution-dependent one of FLUX.1 and Qwen-Image;
 * ``latent_shape`` and ``dtype``: the first transformer call's ``hidden_states`` without the batch dimension
   (so the resolution and frame count, and batched CFG, which doubles only the batch) and its dtype;
+* ``inputs``: :func:`input_structure` of each of the first step's transformer calls: which inputs it is given and
+  their kinds, not their values or sizes (Z-Image Omni with a condition image passes SigLIP features where its
+  text-to-image call passes None);
 * ``guidance``: what the generation's first step showed of its guidance
   (:func:`~meancache.integrations.diffusers.guidance.observed_guidance`: transformer calls and branches per step,
   the weights combining the branches, guidance inputs of the transformer, the pipeline's recorded guidance
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +110,31 @@ def checkpoint_identity(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if name_or_path and Path(name_or_path).exists() else name_or_path
 
 
+def input_structure(value: Any) -> Any:
+    """What kind of transformer input ``value`` is, independent of its values, sizes, prompt lengths and batch size:
+    a tensor by its number of dimensions and dtype, a list or tuple by the distinct structures of its elements (a
+    per-sample list of any length gives one), a dict by its entries, None as None and anything else by its type."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{value.dim()}:{str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (list, tuple)):
+        distinct = {json.dumps(input_structure(v), sort_keys=True) for v in value}
+        return [json.loads(text) for text in sorted(distinct)]
+    if isinstance(value, dict):
+        return {str(k): input_structure(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    return None if value is None else type(value).__name__
+
+
 def calibration_key(
     pipe: Any,
     weights: str,
     checkpoint: str,
     sigmas: list[float],
     latents: torch.Tensor | None,
+    calls: list[dict[str, Any]],
     guidance: dict[str, Any],
 ) -> dict[str, Any]:
-    """The key of a generation of ``pipe`` whose transformer has :func:`weights_fingerprint` ``weights`` and whose
-    first step showed ``guidance`` (module docstring)."""
+    """The key of a generation of ``pipe`` whose transformer has :func:`weights_fingerprint` ``weights``, whose first
+    step's transformer calls had the keyword arguments ``calls`` and showed ``guidance`` (module docstring)."""
     return {
         "pipeline": type(pipe).__name__,
         "checkpoint": checkpoint_identity(checkpoint),
@@ -123,5 +142,6 @@ def calibration_key(
         "sigmas": [round(s, 6) for s in sigmas],
         "latent_shape": list(latents.shape[1:]) if isinstance(latents, torch.Tensor) else None,
         "dtype": str(latents.dtype).removeprefix("torch.") if isinstance(latents, torch.Tensor) else None,
+        "inputs": [input_structure(kwargs) for kwargs in calls],
         "guidance": guidance,
     }

@@ -12,6 +12,7 @@ not MeanCache's business and run as they are.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from collections import Counter
@@ -163,7 +164,7 @@ class MeanCacheState:
         ``unconditional_transformer`` for Ideogram4's CFG branch, ``controlnet``) -> its gate."""
         self.first_use = FirstUseCalibration(config.calibration_runs, calibration_store())
         self._mapping_warned: set[int] = set()
-        self._unidentified_warned = False
+        self._decline_warned = False
         self._announced = False
         self.run: GenerationRun | None = None
         self.last_summary: MeanCacheSummary | None = None
@@ -298,20 +299,30 @@ class MeanCacheState:
         guidance cannot be identified (two guidance settings would share a calibration)."""
         pipe = self.pipe
         assert pipe is not None
+        if any(later >= earlier for earlier, later in itertools.pairwise(sigmas)):
+            # Stable Audio 3's audio-to-audio raises sigma after its first step; LongCat-AudioDiT counts 0 -> 1
+            self._decline("its sigmas are not strictly decreasing (noise to data), which calibration measures along")
+            return None
         observed = observed_guidance(pipe, calls, outputs, guided)
         if observed.unidentified is not None:
-            if not self._unidentified_warned:
-                self._unidentified_warned = True
-                logger.warning(
-                    "MeanCache: not calibrating %s on first use: %s, so the calibration could not be told apart from "
-                    "other guidance settings'. Pass a schedule (meancache calibrate) for this model.",
-                    self.pipeline_name, observed.unidentified,
-                )  # fmt: skip
+            self._decline(
+                f"{observed.unidentified}, so the calibration could not be told apart from other guidance settings"
+            )
             return None
         # every gated model shapes the trajectory: experts, a CFG branch's own model, a ControlNet
         models = torch.nn.ModuleDict({name: gate.transformer for name, gate in self.gates.items()})
         weights = self.first_use.fingerprint(models)
-        return calibration_key(pipe, weights, self.checkpoint, sigmas, latents, observed.settings)
+        return calibration_key(pipe, weights, self.checkpoint, sigmas, latents, calls, observed.settings)
+
+    def _decline(self, reason: str) -> None:
+        """Warn, once per pipeline, that its generations are not calibrated on first use, and why."""
+        if not self._decline_warned:
+            self._decline_warned = True
+            logger.warning(
+                "MeanCache: not calibrating %s on first use: %s. The budget runs evenly spaced steps with plain "
+                "reuse; for MeanCache's estimate, pass a schedule for this model (MeanCacheConfig(schedule), e.g. "
+                "from meancache calibrate).", self.pipeline_name, reason,
+            )  # fmt: skip
 
     def _given_schedule(self, num_steps: int) -> Schedule:
         """``MeanCacheConfig``'s schedule for ``num_steps`` (mapped in sigma space from another step count)."""
