@@ -1623,7 +1623,6 @@ CASES: tuple[Case, ...] = (
         "HunyuanVideoImageToVideoPipeline",
         _hunyuan_video_i2v(HunyuanVideoImageToVideoPipeline, 4, image_condition_type="token_replace"),
         "the image's latents replace the first frame; the scheduler steps the others (`token_replace`)",
-        first_use_declined="the first frame is the image's, not the guided step's",
     ),
     Case(
         "hunyuan-video-framepack",
@@ -1650,7 +1649,6 @@ CASES: tuple[Case, ...] = (
         _kandinsky5(Kandinsky5I2VPipeline),
         "the image's latents as the first frame and visual condition channels; the scheduler steps the other frames "
         "in place",
-        first_use_declined="the first frame is the image's, not the guided step's",
     ),
     Case(
         "kandinsky5-t2i",
@@ -1788,7 +1786,6 @@ CASES: tuple[Case, ...] = (
         "SanaImageToVideoPipeline",
         _sana_video(SanaImageToVideoPipeline, image=_pil_image()),
         "the first frame is the image's latents; the scheduler steps the others; flow DPM-Solver++",
-        first_use_declined="the first frame is the image's, not the guided step's",
     ),
     Case(
         "sana-wm-refiner",
@@ -1900,7 +1897,6 @@ CASES: tuple[Case, ...] = (
         "Ideogram4Pipeline",
         _ideogram4,
         "CFG branch on its own model (`unconditional_transformer`): both models run on computed steps only",
-        first_use_declined="it runs in model time 1 - sigma with its unconditional model",
     ),
     Case(
         "ace-step",

@@ -5,10 +5,12 @@ what guidance does: :func:`observed_guidance` builds the key's ``guidance`` entr
 
 * ``transformer_calls``: how many transformer calls the step makes, and ``branches``: how many predictions they
   return per latent sample (1 without CFG, 2 with CFG, batched or in separate calls, 3 with image and text CFG);
-* ``weights``: the weights with which the pipeline combined the branch predictions into the guided velocity the
-  scheduler received (:func:`combination_weights`; ``[1 - w, w]`` or ``[w, 1 - w]`` for a CFG scale ``w``, in the
-  pipeline's call order, rounded to ``WEIGHT_DECIMALS``), and ``rescaled``: whether the guided velocity is that
-  combination rescaled row by row (Qwen-Image's norm rescale, ``guidance_rescale``, CFG renormalisation);
+* ``weights``: the weights with which the pipeline combined the branch predictions (the latents' block of each:
+  leading, or last where an image-to-video pipeline keeps the first frame and steps the others, whichever fits)
+  into the guided velocity the scheduler received (:func:`combination_weights`; ``[1 - w, w]`` or ``[w, 1 - w]``
+  for a CFG scale ``w``, in the pipeline's call order, rounded to ``WEIGHT_DECIMALS``), and ``rescaled``: whether
+  the guided velocity is that combination rescaled row by row (Qwen-Image's norm rescale, ``guidance_rescale``,
+  CFG renormalisation);
 * ``inputs``: the values of the transformer's guidance inputs (FLUX.1's and HunyuanVideo's guidance embedding);
 * ``attributes``: the guidance settings the pipeline records on itself (``_guidance_scale``, ``_guidance_rescale``,
   ``_guidance_scale_2``, ...; exact) and the configuration of its guider components (diffusers' guiders).
@@ -74,10 +76,14 @@ def observed_guidance(
     guiders = _guider_settings(pipe)
     settings: dict[str, Any] = {"transformer_calls": len(calls), "inputs": _guidance_inputs(calls),
                                 "attributes": {**_pipeline_attributes(pipe), **guiders}}  # fmt: skip
-    branches = _branch_predictions(outputs, guided) if len(outputs) == len(calls) else None
-    if branches is None:
+    fits = []  # the latents' block leading the predictions (appended tokens or channels), or ending them
+    for trailing in (False, True):
+        branches = _branch_predictions(outputs, guided, trailing) if len(outputs) == len(calls) else None
+        if branches is not None:
+            fits.append((combination_weights(branches, guided), branches))
+    if not fits:
         return GuidanceObservation(settings, "the first step's transformer outputs do not split into latent batches")
-    fit = combination_weights(branches, guided)
+    fit, branches = min(fits, key=lambda pair: pair[0].residual)
     settings["branches"] = len(branches)
     unidentified = None
     if fit.residual > MAX_RESIDUAL:
@@ -133,21 +139,26 @@ def combination_weights(branches: Sequence[torch.Tensor], guided: torch.Tensor) 
     return CombinationFit(tuple(float(w) for w in a), residual, uncertainty, rescaled)
 
 
-def latent_block(tensor: torch.Tensor, latents: torch.Size) -> torch.Tensor:
+def latent_block(tensor: torch.Tensor, latents: torch.Size, trailing: bool = False) -> torch.Tensor:
     """The leading block of ``tensor`` (all of its batch) in the latents' non-batch dimensions: pipelines append
-    reference-image tokens after the latent tokens and conditioning channels after the latent channels."""
+    reference-image tokens after the latent tokens and conditioning channels after the latent channels. With
+    ``trailing``, the last block: image-to-video pipelines that keep the first frame from the image step the
+    others, ``prediction[:, :, 1:]``."""
     if tensor.dim() != len(latents) or any(t < n for t, n in zip(tensor.shape[1:], latents[1:], strict=True)):
         raise RuntimeError(
             f"a transformer input or output of shape {tuple(tensor.shape)} does not contain the latents "
             f"{tuple(latents)} as its leading block; this pipeline's layout is not supported by the estimator"
         )
+    if trailing:
+        return tensor[(slice(None), *(slice(t - n, t) for t, n in zip(tensor.shape[1:], latents[1:], strict=True)))]
     return tensor[(slice(None), *(slice(0, n) for n in latents[1:]))]
 
 
-def latent_branches(prediction: torch.Tensor, guided: torch.Tensor) -> list[torch.Tensor]:
-    """The latent-shaped branches of one transformer call's ``prediction``: its :func:`latent_block`, split into
-    batches of ``guided``'s (batched CFG puts its branches one after another in the batch)."""
-    block = latent_block(prediction, guided.shape)
+def latent_branches(prediction: torch.Tensor, guided: torch.Tensor, trailing: bool = False) -> list[torch.Tensor]:
+    """The latent-shaped branches of one transformer call's ``prediction``: its :func:`latent_block` (the last one
+    with ``trailing``), split into batches of ``guided``'s (batched CFG puts its branches one after another in the
+    batch)."""
+    block = latent_block(prediction, guided.shape, trailing)
     if block.shape[0] % guided.shape[0]:
         raise RuntimeError(
             f"a transformer output of shape {tuple(prediction.shape)} does not split into latents {tuple(guided.shape)}"
@@ -169,16 +180,17 @@ def _prediction(output: Any, sample: torch.Size) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
-def _branch_predictions(outputs: Sequence[Any], guided: torch.Tensor) -> list[torch.Tensor] | None:
-    """The latent-shaped branch predictions of the first step's transformer calls (batched CFG split), in call
-    order; None when an output's layout does not contain a whole number of latent batches."""
+def _branch_predictions(outputs: Sequence[Any], guided: torch.Tensor, trailing: bool) -> list[torch.Tensor] | None:
+    """The latent-shaped branch predictions of the first step's transformer calls (batched CFG split; each
+    prediction's leading block, or its last with ``trailing``), in call order; None when an output's layout does
+    not contain a whole number of latent batches."""
     branches: list[torch.Tensor] = []
     for output in outputs:
         prediction = _prediction(output, guided.shape[1:])
         if prediction is None:
             return None
         try:
-            branches += latent_branches(prediction, guided)
+            branches += latent_branches(prediction, guided, trailing)
         except RuntimeError:
             return None
     return branches or None
