@@ -1701,7 +1701,7 @@ CASES: tuple[Case, ...] = (
         "LTXImageToVideoPipeline",
         _ltx(LTXImageToVideoPipeline, image=_pil_image()),
         "the first frame is the image's latents; the scheduler steps the others",
-        first_use_declined="its transformer returns packed tokens the loop unpacks to step the frames after the image's",
+        first_use_declined="its transformer returns packed tokens the loop unpacks to step the frames after the image",
     ),
     Case(
         "wan",
