@@ -137,16 +137,29 @@ def test_pipeline(case: Case):
     assert torch.equal(run_counting_blocks(case, pipe, inputs)[0], baseline)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_calibrate_on_first_use(case: Case, caplog: pytest.LogCaptureFixture):
-    """A budget with no known schedule, as a user's own checkpoint gets it: the first call runs in full (each of its
-    loops a calibrating generation) and equals the uncached pipeline, the next runs B computed steps calibrated on
-    it (the call after, where a call's loops have keys of their own); or, where MeanCache cannot calibrate the
-    pipeline on first use (``Case.first_use_declined``), one warning saying why and evenly spaced steps."""
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[case.name for case in CASES])
+def test_calibrate_on_first_use_with_group_offload(index: int, caplog: pytest.LogCaptureFixture):
+    """A budget with no known schedule, as a user's own checkpoint gets it, on models offloaded block by block
+    (diffusers' group offload on every denoising model, enabled before MeanCache in every other case and after it
+    in the rest): the first call runs in full (each of its loops a calibrating generation) and equals the uncached
+    pipeline, the next runs B computed steps calibrated on it (the call after, where a call's loops have keys of
+    their own); or, where MeanCache cannot calibrate the pipeline on first use (``Case.first_use_declined``), one
+    warning saying why and evenly spaced steps."""
+    case = CASES[index]
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
     baseline, _, begin = run_counting_blocks(case, pipe, inputs)
+
+    def offload() -> None:
+        for model in denoisers(pipe).values():
+            model.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level",
+                                       num_blocks_per_group=1)  # fmt: skip
+
+    if index % 2:
+        offload()
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=case.loops))
+    if not index % 2:
+        offload()
     with caplog.at_level("WARNING", logger="meancache"):
         first = run_counting_blocks(case, pipe, inputs, begin)[0]
         first_source = meancache.summary(pipe).schedule.metadata["source"]
