@@ -20,6 +20,9 @@ import meancache
 from meancache import MeanCacheConfig, enable_mean_cache
 from meancache.models import bundled_model_path, load_digits_model
 from meancache.testing import generate_latents, tiny_inputs, tiny_pipeline
+from tests.test_pipeline_matrix import BUDGET as MATRIX_BUDGET
+from tests.test_pipeline_matrix import CASE, denoisers
+from tests.test_pipeline_matrix import STEPS as MATRIX_STEPS
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -112,3 +115,34 @@ def _check_combined(
     eager = load()
     enable_mean_cache(eager, MeanCacheConfig(report.schedule))
     torch.testing.assert_close(cached, generate_latents(eager, inputs(1), STEPS), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["flux-kontext", "z-image", "wan2.2"])
+def test_other_layouts_compiled_offloaded_and_calibrated_on_first_use(name: str):
+    """The same stack on pipelines whose layouts differ from Qwen-Image's (``tests/pipeline_matrix.py``): reference
+    tokens appended to the latent tokens (Flux Kontext), per-sample lists in and out (Z-Image, CFG doubling the
+    list), two experts sharing the trajectory (Wan2.2): every denoising model compiled and group-offloaded before
+    MeanCache is enabled."""
+    case = CASE[name]
+
+    def generate(pipe: Any) -> torch.Tensor:
+        call = {**inputs, "num_inference_steps": MATRIX_STEPS, "generator": torch.Generator().manual_seed(0),
+                "output_type": "latent"}  # fmt: skip
+        return case.call(pipe, call)[0]
+
+    pipe, inputs = case.build()
+    pipe.set_progress_bar_config(disable=True)
+    uncached = generate(pipe)
+    counter = CompileCounterWithBackend("inductor")
+    for model in denoisers(pipe).values():
+        model.compile(backend=counter)
+        model.enable_group_offload(CPU, CPU, offload_type="block_level", num_blocks_per_group=1)
+    enable_mean_cache(pipe, MeanCacheConfig(budget=MATRIX_BUDGET, calibration_runs=1))
+    torch.testing.assert_close(generate(pipe), uncached, rtol=1e-5, atol=1e-5)  # compiled vs eager rounding
+    graphs = counter.frame_count
+    cached = generate(pipe)
+    report = meancache.summary(pipe)
+    assert report.computed_steps == MATRIX_BUDGET
+    assert report.schedule.metadata["source"].startswith("calibrated on first use")
+    assert torch.equal(generate(pipe), cached)
+    assert counter.frame_count == graphs
