@@ -191,6 +191,26 @@ def test_calibration_key_follows_the_conditioning_inputs():
         disable_mean_cache(pipe)
 
 
+def test_a_guidance_setting_acting_after_the_first_step_is_warned_about(caplog: pytest.LogCaptureFixture):
+    """Lumina 2's ``cfg_trunc_ratio`` drops the unconditional call from some step on, which the key, decided at the
+    first step, cannot hold: a generation that takes a calibration made with another ratio is warned about (once),
+    one with the calibrating ratio is not."""
+    pipe, inputs = CASE["lumina2"].build()  # no truncation: two calls on every step
+    pipe.set_progress_bar_config(disable=True)
+    truncated = {**inputs, "cfg_trunc_ratio": 0.5}
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    generate(pipe, inputs, STEPS)
+    with caplog.at_level("WARNING", logger="meancache"):
+        generate(pipe, inputs, STEPS)
+        assert "calls at step" not in caplog.text
+        generate(pipe, truncated, STEPS)
+        generate(pipe, truncated, STEPS)
+    assert meancache.summary(pipe).schedule.metadata["source"].startswith("calibrated on first use")
+    assert caplog.text.count("calls at step") == 1
+    assert re.search(r"made \[1, 0\] transformer \(and ControlNet\) calls at step \d+ where .* made \[2, 0\]",
+                     caplog.text)  # fmt: skip
+
+
 def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> torch.Tensor:
     return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
                 return_dict=False)[0]  # fmt: skip

@@ -60,6 +60,9 @@ SOLVER_GAP = 6
 TRAJECTORY_DTYPE = torch.bfloat16
 """The dtype the last calibrating generation keeps its trajectory in, for replay (measured: the same picks as
 float32 on both bundled models)."""
+CALL_PATTERN = "call_pattern"
+"""Calibration metadata: per step of the calibrating generations, their transformer and ControlNet calls (what
+guidance settings acting after the first step change; checked against later generations)."""
 SELECTED = "selected"
 """Calibration metadata: budget (as a string) -> the schedule validated selection picked for it."""
 
@@ -123,7 +126,7 @@ class GenerationCalibration:
         generations = f"{calibration.trajectories} generation{'s' if calibration.trajectories != 1 else ''}"
         source = f"calibrated on first use ({how}{generations}, key {self.digest}, {where})"
         schedule = Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans,
-                            {**schedule.metadata, "source": source})  # fmt: skip
+                            {**schedule.metadata, "source": source, "calibration_key": self.digest})  # fmt: skip
         self.owner.schedules[(self.digest, budget)] = schedule
         return schedule
 
@@ -158,13 +161,15 @@ class GenerationCalibration:
             for kept, tensor in zip(self.trajectory, (z, v), strict=True):
                 kept.append(tensor.detach().to("cpu", TRAJECTORY_DTYPE))
 
-    def finish(self) -> None:
-        """Fold the completed generation into the key's stored calibration; the last calibrating generation
-        adds the schedule validated selection picks for its budget (module docstring)."""
+    def finish(self, call_pattern: list[list[int]]) -> None:
+        """Fold the completed generation, which made ``call_pattern`` calls per step (``CALL_PATTERN``), into the
+        key's stored calibration; the last calibrating generation adds the schedule validated selection picks for
+        its budget (module docstring)."""
         assert self.accumulator is not None
         metadata = {
             "cost_kinds": ["one-shot", "closed-loop"], "calibration_seconds": time.perf_counter() - self.started,
             "source": "calibrated on first use", "pipeline": self.key["pipeline"], "model": self.key["checkpoint"],
+            CALL_PATTERN: call_pattern,
         }  # fmt: skip
         calibration = self.accumulator.result(metadata)
         stored = self.owner.store.load(self.key)

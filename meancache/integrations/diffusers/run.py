@@ -25,7 +25,7 @@ from diffusers import DiffusionPipeline, SchedulerMixin
 from meancache.calibration import calibration_store
 from meancache.config import MeanCacheConfig
 from meancache.integrations.diffusers.distributed import check_same_schedule_on_all_ranks
-from meancache.integrations.diffusers.first_use import FirstUseCalibration, GenerationCalibration
+from meancache.integrations.diffusers.first_use import CALL_PATTERN, FirstUseCalibration, GenerationCalibration
 from meancache.integrations.diffusers.guidance import observed_guidance
 from meancache.integrations.diffusers.key import calibration_key
 from meancache.integrations.diffusers.ranks import decide_on_rank_zero
@@ -112,6 +112,8 @@ class GenerationRun:
     derivative_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
     """The ``hidden_states`` of this step's forward-mode calls: checked against the latents the scheduler steps."""
     calls_this_step: Counter[str] = field(default_factory=Counter)
+    call_pattern: list[list[int]] = field(default_factory=list)
+    """Per step so far: the transformer calls and the ControlNet calls it made (run or answered on a skipped step)."""
     """Calls so far in the current step, per kind of gated model (``"transformer"``: any expert; ``"controlnet"``):
     the index of the next call of that kind."""
     outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
@@ -165,6 +167,7 @@ class MeanCacheState:
         self.first_use = FirstUseCalibration(config.calibration_runs, calibration_store())
         self._mapping_warned: set[int] = set()
         self._decline_warned = False
+        self._pattern_warned: set[str] = set()
         self._announced = False
         self.run: GenerationRun | None = None
         self.last_summary: MeanCacheSummary | None = None
@@ -199,12 +202,36 @@ class MeanCacheState:
         return self.run
 
     def finish_step(self, run: GenerationRun) -> None:
+        run.call_pattern.append([run.calls_this_step["transformer"], run.calls_this_step["controlnet"]])
         run.steps_run += 1
         run.calls_this_step.clear()
         if run.steps_run == run.num_steps:
             if run.calibration is not None:
-                run.calibration.finish()
+                run.calibration.finish(run.call_pattern)
+            else:
+                self._check_call_pattern(run)
             self.end_run()
+
+    def _check_call_pattern(self, run: GenerationRun) -> None:
+        """Warn, once per calibration, when a generation that took a first-use calibration made other calls per step
+        than the generations that made it: a guidance setting acting only after the first step differs (Lumina 2's
+        ``cfg_trunc_ratio``, SD3's skip-layer window, ControlNet ``control_guidance_start/end``), which the key,
+        decided at the first step, cannot hold."""
+        metadata = run.schedule.metadata
+        expected, digest = metadata.get(CALL_PATTERN), metadata.get("calibration_key")
+        if expected is None or expected == run.call_pattern or digest in self._pattern_warned:
+            return
+        self._pattern_warned.add(digest)
+        step = next(i for i, pair in enumerate(run.call_pattern) if i >= len(expected) or expected[i] != pair)
+        logger.warning(
+            "MeanCache: this generation of %s made %s transformer (and ControlNet) calls at step %d where the "
+            "generations that calibrated its schedule (key %s) made %s: a guidance setting that acts after the "
+            "first step differs from theirs (cfg_trunc_ratio, skip-layer guidance, control_guidance_start/end, "
+            "...), so the schedule was calibrated for another trajectory. `meancache calibrations clear %s` "
+            "recalibrates on the next generations; or pass a schedule.",
+            self.pipeline_name, run.call_pattern[step], step, digest,
+            expected[step] if step < len(expected) else "none", digest,
+        )  # fmt: skip
 
     def end_run(self) -> None:
         """Free the generation's history, keeping its summary."""
