@@ -57,6 +57,8 @@ def test_key_follows_trajectory_settings_not_prompt_or_seed(flux):
     assert _key_of(flux, inputs, steps=12) != base
     assert _key_of(flux, tiny_inputs("flux", size=48)) != base
     assert _key_of(flux, inputs, guidance_scale=5.0) != base
+    lora_scale = {s: _key_of(flux, inputs, joint_attention_kwargs={"scale": s}) for s in (0.5, 1.0)}
+    assert lora_scale[0.5] != lora_scale[1.0]  # a LoRA's scale for the call
     weight = flux.transformer.proj_out.weight
     with torch.no_grad():
         weight.add_(1e-3)  # as a fused LoRA would
@@ -67,19 +69,20 @@ def test_key_follows_trajectory_settings_not_prompt_or_seed(flux):
     assert _key_of(flux, inputs) == base
 
 
-def test_input_structure_ignores_values_sizes_and_batch():
+def test_call_structure_ignores_values_sizes_and_batch():
+    structure = key_module.call_structure
     per_sample = [torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)]
     call = {"x": per_sample, "cap_feats": [torch.zeros(5, 16), torch.zeros(9, 16)], "t": torch.ones(2), "mask": None}
     smaller = {"x": per_sample[:1], "cap_feats": [torch.zeros(3, 16)], "t": torch.ones(1), "mask": None}
-    assert key_module.input_structure(call) == key_module.input_structure(smaller)
-    assert key_module.input_structure(call) == {
+    assert structure(call) == structure(smaller)
+    assert structure(call) == {
         "cap_feats": ["tensor2:float32"], "mask": None, "t": "tensor1:float32", "x": ["tensor4:float32"]
     }  # fmt: skip
-    with_image = {**smaller, "x": [[torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 4, 4)]]}
-    assert key_module.input_structure(with_image) != key_module.input_structure(smaller)
-    assert key_module.input_structure({**smaller, "mask": torch.ones(1, 5, dtype=torch.bool)}) != (
-        key_module.input_structure(smaller)
-    )
+    assert structure({**smaller, "x": [[torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 4, 4)]]}) != structure(smaller)
+    assert structure({**smaller, "mask": torch.ones(1, 5, dtype=torch.bool)}) != structure(smaller)
+    lora = {**smaller, "joint_attention_kwargs": {"scale": 0.5}}
+    assert structure(lora)["joint_attention_kwargs"] == {"scale": 0.5}
+    assert structure(lora) != structure({**lora, "joint_attention_kwargs": {"scale": 1.0}})
 
 
 def test_key_follows_the_weights_of_every_gated_model():

@@ -10,9 +10,9 @@
   including the resolution-dependent one of FLUX.1 and Qwen-Image;
 * ``latent_shape`` and ``dtype``: the first transformer call's ``hidden_states`` without the batch dimension
   (so the resolution and frame count, and batched CFG, which doubles only the batch) and its dtype;
-* ``inputs``: :func:`input_structure` of each of the first step's transformer calls: which inputs it is given and
+* ``inputs``: :func:`call_structure` of each of the first step's transformer calls: which inputs it is given and
   their kinds, not their values or sizes (Z-Image Omni with a condition image passes SigLIP features where its
-  text-to-image call passes None);
+  text-to-image call passes None), and the numbers in its dict arguments (a LoRA's scale for the call);
 * ``guidance``: what the generation's first step showed of its guidance
   (:func:`~meancache.integrations.diffusers.guidance.observed_guidance`: transformer calls and branches per step,
   the weights combining the branches, guidance inputs of the transformer, the pipeline's recorded guidance
@@ -110,17 +110,26 @@ def checkpoint_identity(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if name_or_path and Path(name_or_path).exists() else name_or_path
 
 
-def input_structure(value: Any) -> Any:
-    """What kind of transformer input ``value`` is, independent of its values, sizes, prompt lengths and batch size:
-    a tensor by its number of dimensions and dtype, a list or tuple by the distinct structures of its elements (a
-    per-sample list of any length gives one), a dict by its entries, None as None and anything else by its type."""
+def call_structure(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a transformer call is given, independent of values, sizes, prompt lengths and batch size: per keyword
+    argument, its :func:`input_structure`."""
+    return {name: input_structure(value) for name, value in sorted(kwargs.items())}
+
+
+def input_structure(value: Any, in_dict: bool = False) -> Any:
+    """What kind of transformer input ``value`` is: a tensor by its number of dimensions and dtype, a list or tuple by
+    the distinct structures of its elements (a per-sample list of any length gives one), a dict by its entries, None
+    as None and anything else by its type, except a number in a dict argument (``in_dict``), which is kept, rounded
+    to 6 decimals: ``joint_attention_kwargs={"scale": 0.5}`` scales a LoRA for this call."""
     if isinstance(value, torch.Tensor):
         return f"tensor{value.dim()}:{str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, (list, tuple)):
-        distinct = {json.dumps(input_structure(v), sort_keys=True) for v in value}
+        distinct = {json.dumps(input_structure(v, in_dict), sort_keys=True) for v in value}
         return [json.loads(text) for text in sorted(distinct)]
     if isinstance(value, dict):
-        return {str(k): input_structure(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+        return {str(k): input_structure(v, True) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if in_dict and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return round(float(value), 6)
     return None if value is None else type(value).__name__
 
 
@@ -142,6 +151,6 @@ def calibration_key(
         "sigmas": [round(s, 6) for s in sigmas],
         "latent_shape": list(latents.shape[1:]) if isinstance(latents, torch.Tensor) else None,
         "dtype": str(latents.dtype).removeprefix("torch.") if isinstance(latents, torch.Tensor) else None,
-        "inputs": [input_structure(kwargs) for kwargs in calls],
+        "inputs": [call_structure(kwargs) for kwargs in calls],
         "guidance": guidance,
     }
