@@ -112,10 +112,10 @@ class GenerationRun:
     derivative_inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
     """The ``hidden_states`` of this step's forward-mode calls: checked against the latents the scheduler steps."""
     calls_this_step: Counter[str] = field(default_factory=Counter)
-    call_pattern: list[list[int]] = field(default_factory=list)
-    """Per step so far: the transformer calls and the ControlNet calls it made (run or answered on a skipped step)."""
     """Calls so far in the current step, per kind of gated model (``"transformer"``: any expert; ``"controlnet"``):
     the index of the next call of that kind."""
+    call_pattern: list[list[int]] = field(default_factory=list)
+    """Per step so far: the transformer calls and the ControlNet calls it made (run or answered on a skipped step)."""
     outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
     """Per kind of gated model, copies of its outputs on the last computed step followed by a skipped one, in call
     order: the placeholders of the skipped steps' calls (:meth:`TransformerGate.placeholder`)."""
