@@ -76,9 +76,13 @@ def observed_guidance(
     guiders = _guider_settings(pipe)
     settings: dict[str, Any] = {"transformer_calls": len(calls), "inputs": _guidance_inputs(calls),
                                 "attributes": {**_pipeline_attributes(pipe), **guiders}}  # fmt: skip
-    fits = []  # the latents' block leading the predictions (appended tokens or channels), or ending them
-    for trailing in (False, True):
-        branches = _branch_predictions(outputs, guided, trailing) if len(outputs) == len(calls) else None
+    predictions = [_prediction(output, guided.shape[1:]) for output in outputs] if len(outputs) == len(calls) else []
+    # the latents' block leads the predictions (appended tokens or channels) or ends them (a kept first frame);
+    # the two differ only where a prediction is larger than the latents
+    larger = any(p is not None and p.shape[1:] != guided.shape[1:] for p in predictions)
+    fits = []
+    for trailing in (False, True) if larger else (False,):
+        branches = _branch_predictions(predictions, guided, trailing)
         if branches is not None:
             fits.append((combination_weights(branches, guided), branches))
     if not fits:
@@ -166,13 +170,21 @@ def latent_branches(prediction: torch.Tensor, guided: torch.Tensor, trailing: bo
     return list(block.reshape(-1, *guided.shape).unbind(0))
 
 
-def _prediction(output: Any, sample: torch.Size) -> torch.Tensor | None:
-    """The prediction in a transformer output: a tensor, the first entry of a tuple or diffusers output class, a
-    list of per-sample tensors stacked (None when they differ in shape), each reshaped to ``sample`` (one latent
-    sample's shape) when it holds as many elements: Z-Image returns ``(C, 1, H, W)`` per sample of ``(C, H, W)``
-    latents and squeezes the frame dimension itself."""
+def first_output(output: Any) -> Any:
+    """What a transformer returned as its prediction: the first entry of a tuple or diffusers output class, or the
+    output itself (a tensor: Kandinsky 5 returns it bare with ``return_dict=False``; a list of per-sample tensors:
+    Z-Image)."""
     if isinstance(output, (tuple, BaseOutput)) and not isinstance(output, torch.Tensor):
-        output = output[0]
+        return output[0]
+    return output
+
+
+def _prediction(output: Any, sample: torch.Size) -> torch.Tensor | None:
+    """The prediction in a transformer output (:func:`first_output`) as a tensor: a list of per-sample tensors is
+    stacked (None when they differ in shape), each reshaped to ``sample`` (one latent sample's shape) when it holds
+    as many elements: Z-Image returns ``(C, 1, H, W)`` per sample of ``(C, H, W)`` latents and squeezes the frame
+    dimension itself."""
+    output = first_output(output)
     if isinstance(output, list) and output and all(isinstance(t, torch.Tensor) for t in output):
         if len({t.shape for t in output}) != 1:
             return None
@@ -180,13 +192,14 @@ def _prediction(output: Any, sample: torch.Size) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
-def _branch_predictions(outputs: Sequence[Any], guided: torch.Tensor, trailing: bool) -> list[torch.Tensor] | None:
-    """The latent-shaped branch predictions of the first step's transformer calls (batched CFG split; each
-    prediction's leading block, or its last with ``trailing``), in call order; None when an output's layout does
-    not contain a whole number of latent batches."""
+def _branch_predictions(
+    predictions: Sequence[torch.Tensor | None], guided: torch.Tensor, trailing: bool
+) -> list[torch.Tensor] | None:
+    """The latent-shaped branches of the first step's transformer predictions (:func:`_prediction`; batched CFG
+    split; each prediction's leading block, or its last with ``trailing``), in call order; None when a prediction's
+    layout does not contain a whole number of latent batches."""
     branches: list[torch.Tensor] = []
-    for output in outputs:
-        prediction = _prediction(output, guided.shape[1:])
+    for prediction in predictions:
         if prediction is None:
             return None
         try:

@@ -37,7 +37,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import BaseOutput
 from torch._dynamo.eval_frame import OptimizedModule
 
-from meancache.integrations.diffusers.guidance import latent_block, latent_branches
+from meancache.integrations.diffusers.guidance import first_output, latent_block, latent_branches
 from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
 from meancache.integrations.jvp_attention import sdpa_as_jvp_attention
 
@@ -158,8 +158,7 @@ class TransformerGate:
 
         def velocity(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             call = {**kwargs, "hidden_states": h, "timestep": t, "return_dict": False}
-            output = self.call_transformer(*args, **call)
-            return output if isinstance(output, torch.Tensor) else output[0]  # Kandinsky 5 returns the bare tensor
+            return first_output(self.call_transformer(*args, **call))
 
         if run.steps_run == 0:
             tangent = velocity(hidden, timestep)
