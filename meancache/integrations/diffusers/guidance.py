@@ -209,7 +209,7 @@ def _branch_predictions(
     return branches or None
 
 
-def _round(value: Any) -> Any:
+def key_number(value: Any) -> Any:
     """A number or bool as the key holds it (6 decimals), anything else None."""
     if isinstance(value, bool):
         return value
@@ -227,7 +227,7 @@ def _guidance_inputs(calls: Sequence[Mapping[str, Any]]) -> dict[str, list[float
             if "guidance" not in name:
                 continue
             values = value.detach().flatten().tolist() if isinstance(value, torch.Tensor) else [value]
-            inputs.setdefault(name, set()).update(r for r in map(_round, values) if r is not None)
+            inputs.setdefault(name, set()).update(r for r in map(key_number, values) if r is not None)
     return {name: sorted(values) for name, values in sorted(inputs.items()) if values}
 
 
@@ -235,9 +235,9 @@ def _pipeline_attributes(pipe: Any) -> dict[str, Any]:
     """The pipeline's own guidance settings: its attributes ``_*guidance*`` and ``_*cfg*`` holding numbers or
     bools, which pipelines set from their call arguments before the denoising loop."""
     return {
-        name: _round(value)
+        name: key_number(value)
         for name, value in sorted(vars(pipe).items())
-        if name.startswith("_") and ("guidance" in name or "cfg" in name) and _round(value) is not None
+        if name.startswith("_") and ("guidance" in name or "cfg" in name) and key_number(value) is not None
     }
 
 

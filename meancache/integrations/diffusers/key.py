@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from meancache.integrations.diffusers.guidance import key_number
+
 FINGERPRINT_SAMPLES = 16
 """Elements read from each parameter and buffer for :func:`weights_fingerprint`."""
 
@@ -119,8 +121,9 @@ def call_structure(kwargs: dict[str, Any]) -> dict[str, Any]:
 def input_structure(value: Any, in_dict: bool = False) -> Any:
     """What kind of transformer input ``value`` is: a tensor by its number of dimensions and dtype, a list or tuple by
     the distinct structures of its elements (a per-sample list of any length gives one), a dict by its entries, None
-    as None and anything else by its type, except a number in a dict argument (``in_dict``), which is kept, rounded
-    to 6 decimals: ``joint_attention_kwargs={"scale": 0.5}`` scales a LoRA for this call."""
+    as None and anything else by its type, except a number or bool in a dict argument (``in_dict``), which is kept
+    (:func:`~meancache.integrations.diffusers.guidance.key_number`): ``joint_attention_kwargs={"scale": 0.5}``
+    scales a LoRA for this call."""
     if isinstance(value, torch.Tensor):
         return f"tensor{value.dim()}:{str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, (list, tuple)):
@@ -128,8 +131,8 @@ def input_structure(value: Any, in_dict: bool = False) -> Any:
         return [json.loads(text) for text in sorted(distinct)]
     if isinstance(value, dict):
         return {str(k): input_structure(v, True) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
-    if in_dict and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return round(float(value), 6)
+    if in_dict and (number := key_number(value)) is not None:
+        return number
     return None if value is None else type(value).__name__
 
 
