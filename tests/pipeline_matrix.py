@@ -2108,7 +2108,6 @@ REFUSED: tuple[Refusal, ...] = (
 )  # fmt: skip
 """Pipelines refused at enable time, each checked on a tiny instance."""
 
-_NOT_BUILT = "not built in the matrix yet"
 _COSMOS = (
     "refuses to run without its safety checker (`CosmosSafetyChecker`, from the `cosmos_guardrail` package, which "
     "loads guard models from the hub; None is refused by the pipeline): a stand-in would replace a component the "
@@ -2136,7 +2135,7 @@ NOT_COVERED: dict[str, str] = {
     "OmniGenPipeline": "its multimodal processor builds torchvision transforms in its constructor (torchvision is "
     "not installed here)",
     "QwenImage21Pipeline": "its constructor tokenizes through a Qwen3-VL processor, whose video processor needs "
-    f"torchvision (not installed here); {_NOT_BUILT}",
+    "torchvision (not installed here); not built in the matrix yet",
 }
 """Flow-matching pipeline classes (``tests/flow_pipelines.py``) neither in :data:`CASES` nor in :data:`REFUSED`,
 and why."""
