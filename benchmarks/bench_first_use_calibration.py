@@ -78,6 +78,14 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
         finally:
             disable_mean_cache(pipe)
 
+    def schedule_row(
+        method: str, budget: int, schedule: Schedule, references: dict, images: dict | None = None
+    ) -> dict:
+        """``row`` of ``schedule``'s images (run here unless given), naming its computed steps and spans."""
+        images = run_schedule(schedule) if images is None else images
+        return row(method, budget, images, references, compute_steps=list(schedule.compute_steps),
+                   spans=list(schedule.spans))  # fmt: skip
+
     def measure() -> tuple[list[dict], dict]:
         references = evaluate()
         rows: list[dict] = []
@@ -102,17 +110,14 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             disable_mean_cache(pipe)
             assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay"), report
             assert report.computed_steps == budget
-            schedule = report.schedule
-            rows.append(row(f"calibrate on first use, R={runs}", budget, images, references,
-                            compute_steps=list(schedule.compute_steps), spans=list(schedule.spans)))  # fmt: skip
+            rows.append(schedule_row(f"calibrate on first use, R={runs}", budget, report.schedule, references, images))
             (stored,) = calibration_store().files()
             calibration = Calibration.load(stored)
             assert calibration.trajectories == runs
             del calibration.metadata[SELECTED]
             single = first_use_schedule(calibration, budget)
-            rows.append(row(f"first-use calibration R={runs}: PSSP default settings, no replay", budget,
-                            run_schedule(single), references, compute_steps=list(single.compute_steps),
-                            spans=list(single.spans)))  # fmt: skip
+            rows.append(schedule_row(f"first-use calibration R={runs}: PSSP default settings, no replay", budget,
+                                     single, references))  # fmt: skip
         for (runs, seeds), budget in itertools.product(BATCHED, BUDGETS):
             monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_batched_{seeds[0]}_B{budget}"))
             enable_mean_cache(pipe, MeanCacheConfig(budget=budget, calibration_runs=runs))
@@ -122,12 +127,10 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             schedule = summary(pipe).schedule
             disable_mean_cache(pipe)
             label = f"calibrate on first use, R={runs} generations of digits 0-9, seeds {seeds[0]}-{seeds[-1]}"
-            rows.append(row(label, budget, run_schedule(schedule), references,
-                            compute_steps=list(schedule.compute_steps), spans=list(schedule.spans)))  # fmt: skip
+            rows.append(schedule_row(label, budget, schedule, references))
             if schedule.spans[1] != 1:
                 variant = Schedule(STEPS, schedule.compute_steps, (schedule.spans[0], 1, *schedule.spans[2:]))
-                rows.append(row(f"{label}, span 1 on its second interval", budget, run_schedule(variant), references,
-                                compute_steps=list(variant.compute_steps), spans=list(variant.spans)))  # fmt: skip
+                rows.append(schedule_row(f"{label}, span 1 on its second interval", budget, variant, references))
         for budget in BUDGETS:
             shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
             single = shipped_calibration.schedule(budget, kind="closed-loop", gamma=2.0)
