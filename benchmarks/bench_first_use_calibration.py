@@ -2,22 +2,25 @@
 
 For each bundled model, with its shipped schedules hidden (the pipeline's ``name_or_path`` is renamed, so
 ``MeanCacheConfig(budget=B)`` finds no schedule in the model folder) and the presets matched by transformer
-family hidden (digits-qwen runs Qwen-Image's transformer class), ``calibration_runs`` R = 1,
-2, 4 and each budget B (a fresh calibration store per R and B, since the last calibrating generation selects the
-schedule for its own budget): R generations of one digit each (digit ``i mod 10``, seed ``1000 + i``: disjoint
-from the evaluation seeds 0-2 and the shipped calibration's 100-102) run in full while MeanCache calibrates, the
-last one also selecting by replay (:mod:`meancache.calibration.replay`); then B runs the schedule
-``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the store. The same calibration's PSSP solution
-with the default solver settings (what a budget gets without a replayed selection) is a row too.
+family hidden (digits-qwen runs Qwen-Image's transformer class), ``calibration_runs`` R = 1, 2, 4, each budget B
+and five calibration draws (a fresh calibration store each, since the last calibrating generation selects the
+schedule for its own budget): R generations of one digit each (draw ``d``, generation ``i``: digit
+``(2 d + i) mod 10``, seed ``1000 + 100 d + i``; draw 0 is digits 0, 1, ... with seeds 1000, 1001, ...; all
+disjoint from the evaluation seeds 0-2 and the shipped calibration's 100-102) run in full while MeanCache
+calibrates, the last one also selecting by replay (:mod:`meancache.calibration.replay`); then B runs the
+schedule ``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the store. The same calibration's PSSP
+solution with the default solver settings (what a budget gets without a replayed selection) is a row too, and,
+for the default R, the selection as it was before candidates stopped anchoring look-backs at step 0
+(:meth:`~meancache.calibration.Calibration.without_step_0_anchor` undone). ``summary`` holds each method's mean,
+lowest and highest PSNR over the draws.
 
 Rows at B = 8, 10, 13, 17, against the full 50-step run over digits 0-9 x seeds 0-2 (PSNR, SSIM): the shipped
 validated schedule, a single PSSP solution (closed-loop, gamma 2) of the shipped 30-trajectory calibration,
 uniform plain reuse (K = 1), and DPM-Solver++ 2M at B steps. How much the calibration data matters: first use on
 three generations of all ten digits (30 trajectories, as the shipped calibration), on the shipped calibration's
-own seeds and on others, and its pick with span 1 on the second interval (the look-back from step 1 to step 0)
-where it chose more. Overhead: the median wall time of a calibrating
-generation over a plain generation of the same one-digit call, for the calibrating generations that only
-measure costs and for the last ones, which also select by replay.
+own seeds and on others. Overhead: the median wall time of a calibrating generation over a plain generation of
+the same one-digit call, for the calibrating generations that only measure costs and for the last ones, which
+also select by replay.
 Results: ``benchmarks/results/first_use_calibration_<model>.json``.
 """
 
@@ -42,10 +45,17 @@ from meancache.schedule import defaults
 
 BUDGETS = (8, 10, 13, 17)
 RUNS = (1, 2, 4)
+DEFAULT_RUNS = 2
+DRAWS = range(5)
 BATCHED = ((3, (100, 101, 102)), (3, (1000, 1001, 1002)))
 """First use on 30 trajectories: R = 3 generations of all ten digits, on the shipped calibration's own seeds
 (100-102) and on others."""
 DPM = "fewer steps: DPM-Solver++ 2M"
+
+
+def draw_calls(draw: int, runs: int) -> list[tuple[int, int]]:
+    """``(digit, seed)`` of each calibrating generation of calibration draw ``draw`` (module docstring)."""
+    return [((2 * draw + i) % 10, 1000 + 100 * draw + i) for i in range(runs)]
 
 
 @pytest.mark.parametrize("model_name", IMAGE_MODELS)
@@ -78,13 +88,10 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
         finally:
             disable_mean_cache(pipe)
 
-    def schedule_row(
-        method: str, budget: int, schedule: Schedule, references: dict, images: dict | None = None
-    ) -> dict:
-        """``row`` of ``schedule``'s images (run here unless given), naming its computed steps and spans."""
-        images = run_schedule(schedule) if images is None else images
-        return row(method, budget, images, references, compute_steps=list(schedule.compute_steps),
-                   spans=list(schedule.spans))  # fmt: skip
+    def schedule_row(method: str, budget: int, schedule: Schedule, references: dict, **extra) -> dict:
+        """``row`` of ``schedule``'s images, naming its computed steps and spans."""
+        return row(method, budget, run_schedule(schedule), references, compute_steps=list(schedule.compute_steps),
+                   spans=list(schedule.spans), **extra)  # fmt: skip
 
     def measure() -> tuple[list[dict], dict]:
         references = evaluate()
@@ -94,30 +101,43 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             start = time.perf_counter()
             generate(model.inputs([0]), 1000)
             seconds["plain"].append(time.perf_counter() - start)
-        for runs, budget in itertools.product(RUNS, BUDGETS):
-            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_R{runs}_B{budget}"))
+
+        def first_use(runs: int, budget: int, draw: int, label: str) -> Schedule:
+            """The schedule first use resolves after calibrating on ``draw``, timing its generations."""
+            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_{label}_R{runs}_B{budget}_draw{draw}"))
             config = MeanCacheConfig(budget=budget, calibration_runs=runs)
             enable_mean_cache(pipe, config)
-            for i in range(runs):
+            for i, (digit, seed) in enumerate(draw_calls(draw, runs)):
                 start = time.perf_counter()
-                generate(model.inputs([i % 10]), 1000 + i)
+                generate(model.inputs([digit]), seed)
                 seconds["selecting" if i == runs - 1 else "calibrating"].append(time.perf_counter() - start)
                 assert summary(pipe).schedule.metadata["source"].startswith("calibrating on first use")
             disable_mean_cache(pipe)
             enable_mean_cache(pipe, config)
-            images = evaluate()
+            generate(model.inputs([0]), 0)
             report = summary(pipe)
             disable_mean_cache(pipe)
             assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay"), report
             assert report.computed_steps == budget
-            rows.append(schedule_row(f"calibrate on first use, R={runs}", budget, report.schedule, references, images))
+            return report.schedule
+
+        for runs, budget, draw in itertools.product(RUNS, BUDGETS, DRAWS):
+            extra = {"draw": draw}
+            schedule = first_use(runs, budget, draw, "default")
+            rows.append(schedule_row(f"calibrate on first use, R={runs}", budget, schedule, references, **extra))
             (stored,) = calibration_store().files()
             calibration = Calibration.load(stored)
             assert calibration.trajectories == runs
             del calibration.metadata[SELECTED]
             single = first_use_schedule(calibration, budget)
             rows.append(schedule_row(f"first-use calibration R={runs}: PSSP default settings, no replay", budget,
-                                     single, references))  # fmt: skip
+                                     single, references, **extra))  # fmt: skip
+            if runs == DEFAULT_RUNS:
+                with monkeypatch.context() as patch:
+                    patch.setattr(Calibration, "without_step_0_anchor", keep_spans)
+                    schedule = first_use(runs, budget, draw, "step0")
+                rows.append(schedule_row(f"calibrate on first use, R={runs}, look-backs may anchor at step 0",
+                                         budget, schedule, references, **extra))  # fmt: skip
         for (runs, seeds), budget in itertools.product(BATCHED, BUDGETS):
             monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_batched_{seeds[0]}_B{budget}"))
             enable_mean_cache(pipe, MeanCacheConfig(budget=budget, calibration_runs=runs))
@@ -128,9 +148,6 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             disable_mean_cache(pipe)
             label = f"calibrate on first use, R={runs} generations of digits 0-9, seeds {seeds[0]}-{seeds[-1]}"
             rows.append(schedule_row(label, budget, schedule, references))
-            if schedule.spans[1] != 1:
-                variant = Schedule(STEPS, schedule.compute_steps, (schedule.spans[0], 1, *schedule.spans[2:]))
-                rows.append(schedule_row(f"{label}, span 1 on its second interval", budget, variant, references))
         for budget in BUDGETS:
             shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
             single = shipped_calibration.schedule(budget, kind="closed-loop", gamma=2.0)
@@ -154,5 +171,24 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
     rows, overhead = benchmark.pedantic(measure, rounds=1, iterations=1)
     write_results(f"first_use_calibration_{model_name}", {
         "model": model_name, "steps": STEPS, "evaluation_seeds": list(SEEDS), "classes": CLASSES,
-        "calibration_seeds": "1000 + i, digit i mod 10", "overhead": overhead, "rows": rows,
+        "calibration_draws": "draw d, generation i: digit (2d + i) mod 10, seed 1000 + 100 d + i",
+        "overhead": overhead, "summary": over_draws(rows), "rows": rows,
     })  # fmt: skip
+
+
+def keep_spans(calibration: Calibration, solved: Schedule, max_span: int) -> Schedule:
+    """The candidates as they were before the step-0 cap: ``solved`` with its own spans."""
+    metadata = {**calibration.metadata, **solved.metadata, "cost_kind": "closed-loop", "max_span": max_span,
+                "budget": solved.budget}  # fmt: skip
+    return Schedule(solved.num_steps, solved.compute_steps, solved.spans, metadata)
+
+
+def over_draws(rows: list[dict]) -> list[dict]:
+    """Mean, lowest and highest PSNR of each (method, budget) over its calibration draws."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if "draw" in r:
+            groups.setdefault((r["method"], r["budget"]), []).append(r["psnr"])
+    return [{"method": method, "budget": budget, "draws": len(values), "psnr_mean": float(np.mean(values)),
+             "psnr_min": min(values), "psnr_max": max(values)}
+            for (method, budget), values in groups.items()]  # fmt: skip

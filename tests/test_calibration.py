@@ -16,6 +16,7 @@ from meancache.calibration import (
     select_by_replay,
 )
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
+from meancache.integrations.diffusers.first_use import first_use_schedule
 from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
 from tests.pipeline_matrix import CASES
@@ -117,12 +118,31 @@ def test_candidate_schedules_cover_the_solver_grid():
     keys = {(c.compute_steps, c.spans) for c in candidates}
     assert len(keys) == len(candidates)  # no duplicates
     for gap, span, gamma in itertools.product((3, 4, 5), (3,), CANDIDATE_GAMMAS):
-        solved = solve_pssp(cal.costs()[..., :span], 6, gamma=gamma, max_gap=gap)
+        solved = cal.without_step_0_anchor(solve_pssp(cal.costs()[..., :span], 6, gamma=gamma, max_gap=gap), span)
         assert (solved.compute_steps, solved.spans) in keys
     assert all(c.budget == 6 and c.metadata["model"] == "toy" for c in candidates)
     assert all(max(b - a for a, b in itertools.pairwise(c.compute_steps)) <= c.metadata["max_gap"] for c in candidates)
     with pytest.raises(ValueError, match="no schedule with 2 computed steps bridges gaps of at most 5"):
         cal.candidate_schedules(2)
+
+
+def test_no_look_back_of_a_schedule_from_costs_anchors_at_step_0():
+    n = 8
+    closed_loop = np.ones((n, n, 3))
+    closed_loop[..., 1], closed_loop[..., 2] = 0.5, 0.25  # the longest span is cheapest everywhere
+    closed_loop[1, 4] = (0.4, 0.3, 0.2)
+    cal = Calibration(np.linspace(1.0, 0.0, n + 1).tolist(), 4, 3, closed_loop.copy(), closed_loop, 1)
+    # after step 1 only plain reuse (span 2 would anchor step 2's look-back at step 0); after step c, span <= c
+    capped = cal.without_step_0_anchor(Schedule(n, (0, 1, 4, 7), (1, 3, 3)), 3)
+    assert capped.spans == (1, 1, 3)
+    assert capped.metadata["worst_edge_cost"] == 0.4 and capped.metadata["total_edge_cost"] == 0.4 + 0.25
+    assert cal.without_step_0_anchor(Schedule(n, (0, 2, 5, 7), (3, 3, 3)), 3).spans == (1, 2, 3)
+    assert cal.without_step_0_anchor(Schedule(n, (0, 3, 7), (2, 3)), 3).spans == (1, 3)
+    candidates = cal.candidate_schedules(4)
+    for schedule in [*candidates, first_use_schedule(cal, 4)]:
+        intervals = zip(itertools.pairwise(schedule.compute_steps), schedule.spans, strict=True)
+        assert all(k <= max(c, 1) for (c, j), k in intervals if j > c + 1), schedule
+    assert any(k == 3 for c in candidates for k in c.spans)
 
 
 def test_candidate_schedules_include_the_shortest_bridging_gap():

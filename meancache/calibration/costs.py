@@ -17,6 +17,7 @@ maximum. Memory is bounded: a window of ``max_span + max_gap + 1`` steps, never 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -95,9 +96,10 @@ class Calibration:
         (:func:`meancache.integrations.diffusers.select_schedule`, :func:`meancache.calibration.select_by_replay`):
         ``gamma`` in ``CANDIDATE_GAMMAS``, the largest span in ``3 .. max_span`` and the largest gap in
         ``max_gap - 2 .. max_gap`` and, when shorter, the shortest gap the budget can bridge,
-        ``ceil((N - 1) / (budget - 1))`` (at large budgets the evenly spread schedule). The costs only
-        approximate the error of a whole run, so the best of these is picked by running them; the grid is
-        small because settings close to the calibration's own give nearly the same schedules."""
+        ``ceil((N - 1) / (budget - 1))`` (at large budgets the evenly spread schedule), each with its spans
+        capped by :meth:`without_step_0_anchor`. The costs only approximate the error of a whole run, so the best
+        of these is picked by running them; the grid is small because settings close to the calibration's own
+        give nearly the same schedules."""
         candidates: dict[tuple[tuple[int, ...], tuple[int, ...]], Schedule] = {}
         bridging = math.ceil((self.num_steps - 1) / max(budget - 1, 1))
         gaps = sorted({*range(max(2, self.max_gap - 2), self.max_gap + 1), max(2, min(bridging, self.max_gap))})
@@ -108,13 +110,37 @@ class Calibration:
                         found = solve_pssp(self.closed_loop[..., :span], budget, gamma=gamma, max_gap=gap)
                     except ValueError:  # this gap cannot bridge the run with this budget
                         continue
-                    settings = {"cost_kind": "closed-loop", "max_span": span, "budget": budget}
-                    schedule = Schedule(found.num_steps, found.compute_steps, found.spans,
-                                        {**self.metadata, **found.metadata, **settings})  # fmt: skip
+                    schedule = self.without_step_0_anchor(found, span)
                     candidates.setdefault((schedule.compute_steps, schedule.spans), schedule)
         if not candidates:
             raise ValueError(f"no schedule with {budget} computed steps bridges gaps of at most {self.max_gap}")
         return list(candidates.values())
+
+    def without_step_0_anchor(self, solved: Schedule, max_span: int) -> Schedule:
+        r"""``solved`` (a closed-loop PSSP solution with spans up to ``max_span``) with this calibration's
+        provenance and no look-back anchored at step 0: the interval after computed step ``c`` gets span
+        ``min(K, max(c, 1))``, so its first skipped step's anchor ``c + 1 - K`` is step 1 or later (after step
+        0 only plain reuse). Edge costs in the metadata are those of the capped spans.
+
+        Why: the velocity at step 0 (pure noise) is where the trajectory turns fastest, and a finite-difference
+        JVP from it extrapolates that turn into the interval. The per-interval costs and the replay score both
+        spans within about 1 %, because they use the recorded velocities, but real runs do not: on the bundled
+        image models first use with the cap was better in 14 and worse in none of 40 (model, budget, calibration
+        draw) cells, by up to 2.8 dB (``bench_first_use_calibration.py``, ``docs/schedule_study.md``)."""
+        steps = solved.compute_steps
+        spans = tuple(min(k, max(c, 1)) for c, k in zip(steps, solved.spans, strict=False))
+        intervals = zip(itertools.pairwise(steps), spans, strict=True)
+        edges = [float(self.closed_loop[i, j, k - 1]) for (i, j), k in intervals if j > i + 1]
+        metadata = {
+            **self.metadata,
+            **solved.metadata,
+            "cost_kind": "closed-loop",
+            "max_span": max_span,
+            "budget": solved.budget,
+            "worst_edge_cost": max(edges, default=0.0),
+            "total_edge_cost": sum(edges),
+        }
+        return Schedule(solved.num_steps, solved.compute_steps, spans, metadata)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as JSON (unmeasured costs as ``null``)."""

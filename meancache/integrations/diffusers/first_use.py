@@ -19,6 +19,8 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
   its budget (:func:`first_use_schedule`); another budget, for which no trajectory was kept, gets the PSSP
   solution with closed-loop costs, gamma ``GAMMA`` (2), spans up to ``SOLVER_MAX_SPAN`` (3) and gaps up to
   ``SOLVER_GAP`` (6), or the shortest gap the budget can bridge (``ceil((N - 1) / (B - 1))``) when longer.
+  Every schedule made from first-use costs, candidate or not, anchors no look-back at step 0
+  (:meth:`~meancache.calibration.Calibration.without_step_0_anchor`).
   Measured: ``benchmarks/bench_first_use_calibration.py``, ``docs/schedule_study.md``.
 * Costs are measured for gaps up to ``MAX_GAP`` (8) and spans up to ``MAX_SPAN`` (5). A budget below
   ``ceil((N - 1) / MAX_GAP) + 1`` cannot bridge the run; it is not calibrated (the uniform fallback runs, with a
@@ -202,9 +204,9 @@ def first_use_schedule(calibration: Calibration, budget: int) -> Schedule:
             logger.warning("MeanCache: ignoring the invalid selected schedule for budget %d (%s)", budget, e)
     gap = min(MAX_GAP, max(SOLVER_GAP, math.ceil((n - 1) / max(budget - 1, 1))))
     found = solve_pssp(calibration.closed_loop[..., :SOLVER_MAX_SPAN], budget, gamma=GAMMA, max_gap=gap)
-    settings = {"cost_kind": "closed-loop", "max_span": SOLVER_MAX_SPAN, "budget": budget}
-    metadata = {**calibration.metadata, **found.metadata, **settings}
-    return Schedule(n, found.compute_steps, found.spans, {k: v for k, v in metadata.items() if k != SELECTED})
+    schedule = calibration.without_step_0_anchor(found, SOLVER_MAX_SPAN)
+    metadata = {k: v for k, v in schedule.metadata.items() if k != SELECTED}
+    return Schedule(n, schedule.compute_steps, schedule.spans, metadata)
 
 
 def _selected(calibration: Calibration) -> dict[str, Any]:
