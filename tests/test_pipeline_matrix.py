@@ -191,24 +191,34 @@ def test_calibration_key_follows_the_conditioning_inputs():
         disable_mean_cache(pipe)
 
 
-def test_a_guidance_setting_acting_after_the_first_step_is_warned_about(caplog: pytest.LogCaptureFixture):
-    """Lumina 2's ``cfg_trunc_ratio`` drops the unconditional call from some step on, which the key, decided at the
-    first step, cannot hold: a generation that takes a calibration made with another ratio is warned about (once),
-    one with the calibrating ratio is not."""
-    pipe, inputs = CASE["lumina2"].build()  # no truncation: two calls on every step
+@pytest.mark.parametrize(
+    ("name", "setting", "calls", "calibrated_calls"),
+    [
+        ("lumina2", {"cfg_trunc_ratio": 0.5}, 1, 2),  # drops the unconditional call
+        ("sd3", {"skip_guidance_layers": [0]}, 2, 1),  # adds a skip-layer call, from after step 0
+    ],
+)
+def test_a_guidance_setting_acting_after_the_first_step_is_warned_about(
+    caplog: pytest.LogCaptureFixture, name: str, setting: dict[str, Any], calls: int, calibrated_calls: int
+):
+    """Lumina 2's ``cfg_trunc_ratio`` drops the unconditional call from some step on and SD3's skip-layer guidance
+    adds a call within its window (which starts after step 0), which the key, decided at the first step, cannot
+    hold: a generation that takes a calibration made without the setting is warned about (once), one like the
+    calibrating generation is not."""
+    pipe, inputs = CASE[name].build()
     pipe.set_progress_bar_config(disable=True)
-    truncated = {**inputs, "cfg_trunc_ratio": 0.5}
+    changed = {**inputs, **setting}
     enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
     generate(pipe, inputs, STEPS)
     with caplog.at_level("WARNING", logger="meancache"):
         generate(pipe, inputs, STEPS)
         assert "calls at step" not in caplog.text
-        generate(pipe, truncated, STEPS)
-        generate(pipe, truncated, STEPS)
+        generate(pipe, changed, STEPS)
+        generate(pipe, changed, STEPS)
     assert meancache.summary(pipe).schedule.metadata["source"].startswith("calibrated on first use")
     assert caplog.text.count("calls at step") == 1
-    assert re.search(r"made \[1, 0\] transformer \(and ControlNet\) calls at step \d+ where .* made \[2, 0\]",
-                     caplog.text)  # fmt: skip
+    made = rf"made \[{calls}, 0\] transformer \(and ControlNet\) calls at step \d+ where"
+    assert re.search(rf"{made} .* made \[{calibrated_calls}, 0\]", caplog.text)
 
 
 def generate(pipe: DiffusionPipeline, inputs: dict[str, Any], steps: int) -> torch.Tensor:
