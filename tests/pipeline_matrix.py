@@ -1065,9 +1065,8 @@ def _sana_wm_refiner() -> tuple[DiffusionPipeline, dict[str, Any]]:
     and a character-level tokenizer (built from a config and a vocabulary: nothing is downloaded; it takes no prompt
     embeddings) and LTX-2's text connectors: a 7-frame stage-1 latent is its sink frame and two autoregressive blocks
     of 3 frames, each refined in a loop of its own (new timesteps each)."""
-    chars = [chr(code) for code in range(33, 127)]
     tokenizer = GemmaTokenizer(vocab={token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
-                                                                           "\u2581", *chars])}, merges=[])  # fmt: skip
+                                                                           "\u2581", *CHARS])}, merges=[])  # fmt: skip
     torch.manual_seed(0)
     text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
         text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,

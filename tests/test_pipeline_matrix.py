@@ -182,12 +182,12 @@ def test_calibration_key_follows_the_conditioning_inputs():
     """Z-Image Omni with a condition image and without one: the same model, sigmas and latents, but other transformer
     inputs (SigLIP features, more images per sample), so other trajectories and another calibration. A calibration
     made on one mode was taken by the other before the key held the inputs' structure."""
-    for name, expected in (("z-image-omni", "calibrating"), ("z-image-omni-t2i", "calibrating")):
+    for name in ("z-image-omni", "z-image-omni-t2i"):  # the second finds the first's calibration unless keyed apart
         pipe, inputs = CASE[name].build()
         pipe.set_progress_bar_config(disable=True)
         enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
         generate(pipe, inputs, STEPS)
-        assert meancache.summary(pipe).schedule.metadata["source"].startswith(expected), name
+        assert meancache.summary(pipe).schedule.metadata["source"].startswith("calibrating"), name
         disable_mean_cache(pipe)
 
 

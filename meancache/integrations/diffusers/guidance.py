@@ -151,7 +151,8 @@ def latent_block(tensor: torch.Tensor, latents: torch.Size, trailing: bool = Fal
     if tensor.dim() != len(latents) or any(t < n for t, n in zip(tensor.shape[1:], latents[1:], strict=True)):
         raise RuntimeError(
             f"a transformer input or output of shape {tuple(tensor.shape)} does not contain the latents "
-            f"{tuple(latents)} as its leading block; this pipeline's layout is not supported by the estimator"
+            f"{tuple(latents)} as its {'last' if trailing else 'leading'} block; this pipeline's layout is not "
+            "supported by the estimator"
         )
     if trailing:
         return tensor[(slice(None), *(slice(t - n, t) for t, n in zip(tensor.shape[1:], latents[1:], strict=True)))]
