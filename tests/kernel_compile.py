@@ -9,10 +9,11 @@ import subprocess
 import tempfile
 
 import triton
-from meancache.kernels import average_velocity_step, jvp_attention
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+
+from meancache.kernels import average_velocity_step, jvp_attention
 
 KERNELS = [
     (average_velocity_step.average_velocity_step_kernel, average_velocity_step),

@@ -3,8 +3,8 @@ import warnings
 
 import pytest
 import torch
-from meancache.kernels.average_velocity_step import average_velocity_step_triton
 
+from meancache.kernels.average_velocity_step import average_velocity_step_triton
 from meancache.ops import average_velocity_step, average_velocity_step_reference
 from meancache.ops._extension import cpp_ops
 from tests.tolerance import assert_close_by_own_rounding

@@ -3,10 +3,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from meancache.kernels.jvp_attention import jvp_attention_triton
 from torch.autograd import forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from meancache.kernels.jvp_attention import jvp_attention_triton
 from meancache.ops import attention, jvp_attention
 from tests.tolerance import assert_close_by_own_rounding
 
