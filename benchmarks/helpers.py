@@ -79,7 +79,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average_1_5_15_min": list(os.getloadavg()),  # other work on the machine while measuring
     }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
