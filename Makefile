@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.meancache-installed
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench docs
 
 setup: $(STAMP)
 
@@ -27,3 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --no-build-isolation --editable ".[test,bench]"
 	$(BIN)/pytest benchmarks --benchmark-enable --benchmark-only
+
+docs: $(STAMP)
+	$(BIN)/pip install --quiet --no-build-isolation --editable ".[test,docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
