@@ -365,6 +365,7 @@ def test_calibrations_clear_refuses_an_unknown_key_with_exit_2(tmp_path, monkeyp
     _calibration_file(tmp_path / "calibrations" / "abc123.json")
     code, err = _run(["calibrations", "clear", "abd"], capsys)
     assert code == 2 and re.search(r"calibrations: error: key 'abd' matches no stored calibration", err), err
+    assert "caused by" not in err  # the store's error, said once
     assert (tmp_path / "calibrations" / "abc123.json").is_file()  # nothing deleted
     assert _run(["calibrations", "clear", "abc"], capsys) == (0, "")
     assert not (tmp_path / "calibrations" / "abc123.json").exists()

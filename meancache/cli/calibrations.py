@@ -29,7 +29,7 @@ def run_calibrations(args: argparse.Namespace) -> None:
         try:
             removed = store.remove(args.keys)
         except ValueError as e:  # an unknown or ambiguous key; nothing was deleted
-            raise RefusedArgument(str(e)) from e
+            raise RefusedArgument(str(e)) from None
         print(f"removed {len(removed)} calibration(s) from {store.folder}")
 
 
