@@ -12,7 +12,7 @@ CONSTRAINTS := requirements/constraints.txt
 PIP_TOOLS := pip-tools==7.7.0
 LATEST := .venv-latest
 
-.PHONY: setup demo test bench lock test-latest
+.PHONY: setup demo test bench docs lock test-latest
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pytest benchmarks --benchmark-enable --benchmark-only
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # Every extra and build requirement of pyproject.toml, resolved at the newest versions its ranges allow with
 # torch held by $(CONSTRAINTS); pip-compile prints torch's local label (+cpu), which the lock leaves out so that
 # a CUDA machine's torch of the same version satisfies it too.
@@ -51,6 +54,6 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --upgrade pip setuptools wheel ninja
 	$(LATEST)/bin/pip install --quiet --constraint $(CONSTRAINTS) torch
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager --constraint $(CONSTRAINTS) \
-		--no-build-isolation --editable ".[test,bench]"
+		--no-build-isolation --editable ".[test,bench,docs]"
 	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/resolved.txt
 	$(LATEST)/bin/pytest

@@ -2,10 +2,10 @@
 
 Each :class:`Case` builds a real diffusers pipeline with random weights from small configs (no hub, no text
 encoders: prompts enter as precomputed embeddings) and the call arguments of one generation.
-``tests/test_pipeline_matrix.py`` runs every case; README.md's table of verified pipelines is
-:func:`readme_table` (a test checks they agree). Against the flow-matching pipeline classes computed from the
+``tests/test_pipeline_matrix.py`` runs every case; docs/pipelines.md's table of verified pipelines is
+:func:`verified_table` (a test checks they agree). Against the flow-matching pipeline classes computed from the
 installed diffusers (``tests/flow_pipelines.py``), every class is a case, a :class:`Refusal` checked on a tiny
-instance, or in :data:`NOT_COVERED` with its reason; README.md's :func:`coverage_text` says which.
+instance, or in :data:`NOT_COVERED` with its reason; docs/pipelines.md's :func:`coverage_text` says which.
 """
 
 from __future__ import annotations
@@ -2140,8 +2140,8 @@ NOT_COVERED: dict[str, str] = {
 and why."""
 
 
-def readme_table() -> str:
-    """The README's table of verified pipelines (Markdown), one row per case."""
+def verified_table() -> str:
+    """The table of verified pipelines in docs/pipelines.md (Markdown), one row per case."""
     rows = ["| Pipeline | Case | Notes |", "| --- | --- | --- |"]
     rows += [f"| `{case.pipeline}` | {case.name} | {case.notes}{_first_use_note(case)} |" for case in CASES]
     return "\n".join(rows)
@@ -2154,7 +2154,7 @@ def _first_use_note(case: Case) -> str:
 
 
 def coverage_text() -> str:
-    """The README's coverage statement against the computed list, and the table of the classes not verified."""
+    """docs/pipelines.md's coverage statement against the computed list, and the table of the classes not verified."""
     flow = flow_pipeline_classes()
     verified = {case.pipeline for case in CASES}
     text = (
@@ -2168,14 +2168,24 @@ def coverage_text() -> str:
     return text + "\n".join(rows)
 
 
-def write_readme(path: Path = Path(__file__).parents[1] / "README.md") -> None:
-    """Replace README.md's verified-pipelines table and coverage section with :func:`readme_table` and
-    :func:`coverage_text` (``python -m tests.pipeline_matrix`` after changing the matrix)."""
+PIPELINES_PAGE = Path(__file__).parents[1] / "docs" / "pipelines.md"
+"""The docs page that holds :func:`verified_table` and :func:`coverage_text`."""
+
+
+def write_pipelines_page(path: Path = PIPELINES_PAGE) -> None:
+    """Replace the page's table of verified pipelines with :func:`verified_table` and its coverage statement and
+    table with :func:`coverage_text` (``python -m tests.pipeline_matrix`` after changing the matrix): each part
+    runs from its first line to the blank line after its table."""
     text = path.read_text()
-    begin = text.index("| Pipeline | Case | Notes |")
-    end = text.index("\n\n", text.index("| Pipeline | Status |"))
-    path.write_text(text[:begin] + readme_table() + "\n\n" + coverage_text() + text[end:])
+    for generated, first, table in (
+        (verified_table(), "| Pipeline | Case | Notes |", "| Pipeline | Case | Notes |"),
+        (coverage_text(), "Verified: ", "| Pipeline | Status |"),
+    ):
+        begin = text.index(first)
+        end = text.find("\n\n", text.index(table, begin))
+        text = text[:begin] + generated + (text[end:] if end >= 0 else "\n")
+    path.write_text(text)
 
 
 if __name__ == "__main__":
-    write_readme()
+    write_pipelines_page()

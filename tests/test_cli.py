@@ -131,7 +131,7 @@ def test_generate_with_a_checkpoint_folder_and_a_schedule_file(tmp_path, capsys)
     model = tmp_path / "model"
     tiny_flux_pipeline_with_text_encoders().save_pretrained(model)
     Schedule(20, (0, 1, 6, 12, 19), (1, 3, 2, 5)).save(tmp_path / "s.json")
-    out = tmp_path / "out" / "cat.png"
+    out = tmp_path / "cat.png"
     main(["generate", "--model", str(model), "--prompt", "a photo of a cat", "--steps", "20", "--height", "32",
           "--width", "32", "--schedule", str(tmp_path / "s.json"), "--out", str(out)])  # fmt: skip
     assert "5 computed, 15 reused" in capsys.readouterr().out and out.is_file()
@@ -196,7 +196,13 @@ GENERATE = ["generate", "--model", "digits-flux", "--prompt", "7"]
         (["--prompt", "cat"], r"digits-flux draws a digit: --prompt must be 0-9, got 'cat'"),
         (["--out", "{tmp}/image"], r"--out '.*image' needs an image file extension .*got 'none'"),  # item 2
         (["--out", "{tmp}/folder.png"], r"--out '.*folder\.png' is a directory"),
-        (["--out", "{tmp}/b10.json/x.png"], r"--out '.*x\.png' cannot be created: '.*b10\.json' is not a directory"),
+        (["--out", "{tmp}/b10.json/x.png"], r"its folder '.*b10\.json' is not a directory"),
+        (["--out", "{tmp}/new/dir/x.png"], r"--out '.*x\.png' cannot be written: its folder '.*dir' does not exist"),
+        (["--out", "/proc/x.png"], r"--out '/proc/x\.png' cannot be written: no file can be created in '/proc'"),
+        (["--model", "digits-flx"], r"--model 'digits-flx' is not a folder, .* did you mean 'digits-flux'\?"),
+        (["--model", "{tmp}/FLUX.1-dev"], r"--model '.*FLUX\.1-dev' is not a folder, a bundled model"),
+        (["--calibration-runs", "2"], r"--calibration-runs applies to --budget only"),
+        (["--budget", "10", "--calibration-runs", "-1"], r"--calibration-runs must be an integer >= 0, got -1"),
     ],
 )
 def test_generate_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, no_loading, args, message):
@@ -267,14 +273,19 @@ def test_schedule_refuses_a_missing_or_undecodable_file(tmp_path, capsys):
         (["--prompt", "1", "--steps", "4"], r"--max-span must be an integer in \[1, 4\], got 5"),
         (["--prompt", "1", "--select", "1"], r"--select \(computed steps of --steps 50\) must be .*got 1"),
         (["--prompt", "1", "--max-gap", "1"], r"--max-gap must be an integer >= 2, got 1"),
-        (["--prompt", "1", "--out", "{tmp}"], r"--out '.*' is a directory"),
+        (["--prompt", "1", "--out", "{tmp}"], r"--out '.*' needs the file extension '\.json', got 'none'"),
+        (["--prompt", "1", "--out", "{tmp}/c.png"], r"--out '.*c\.png' needs the file extension '\.json', got '\.png'"),
+        (["--prompt", "1", "--out", "{tmp}/folder.json"], r"--out '.*folder\.json' is a directory"),
+        (["--prompt", "1", "--model", "digits-qwn"], r"did you mean 'digits-qwen'\?"),
     ],
 )
 def test_calibrate_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, no_loading, args, message):
+    (tmp_path / "folder.json").mkdir()
     argv = ["calibrate", "--model", "digits-flux", "--out", tmp_path / "c.json"]
     argv += [a.format(tmp=tmp_path) for a in args]
     code, err = _run(argv, capsys)
     assert code == 2 and err.startswith("meancache calibrate: error: ") and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json"]
 
 
 @pytest.mark.parametrize("where", ["name", "folder"])
@@ -329,3 +340,92 @@ def test_the_installed_command_prints_errors_without_a_traceback(tmp_path):
         assert result.returncode == code and result.stderr.startswith(message), result.stderr
         assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["schedule", "c.json", "--budget", "8", "--out", "s.json"], "required: --out-dir"),
+        (["demo", "--st", "12"], "unrecognized arguments: --st 12"),
+    ],
+)
+def test_options_are_never_abbreviated(tmp_path, monkeypatch, capsys, argv, message):
+    """`--out` is not taken for `--out-dir` (which made a folder named s.json), nor `--st` for `--steps`."""
+    monkeypatch.chdir(tmp_path)
+    _calibration_file(tmp_path / "c.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+
+def test_calibrations_clear_refuses_an_unknown_key_with_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path))
+    (tmp_path / "calibrations").mkdir()
+    _calibration_file(tmp_path / "calibrations" / "abc123.json")
+    code, err = _run(["calibrations", "clear", "abd"], capsys)
+    assert code == 2 and re.search(r"calibrations: error: key 'abd' matches no stored calibration", err), err
+    assert "caused by" not in err  # the store's error, said once
+    assert (tmp_path / "calibrations" / "abc123.json").is_file()  # nothing deleted
+    assert _run(["calibrations", "clear", "abc"], capsys) == (0, "")
+    assert not (tmp_path / "calibrations" / "abc123.json").exists()
+
+
+def test_an_error_names_the_errors_it_was_raised_from():
+    """A hub download's error says "see the root cause in the stacktrace above", which the CLI does not show."""
+    from meancache.cli.main import error_message
+
+    try:
+        try:
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+        except ConnectionError as e:
+            raise OSError("Cannot reach the hub: see the root cause in the stacktrace above") from e
+    except OSError as e:
+        message = error_message(e)
+    assert message == (
+        "Cannot reach the hub: see the root cause in the stacktrace above; caused by ConnectionError: Failed to "
+        "resolve 'huggingface.co'"
+    )
+
+
+def test_calibrate_progress_bar_moves_with_the_generations(tmp_path, capsys):
+    """The bar counted generations while building their arguments, all at once: 0 % for minutes, then 100 % at
+    over 100,000 generation/s. Now each generation ticks it when it finishes."""
+    argv = ["calibrate", "--model", "digits-flux", "--prompt", "1", "--prompt", "2", "--prompt", "3", "--steps", "20",
+            "--max-gap", "3", "--max-span", "2", "--out", tmp_path / "c.json"]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    final = err.rsplit("calibrating: 100%", 1)[1]
+    rate = re.search(r"3/3 \[[\d:]+<[\d:]+, +([\d.]+)(s/generation|generation/s)\]", final)
+    assert rate is not None, err
+    assert rate[2] == "s/generation" or float(rate[1]) < 1000  # a digits generation of 20 steps takes > 1 ms
+
+
+def test_demo_marks_a_speedup_above_the_ideal_as_measured_under_load():
+    from meancache.cli.demo import DemoResult, DemoRow, format_result
+
+    def row(method, evaluations, speedup):
+        return DemoRow(method, evaluations, 1 / speedup, speedup, 40.0, 0.99, 1.0, None)
+
+    rows = [row("full (no cache)", 50, 1.0), row("MeanCache B=10", 10, 5.4), row("plain reuse B=10", 10, 22.3)]
+    lines = format_result(DemoResult(rows, 0.1, 3)).splitlines()
+    speedups = [line[36:].split()[2] for line in lines[2:5]]
+    assert speedups == ["1.00x", "5.40x", "22.30x*"]  # 5.40x: within 10 % of N / B = 5
+    assert lines[-1].startswith("* above the ideal speedup")
+    assert "* above" not in format_result(DemoResult(rows[:2], 0.1, 3))
+
+
+def test_generate_with_calibration_runs(tmp_path, monkeypatch, capsys):
+    """`--calibration-runs 1`: the first `--budget` generation of a checkpoint with no schedule runs in full and
+    calibrates, the second (a new process would too) uses the calibration; the default would calibrate 4 times."""
+    from meancache.testing import tiny_flux_pipeline_with_text_encoders
+
+    monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / "home"))
+    model = tmp_path / "model"
+    tiny_flux_pipeline_with_text_encoders().save_pretrained(model)
+    argv = ["generate", "--model", model, "--prompt", "a cat", "--steps", "12", "--height", "32", "--width", "32",
+            "--budget", "5", "--calibration-runs", "1", "--out", tmp_path / "cat.png"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert "calibrating on first use: generation 1 of 1 runs in full" in capsys.readouterr().out
+    assert main([str(a) for a in argv]) == 0
+    assert "12 steps, 5 computed, 7 reused" in capsys.readouterr().out

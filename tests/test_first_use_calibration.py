@@ -333,7 +333,7 @@ def test_calibrations_command_lists_and_clears(flux, capsys):
     out = capsys.readouterr().out
     assert "2 calibration(s)" in out and "FluxPipeline" in out and "10 steps" in out and "12 steps" in out
     first = calibration_store().files()[0].stem
-    assert main(["calibrations", "clear", "zzzz"]) == 1
+    assert main(["calibrations", "clear", "zzzz"]) == 2  # refused, nothing deleted (#25)
     assert "matches no stored calibration" in capsys.readouterr().err
     main(["calibrations", "clear", first[:6]])
     assert [p.stem for p in calibration_store().files()] != [first] and len(calibration_store().files()) == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -24,7 +23,16 @@ from meancache.integrations.diffusers import is_mean_cache_enabled
 from meancache.integrations.diffusers.hooks import transformer_names
 from meancache.integrations.diffusers.pipeline import unsupported_loop
 from tests.flow_pipelines import flow_pipeline_classes
-from tests.pipeline_matrix import CASES, NOT_COVERED, REFUSED, Case, Refusal, coverage_text, readme_table
+from tests.pipeline_matrix import (
+    CASES,
+    NOT_COVERED,
+    PIPELINES_PAGE,
+    REFUSED,
+    Case,
+    Refusal,
+    coverage_text,
+    verified_table,
+)
 from tests.reference_loop import reference_steps
 
 STEPS, BUDGET = 10, 4
@@ -408,8 +416,8 @@ def test_every_flow_pipeline_class_is_verified_refused_or_listed_with_a_reason()
     assert loop_refused == listed
 
 
-def test_readme_lists_the_matrix():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def test_the_pipelines_page_lists_the_matrix():
+    page = PIPELINES_PAGE.read_text()
     fix = "regenerate it with `python -m tests.pipeline_matrix`"
-    assert readme_table() in readme, f"README.md's table of verified pipelines is not the matrix's: {fix}"
-    assert coverage_text() in readme, f"README.md's coverage statement is not the matrix's: {fix}"
+    assert verified_table() in page, f"docs/pipelines.md's table of verified pipelines is not the matrix's: {fix}"
+    assert coverage_text() in page, f"docs/pipelines.md's coverage statement is not the matrix's: {fix}"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from meancache.calibration import Calibration, calibration_store
+from meancache.cli.arguments import RefusedArgument
 
 
 def add_calibrations_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +26,10 @@ def run_calibrations(args: argparse.Namespace) -> None:
         for path in files:
             print(_describe(path))
     else:
-        removed = store.remove(args.keys)  # an unknown or ambiguous key: ValueError, reported by main
+        try:
+            removed = store.remove(args.keys)
+        except ValueError as e:  # an unknown or ambiguous key; nothing was deleted
+            raise RefusedArgument(str(e)) from None
         print(f"removed {len(removed)} calibration(s) from {store.folder}")
 
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from meancache import MeanCacheConfig, Schedule, enable_mean_cache, summary
-from meancache.cli.arguments import check_device, check_output_file, check_prompts
+from meancache.cli.arguments import check_device, check_model, check_output_file, check_prompts
 from meancache.cli.pipelines import DTYPES, load_pipeline
+from meancache.config import DEFAULT_CALIBRATION_RUNS
 from meancache.models import BUNDLED_MODELS, digits_model_frames
 from meancache.validation import MAX_STEPS, check_int
 
@@ -30,6 +31,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--budget", type=int, help="MeanCache with this many computed steps (schedule picks itself)")
     cache.add_argument("--schedule", type=Path, help="MeanCache with this schedule JSON")
+    parser.add_argument(
+        "--calibration-runs", type=int, metavar="R",
+        help="with --budget, where no schedule is known for the model and settings: generations that run in full "
+        f"while MeanCache calibrates on them (default {DEFAULT_CALIBRATION_RUNS}; 0: uniform steps, no calibration)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     parser.add_argument("--width", type=int, help="image width (default: the pipeline's)")
@@ -41,12 +47,18 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_generate_arguments(args: argparse.Namespace) -> None:
-    """``--steps`` in [1, MAX_STEPS], ``--budget`` in [2, steps], ``--schedule`` a valid schedule that can run
+    """The model (:func:`check_model`), ``--steps`` in [1, MAX_STEPS], ``--budget`` in [2, steps],
+    ``--calibration-runs`` >= 0 and only with ``--budget``, ``--schedule`` a valid schedule that can run
     ``--steps`` (loaded here: ``args.schedule`` becomes the ``Schedule``), positive sizes, the device, the
     prompt for a digits model and ``--out`` (a writable image path)."""
+    check_model(args.model)
     check_int(args.steps, "--steps", 1, MAX_STEPS)
     if args.budget is not None:
         check_int(args.budget, f"--budget (computed steps of --steps {args.steps})", 2, args.steps)
+    if args.calibration_runs is not None:
+        check_int(args.calibration_runs, "--calibration-runs", 0)
+        if args.budget is None:
+            raise ValueError("--calibration-runs applies to --budget only (a --schedule or no cache never calibrates)")
     if args.schedule is not None:
         args.schedule = Schedule.load(args.schedule)
         args.schedule.for_steps(args.steps)
@@ -62,14 +74,14 @@ def run_generate(args: argparse.Namespace) -> None:
     pipe, prompt_inputs = load_pipeline(args.model, args.dtype, args.device)
     cached = args.budget is not None or args.schedule is not None
     if cached:
-        enable_mean_cache(pipe, MeanCacheConfig(schedule=args.schedule, budget=args.budget))
+        runs = DEFAULT_CALIBRATION_RUNS if args.calibration_runs is None else args.calibration_runs
+        enable_mean_cache(pipe, MeanCacheConfig(args.schedule, args.budget, calibration_runs=runs))
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     start = time.perf_counter()
     output = pipe(**prompt_inputs(args.prompt), **size, num_inference_steps=args.steps,
                   generator=torch.Generator(args.device).manual_seed(args.seed))  # fmt: skip
     frames = output.frames[0] if hasattr(output, "frames") else [output.images[0]]  # a video pipeline: its frames
     seconds = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_frames(frames, args.out)
     print(summary(pipe) if cached else f"no cache: {args.steps} steps, every step computed")
     print(f"wrote {args.out} in {seconds:.2f} s")

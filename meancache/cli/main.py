@@ -1,9 +1,11 @@
 """The ``meancache`` command.
 
-Exit codes: 0 on success; 2 for usage errors, reported before any work starts (argparse's own, and every
-check of the arguments and of the files they name: ranges, devices, output paths, schedule and calibration
-files); 1 when the work itself fails (a model that does not load, a generation that raises). Both print
-``meancache <command>: error: <message>`` on stderr, without a traceback.
+Exit codes: 0 on success; 2 for refused arguments, reported before any work starts (argparse's own, and every
+check of the arguments and of the files they name: ranges, devices, models, output paths and extensions, schedule
+and calibration files; and a :class:`~meancache.cli.arguments.RefusedArgument`, found before the work changed
+anything); 1 when the work itself fails (a model that does not load, a generation that raises). Both print
+``meancache <command>: error: <message>`` on stderr, without a traceback; an error raised from another names that
+one too. Options are never abbreviated (``--out`` is not ``--out-dir``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from meancache.cli.arguments import check_output_file
+from meancache.cli.arguments import RefusedArgument, check_output_file
 from meancache.cli.calibrations import add_calibrations_arguments, run_calibrations
 from meancache.cli.generate import add_generate_arguments, check_generate_arguments, run_generate
 from meancache.cli.schedules import (
@@ -35,8 +38,15 @@ ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 """What the library raises for inputs it refuses or work that fails; anything else is a bug and tracebacks."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviated options (its subcommands' parsers are of this class too)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs, allow_abbrev=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meancache", description="MeanCache: average-velocity caching for diffusers.")
+    parser = Parser(prog="meancache", description="MeanCache: average-velocity caching for diffusers.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="a bundled digits model with and without MeanCache, compared")
     demo.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
@@ -86,6 +96,16 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argpar
 """Command -> (check of its arguments, the work)."""
 
 
+def error_message(error: BaseException) -> str:
+    """``error``'s message, then those of the errors it was raised from (a hub download's message may point to
+    a cause that no traceback shows)."""
+    messages = [str(error)]
+    while error.__cause__ is not None:
+        error = error.__cause__
+        messages.append(f"{type(error).__name__}: {error}")
+    return "; caused by ".join(messages)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check, run = COMMANDS[args.command]
@@ -93,6 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             step(args)
         except ERRORS as e:
-            print(f"meancache {args.command}: error: {e}", file=sys.stderr)
-            return code
+            print(f"meancache {args.command}: error: {error_message(e)}", file=sys.stderr)
+            return 2 if isinstance(e, RefusedArgument) else code
     return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from meancache.calibration import AGGREGATES, COST_KINDS, Calibration
-from meancache.cli.arguments import check_device, check_output_dir, check_output_file, check_prompts
+from meancache.cli.arguments import check_device, check_model, check_output_dir, check_output_file, check_prompts
 from meancache.cli.pipelines import DTYPES, load_pipeline
 from meancache.models import BUNDLED_MODELS
 from meancache.schedule import Schedule
@@ -31,7 +32,7 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gap", type=int, default=8, help="longest interval measured (default 8)")
     parser.add_argument("--max-span", type=int, default=5, help="largest look-back span K (default 5)")
     parser.add_argument("--aggregate", choices=AGGREGATES, default="mean", help="over generations (default mean)")
-    parser.add_argument("--out", type=Path, required=True, help="calibration JSON file to write")
+    parser.add_argument("--out", type=Path, required=True, help="calibration file to write (.json)")
     parser.add_argument(
         "--select", type=int, nargs="+", metavar="B",
         help="then, per budget B, run the candidate PSSP schedules on the same prompts and seeds and write the "
@@ -48,9 +49,10 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_calibrate_arguments(args: argparse.Namespace) -> None:
-    """``--steps`` in [1, MAX_STEPS], ``--max-gap >= 2``, ``--max-span`` in [1, steps], each ``--select``
-    budget in [2, steps], positive sizes, the device, the prompts for a digits model, and ``--out`` (a
-    writable file path; selected schedules go beside it)."""
+    """The model (:func:`check_model`), ``--steps`` in [1, MAX_STEPS], ``--max-gap >= 2``, ``--max-span`` in
+    [1, steps], each ``--select`` budget in [2, steps], positive sizes, the device, the prompts for a digits
+    model, and ``--out`` (a writable ``.json`` file path; selected schedules go beside it)."""
+    check_model(args.model)
     check_int(args.steps, "--steps", 1, MAX_STEPS)
     check_int(args.max_gap, "--max-gap", 2)
     check_int(args.max_span, "--max-span", 1, args.steps)
@@ -61,7 +63,7 @@ def check_calibrate_arguments(args: argparse.Namespace) -> None:
             check_int(size, flag, 1)
     check_device(args.device)
     check_prompts(args.model, args.prompt)
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", suffix=".json")
 
 
 def run_calibrate(args: argparse.Namespace) -> None:
@@ -74,19 +76,16 @@ def run_calibrate(args: argparse.Namespace) -> None:
     size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     jobs = [(prompt, seed) for prompt in args.prompt for seed in args.seeds]
 
-    def calls(progress: str) -> list[dict]:
-        return [
-            {**prompt_inputs(prompt), "generator": torch.Generator(args.device).manual_seed(seed), **size}
-            for prompt, seed in tqdm(jobs, desc=progress, unit="generation")
-        ]
+    def calls() -> Iterator[dict]:
+        """Each prompt x seed's pipeline arguments, made when the generation before it has finished."""
+        for prompt, seed in jobs:
+            yield {**prompt_inputs(prompt), "generator": torch.Generator(args.device).manual_seed(seed), **size}
 
-    calibration = calibrate_pipeline(
-        pipe, iter(calls("calibrating")), args.steps, args.max_gap, args.max_span, args.aggregate
-    )
+    progress = tqdm(calls(), desc="calibrating", total=len(jobs), unit="generation")
+    calibration = calibrate_pipeline(pipe, progress, args.steps, args.max_gap, args.max_span, args.aggregate)
     calibration.metadata |= {
         "model": args.model, "prompts": len(args.prompt), "seeds": args.seeds, **size, "device": args.device,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(args.out)
     print(
         f"wrote {args.out}: {calibration.trajectories} generations x {calibration.num_steps} steps, "
@@ -95,7 +94,9 @@ def run_calibrate(args: argparse.Namespace) -> None:
     )
     for budget in args.select or ():
         candidates = calibration.candidate_schedules(budget)
-        schedule = select_schedule(pipe, calls(f"B={budget}: {len(candidates)} candidates"), candidates, args.steps)
+        print(f"B={budget}: running {len(candidates)} candidate schedules and the full runs on {len(jobs)} "
+              "generation(s) each", flush=True)  # fmt: skip
+        schedule = select_schedule(pipe, list(calls()), candidates, args.steps)
         _write_schedule(schedule, args.out.parent / f"schedule_B{budget}.json")
 
 
