@@ -61,6 +61,7 @@ void step_segment<float, float>(const float* z, const float* v_last, const float
 }
 
 // Shapes, devices and dtypes; the sigmas are 1-D CPU float64 tensors with one value or one per sample.
+// Sizes are read as SymInts, so the Meta kernel also serves torch.compile's dynamic shapes.
 void check_inputs(const at::Tensor& z, const at::Tensor& v_last, const at::Tensor& z_anchor,
                   const at::Tensor& v_anchor, const at::Tensor& sigma_anchor, const at::Tensor& sigma,
                   const at::Tensor& sigma_next) {
@@ -68,22 +69,23 @@ void check_inputs(const at::Tensor& z, const at::Tensor& v_last, const at::Tenso
       {"v_last", &v_last}, {"z_anchor", &z_anchor}, {"v_anchor", &v_anchor}};
   TORCH_CHECK(at::isFloatingType(z.scalar_type()), "z must have a floating dtype, got ", z.scalar_type());
   for (const auto& [name, t] : named) {
-    TORCH_CHECK(t->sizes() == z.sizes(), name, " has shape ", t->sizes(), " but z has shape ", z.sizes());
+    TORCH_CHECK(t->sym_sizes() == z.sym_sizes(), name, " has shape ", t->sym_sizes(), " but z has shape ",
+                z.sym_sizes());
     TORCH_CHECK(t->device() == z.device(), name, " is on ", t->device(), " but z is on ", z.device());
     TORCH_CHECK(t->scalar_type() == z.scalar_type(), name, " has dtype ", t->scalar_type(), " but z has ",
                 z.scalar_type());
   }
   const std::pair<const char*, const at::Tensor*> sigmas[] = {
       {"sigma_anchor", &sigma_anchor}, {"sigma", &sigma}, {"sigma_next", &sigma_next}};
-  const int64_t samples = sigma.numel();
+  const c10::SymInt samples = sigma.sym_numel();
   for (const auto& [name, t] : sigmas) {
     TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kDouble, name,
                 " must be a 1-D float64 tensor, got dim ", t->dim(), " and ", t->scalar_type());
-    TORCH_CHECK(t->numel() == samples, name, " has ", t->numel(), " values but sigma has ", samples);
+    TORCH_CHECK(t->sym_numel() == samples, name, " has ", t->sym_numel(), " values but sigma has ", samples);
   }
-  TORCH_CHECK(samples == 1 || (z.dim() >= 1 && z.size(0) == samples),
+  TORCH_CHECK(samples == 1 || (z.dim() >= 1 && z.sym_size(0) == samples),
               "per-sample sigmas need one value per sample along dim 0: got ", samples, " for z of shape ",
-              z.sizes());
+              z.sym_sizes());
 }
 
 void check_outputs(const at::Tensor& z, const at::Tensor& z_next, const at::Tensor& u_hat) {
