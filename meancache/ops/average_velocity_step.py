@@ -131,13 +131,15 @@ class AverageVelocityStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_z_next: torch.Tensor, grad_u_hat: torch.Tensor) -> tuple[Any, ...]:
+        dtype = grad_z_next.dtype  # the math in float32 (float64 for float64), as in the forward
+        grad_z_next, grad_u_hat = (g.to(_math_dtype(dtype)) for g in (grad_z_next, grad_u_hat))
         sigma_anchor, sigma, sigma_next = (_broadcastable(t, grad_z_next) for t in ctx.sigmas)
         d, h = sigma - sigma_anchor, sigma_next - sigma
         grad_u = grad_u_hat + h * grad_z_next
         grad_z = grad_z_next + (h / (d * d)) * grad_u
         grad_z_anchor = -(h / (d * d)) * grad_u
         grad_v_anchor = -(h / d) * grad_u
-        return grad_z, grad_u, grad_z_anchor, grad_v_anchor, None, None, None
+        return *(g.to(dtype) for g in (grad_z, grad_u, grad_z_anchor, grad_v_anchor)), None, None, None
 
     @staticmethod
     def jvp(ctx: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,14 +174,17 @@ def _reference(
     sigma_next: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = z.dtype
-    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    z, v_last, z_anchor, v_anchor = (t.to(math_dtype) for t in (z, v_last, z_anchor, v_anchor))
+    z, v_last, z_anchor, v_anchor = (t.to(_math_dtype(dtype)) for t in (z, v_last, z_anchor, v_anchor))
     sigma_anchor, sigma, sigma_next = (_broadcastable(t, z) for t in (sigma_anchor, sigma, sigma_next))
     ubar = (z - z_anchor) / (sigma - sigma_anchor)
     jvp = (ubar - v_anchor) / (sigma - sigma_anchor)
     u_hat = v_last + (sigma_next - sigma) * jvp
     z_next = z + (sigma_next - sigma) * u_hat
     return z_next.to(dtype), u_hat.to(dtype)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _broadcastable(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
