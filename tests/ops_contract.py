@@ -169,9 +169,10 @@ def check_mode(
     inputs: Sequence[torch.Tensor],
     directions: Sequence[torch.Tensor],
     dtype: torch.dtype,
-) -> None:
+) -> float | None:
     """A supported mode: ``mode`` of ``ours`` in ``dtype`` passes :func:`judge` against the same transform of
-    ``reference``; a refused one raises the documented error. Inputs and directions are float64."""
+    ``reference`` (the largest error is returned); a refused one raises the documented error (``None``).
+    Inputs and directions are float64."""
 
     def run(transform: Transform, fn: Callable[..., Any], dtype: torch.dtype) -> Any:
         return transform(fn, [t.to(dtype) for t in inputs], [t.to(dtype) for t in directions])
@@ -180,9 +181,9 @@ def check_mode(
         error, message = mode.refused
         with pytest.raises(error, match=message):
             run(mode.transform, ours, dtype)
-        return
+        return None
     reference_transform = mode.reference_transform or mode.transform
-    judge(run(mode.transform, ours, dtype), lambda d: run(reference_transform, reference, d), dtype)
+    return judge(run(mode.transform, ours, dtype), lambda d: run(reference_transform, reference, d), dtype)
 
 
 def judge(ours: Any, reference: Callable[[torch.dtype], Any], dtype: torch.dtype) -> float:
