@@ -96,8 +96,10 @@ def attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Drop-in ``scaled_dot_product_attention`` (no dropout, no causal flag) that works under
-    ``torch.func.jvp`` and ``torch.autograd.forward_ad`` (output and tangent from one fused pass), nested
-    ones included, and under backward."""
+    ``torch.func.jvp`` and ``torch.autograd.forward_ad``, nested ones included, and under backward.
+
+    The output and its tangent come from one fused pass, unless grad mode is on and an input requires grad:
+    then the op's ``jvp`` rule takes the tangent (chunked PyTorch), so that a backward sees it."""
     primals, tangents = zip(*(fwAD.unpack_dual(t) for t in (q, k, v)), strict=True)
     if all(t is None for t in tangents) or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         # Without tangents, or when a backward may follow (its graph must keep the tangents, for
@@ -110,8 +112,9 @@ def attention(
 
 
 def _apply(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:class:`_JVPAttention`, or under ``torch.compile`` the op itself (Dynamo cannot trace a custom ``jvp``
-    rule; the op carries the same backward rule, and compiled graphs have no forward-mode AD)."""
+    """:class:`_JVPAttention`, or under ``torch.compile`` the op itself: Dynamo cannot trace a custom ``jvp``
+    rule, and the op carries the same backward rule (forward AD through the bare op raises PyTorch's "must
+    implement the jvp function")."""
     if torch.compiler.is_compiling():
         return torch.ops.meancache.jvp_attention(*args)
     return _JVPAttention.apply(*args)
