@@ -64,6 +64,11 @@ JVP_ATTENTION_MODES = {
     "`torch.compile(fullgraph=True)`, outputs and backward through `o`": Mode(
         contract.compiled, "eager math SDPA's `jvp`", dtypes=(torch.float32,)
     ),
+    "`torch.compile(fullgraph=True)`, backward through `o_t`": Mode(
+        contract.compiled,
+        "raised when the compiled backward runs (it is handed zeros for an unused `o_t`); detach `o_t`",
+        (RuntimeError, REFUSED_TANGENT_BACKWARD[1]),
+    ),
 }
 
 
