@@ -7,7 +7,8 @@
 //
 // Each input element is read once and both outputs written once; the math runs in float32 (float64 for
 // float64 inputs) whatever the storage dtype. The sigmas hold one value, or one per sample (dim 0).
-// Registered as torch.ops.meancache.average_velocity_step (CPU and Meta here; CUDA from Python, Triton).
+// Registered as torch.ops.meancache.average_velocity_step and its .out overload (CPU and Meta here; CUDA from
+// Python, Triton).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -91,9 +92,9 @@ void check_inputs(const at::Tensor& z, const at::Tensor& v_last, const at::Tenso
 void check_outputs(const at::Tensor& z, const at::Tensor& z_next, const at::Tensor& u_hat) {
   const std::pair<const char*, const at::Tensor*> named[] = {{"z_next", &z_next}, {"u_hat", &u_hat}};
   for (const auto& [name, t] : named) {
-    TORCH_CHECK(t->sizes() == z.sizes() && t->scalar_type() == z.scalar_type() && t->device() == z.device(),
-                "out tensor ", name, " must match z (shape ", z.sizes(), ", ", z.scalar_type(), ", ", z.device(),
-                "), got shape ", t->sizes(), ", ", t->scalar_type(), ", ", t->device());
+    TORCH_CHECK(t->sym_sizes() == z.sym_sizes() && t->scalar_type() == z.scalar_type() && t->device() == z.device(),
+                "out tensor ", name, " must match z (shape ", z.sym_sizes(), ", ", z.scalar_type(), ", ", z.device(),
+                "), got shape ", t->sym_sizes(), ", ", t->scalar_type(), ", ", t->device());
     TORCH_CHECK(t->is_contiguous(), "out tensor ", name, " must be contiguous");
   }
 }
@@ -198,6 +199,15 @@ std::tuple<at::Tensor, at::Tensor> average_velocity_step_meta(const at::Tensor& 
   return {at::empty_like(z, at::MemoryFormat::Contiguous), at::empty_like(z, at::MemoryFormat::Contiguous)};
 }
 
+std::tuple<at::Tensor&, at::Tensor&> average_velocity_step_meta_out(
+    const at::Tensor& z, const at::Tensor& v_last, const at::Tensor& z_anchor, const at::Tensor& v_anchor,
+    const at::Tensor& sigma_anchor, const at::Tensor& sigma, const at::Tensor& sigma_next, at::Tensor& z_next,
+    at::Tensor& u_hat) {
+  check_inputs(z, v_last, z_anchor, v_anchor, sigma_anchor, sigma, sigma_next);
+  check_outputs(z, z_next, u_hat);
+  return {z_next, u_hat};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(meancache, m) {
@@ -214,7 +224,10 @@ TORCH_LIBRARY_IMPL(meancache, CPU, m) {
   m.impl("average_velocity_step.out", &average_velocity_step_cpu_out);
 }
 
-TORCH_LIBRARY_IMPL(meancache, Meta, m) { m.impl("average_velocity_step", &average_velocity_step_meta); }
+TORCH_LIBRARY_IMPL(meancache, Meta, m) {
+  m.impl("average_velocity_step", &average_velocity_step_meta);
+  m.impl("average_velocity_step.out", &average_velocity_step_meta_out);
+}
 
 }  // namespace meancache
 

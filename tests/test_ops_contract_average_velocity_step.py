@@ -120,6 +120,18 @@ def test_opcheck(case, dtype, requires_grad):
     torch.library.opcheck(torch.ops.meancache.average_velocity_step.default, (*tensors, *tables))
 
 
+@pytest.mark.parametrize("dtype", tuple(contract.ATOL))
+def test_opcheck_of_the_out_overload(dtype, case=CASES[1]):
+    """The ``.out`` overload (not differentiable): schema, autograd registration, fake tensors. AOT dispatch is
+    left out: PyTorch does not functionalize a custom op whose outputs alias its ``out`` arguments."""
+    shape, sigmas = case
+    tables = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in sigmas]
+    tensors = _inputs(shape, dtype)[:4]
+    out = {"z_next": torch.empty_like(tensors[0]), "u_hat": torch.empty_like(tensors[0])}
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.meancache.average_velocity_step.out, (*tensors, *tables), out, test_utils=utils)
+
+
 def test_the_docs_table_is_the_suite():
     """``docs/autograd_modes.md`` holds exactly the table of modes this suite proves."""
     assert contract.documented_table("average_velocity_step") == contract.table("average_velocity_step", MODES)
