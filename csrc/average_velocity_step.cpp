@@ -7,7 +7,8 @@
 //
 // Each input element is read once and both outputs written once; the math runs in float32 (float64 for
 // float64 inputs) whatever the storage dtype. The sigmas hold one value, or one per sample (dim 0).
-// Registered as torch.ops.meancache.average_velocity_step (CPU and Meta here; CUDA from Python, Triton).
+// Registered as torch.ops.meancache.average_velocity_step and its .out overload (CPU and Meta here; CUDA from
+// Python, Triton).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -61,6 +62,7 @@ void step_segment<float, float>(const float* z, const float* v_last, const float
 }
 
 // Shapes, devices and dtypes; the sigmas are 1-D CPU float64 tensors with one value or one per sample.
+// Sizes are read as SymInts, so the Meta kernel also serves torch.compile's dynamic shapes.
 void check_inputs(const at::Tensor& z, const at::Tensor& v_last, const at::Tensor& z_anchor,
                   const at::Tensor& v_anchor, const at::Tensor& sigma_anchor, const at::Tensor& sigma,
                   const at::Tensor& sigma_next) {
@@ -68,30 +70,31 @@ void check_inputs(const at::Tensor& z, const at::Tensor& v_last, const at::Tenso
       {"v_last", &v_last}, {"z_anchor", &z_anchor}, {"v_anchor", &v_anchor}};
   TORCH_CHECK(at::isFloatingType(z.scalar_type()), "z must have a floating dtype, got ", z.scalar_type());
   for (const auto& [name, t] : named) {
-    TORCH_CHECK(t->sizes() == z.sizes(), name, " has shape ", t->sizes(), " but z has shape ", z.sizes());
+    TORCH_CHECK(t->sym_sizes() == z.sym_sizes(), name, " has shape ", t->sym_sizes(), " but z has shape ",
+                z.sym_sizes());
     TORCH_CHECK(t->device() == z.device(), name, " is on ", t->device(), " but z is on ", z.device());
     TORCH_CHECK(t->scalar_type() == z.scalar_type(), name, " has dtype ", t->scalar_type(), " but z has ",
                 z.scalar_type());
   }
   const std::pair<const char*, const at::Tensor*> sigmas[] = {
       {"sigma_anchor", &sigma_anchor}, {"sigma", &sigma}, {"sigma_next", &sigma_next}};
-  const int64_t samples = sigma.numel();
+  const c10::SymInt samples = sigma.sym_numel();
   for (const auto& [name, t] : sigmas) {
     TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kDouble, name,
                 " must be a 1-D float64 tensor, got dim ", t->dim(), " and ", t->scalar_type());
-    TORCH_CHECK(t->numel() == samples, name, " has ", t->numel(), " values but sigma has ", samples);
+    TORCH_CHECK(t->sym_numel() == samples, name, " has ", t->sym_numel(), " values but sigma has ", samples);
   }
-  TORCH_CHECK(samples == 1 || (z.dim() >= 1 && z.size(0) == samples),
+  TORCH_CHECK(samples == 1 || (z.dim() >= 1 && z.sym_size(0) == samples),
               "per-sample sigmas need one value per sample along dim 0: got ", samples, " for z of shape ",
-              z.sizes());
+              z.sym_sizes());
 }
 
 void check_outputs(const at::Tensor& z, const at::Tensor& z_next, const at::Tensor& u_hat) {
   const std::pair<const char*, const at::Tensor*> named[] = {{"z_next", &z_next}, {"u_hat", &u_hat}};
   for (const auto& [name, t] : named) {
-    TORCH_CHECK(t->sizes() == z.sizes() && t->scalar_type() == z.scalar_type() && t->device() == z.device(),
-                "out tensor ", name, " must match z (shape ", z.sizes(), ", ", z.scalar_type(), ", ", z.device(),
-                "), got shape ", t->sizes(), ", ", t->scalar_type(), ", ", t->device());
+    TORCH_CHECK(t->sym_sizes() == z.sym_sizes() && t->scalar_type() == z.scalar_type() && t->device() == z.device(),
+                "out tensor ", name, " must match z (shape ", z.sym_sizes(), ", ", z.scalar_type(), ", ", z.device(),
+                "), got shape ", t->sym_sizes(), ", ", t->scalar_type(), ", ", t->device());
     TORCH_CHECK(t->is_contiguous(), "out tensor ", name, " must be contiguous");
   }
 }
@@ -196,6 +199,15 @@ std::tuple<at::Tensor, at::Tensor> average_velocity_step_meta(const at::Tensor& 
   return {at::empty_like(z, at::MemoryFormat::Contiguous), at::empty_like(z, at::MemoryFormat::Contiguous)};
 }
 
+std::tuple<at::Tensor&, at::Tensor&> average_velocity_step_meta_out(
+    const at::Tensor& z, const at::Tensor& v_last, const at::Tensor& z_anchor, const at::Tensor& v_anchor,
+    const at::Tensor& sigma_anchor, const at::Tensor& sigma, const at::Tensor& sigma_next, at::Tensor& z_next,
+    at::Tensor& u_hat) {
+  check_inputs(z, v_last, z_anchor, v_anchor, sigma_anchor, sigma, sigma_next);
+  check_outputs(z, z_next, u_hat);
+  return {z_next, u_hat};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(meancache, m) {
@@ -212,7 +224,10 @@ TORCH_LIBRARY_IMPL(meancache, CPU, m) {
   m.impl("average_velocity_step.out", &average_velocity_step_cpu_out);
 }
 
-TORCH_LIBRARY_IMPL(meancache, Meta, m) { m.impl("average_velocity_step", &average_velocity_step_meta); }
+TORCH_LIBRARY_IMPL(meancache, Meta, m) {
+  m.impl("average_velocity_step", &average_velocity_step_meta);
+  m.impl("average_velocity_step.out", &average_velocity_step_meta_out);
+}
 
 }  // namespace meancache
 

@@ -19,10 +19,14 @@ and both outputs have the inputs' dtype. Each sigma is a Python float, a 0-d ten
 value per sample (along dim 0), so a batch can be at different noise levels; sigma tensors are read on
 the host (a CUDA one costs a synchronisation).
 
-Differentiable in the four tensors (sigmas are constants): the map is affine in them, so the forward-mode
-derivative is the same fused op applied to the tangents, and the backward pass is
+Differentiable in the four tensors (sigmas are constants): the map is linear in them, so the forward-mode
+derivative is the same op applied to the tangents (at every nesting level), and the backward pass is
 ``g_u' = g_u + h g_z``, ``dz = g_z + (h/d^2) g_u'``, ``dz_anchor = -(h/d^2) g_u'``,
-``dv_anchor = -(h/d) g_u'``, ``dv_last = g_u'`` with ``d = sigma - sigma_anchor`` and ``h = sigma_next - sigma``.
+``dv_anchor = -(h/d) g_u'``, ``dv_last = g_u'`` with ``d = sigma - sigma_anchor`` and ``h = sigma_next - sigma``
+(differentiable PyTorch, so double backward is exact: zero). The dispatcher op carries the same backward
+rule and a ``vmap`` rule (the mapped dimension folded into dim 0, per-sample sigmas repeated); ``out=`` is
+refused under autograd and ``torch.func`` transforms. The modes and their errors are tabled in
+``docs/autograd_modes.md``.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def average_velocity_step(
         if out is not None:
             return _fused(*tensors, *tables, out=out)
         if _needs_autograd(tensors):
+            if torch.compiler.is_compiling():  # Dynamo cannot trace a custom jvp rule; the op has the backward
+                return _fused(*tensors, *tables)
             return AverageVelocityStep.apply(*tensors, *tables)
         return _fused(*tensors, *tables)
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
@@ -102,6 +108,8 @@ def average_velocity_step_reference(
 class AverageVelocityStep(torch.autograd.Function):
     """Autograd rules of the fused op; sigmas arrive as 1-D float64 CPU tables (see :func:`_sigma_tables`)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
         z: torch.Tensor,
@@ -123,19 +131,21 @@ class AverageVelocityStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_z_next: torch.Tensor, grad_u_hat: torch.Tensor) -> tuple[Any, ...]:
+        dtype = grad_z_next.dtype  # the math in float32 (float64 for float64), as in the forward
+        grad_z_next, grad_u_hat = (g.to(_math_dtype(dtype)) for g in (grad_z_next, grad_u_hat))
         sigma_anchor, sigma, sigma_next = (_broadcastable(t, grad_z_next) for t in ctx.sigmas)
         d, h = sigma - sigma_anchor, sigma_next - sigma
         grad_u = grad_u_hat + h * grad_z_next
         grad_z = grad_z_next + (h / (d * d)) * grad_u
         grad_z_anchor = -(h / (d * d)) * grad_u
         grad_v_anchor = -(h / d) * grad_u
-        return grad_z, grad_u, grad_z_anchor, grad_v_anchor, None, None, None
+        return *(g.to(dtype) for g in (grad_z, grad_u, grad_z_anchor, grad_v_anchor)), None, None, None
 
     @staticmethod
     def jvp(ctx: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         shape, dtype, device = ctx.like
         tensor_tangents = [t if t is not None else torch.zeros(shape, dtype=dtype, device=device) for t in tangents[:4]]
-        return _fused(*tensor_tangents, *ctx.sigmas)
+        return AverageVelocityStep.apply(*tensor_tangents, *ctx.sigmas)
 
 
 def _fused(
@@ -164,14 +174,17 @@ def _reference(
     sigma_next: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = z.dtype
-    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    z, v_last, z_anchor, v_anchor = (t.to(math_dtype) for t in (z, v_last, z_anchor, v_anchor))
+    z, v_last, z_anchor, v_anchor = (t.to(_math_dtype(dtype)) for t in (z, v_last, z_anchor, v_anchor))
     sigma_anchor, sigma, sigma_next = (_broadcastable(t, z) for t in (sigma_anchor, sigma, sigma_next))
     ubar = (z - z_anchor) / (sigma - sigma_anchor)
     jvp = (ubar - v_anchor) / (sigma - sigma_anchor)
     u_hat = v_last + (sigma_next - sigma) * jvp
     z_next = z + (sigma_next - sigma) * u_hat
     return z_next.to(dtype), u_hat.to(dtype)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _broadcastable(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -223,6 +236,11 @@ def _check_out_call(tensors: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, 
         raise TypeError(f"out must be a tuple of two tensors (z_next, u_hat), got {type(out).__name__}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError("average_velocity_step(out=...) is not differentiable; call it without out= under autograd")
+    if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "average_velocity_step(out=...) does not support forward-mode AD or torch.func transforms (jvp, grad, "
+            "vmap); call it without out="
+        )
 
 
 def _check_out(z: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -292,10 +310,37 @@ def _float_tables(sigma_anchor: float, sigma: float, sigma_next: float) -> tuple
     return None
 
 
-def _register_triton_for_cuda() -> tuple[str, ...]:
-    """Register the Triton kernel as the op's CUDA implementation; the devices with a fused kernel."""
+def _vmap_rule(
+    info: Any, in_dims: tuple[int | None, ...], *args: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
+    """The op over a mapped dimension: moved to the front, and folded into dim 0 when the sigmas are per sample
+    (each sample's sigmas repeated for every mapped entry)."""
+    if any(dim is not None for dim in in_dims[4:]):
+        raise ValueError("vmap over average_velocity_step's sigmas is not supported; map over the tensors only")
+    size = info.batch_size
+    tensors = [
+        t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+        for t, d in zip(args[:4], in_dims[:4], strict=True)
+    ]
+    tables = args[4:]
+    if tables[0].numel() == 1:
+        return torch.ops.meancache.average_velocity_step(*tensors, *tables), (0, 0)
+    flat = [t.flatten(0, 1) for t in tensors]
+    outputs = torch.ops.meancache.average_velocity_step(*flat, *(t.repeat(size) for t in tables))
+    return tuple(t.unflatten(0, (size, -1)) for t in outputs), (0, 0)
+
+
+def _register() -> tuple[str, ...]:
+    """Register the op's autograd and vmap rules, and the Triton kernel as its CUDA implementation; the devices
+    with a fused kernel."""
     if cpp_ops() is None:
         return ()
+    torch.library.register_autograd(
+        "meancache::average_velocity_step",
+        AverageVelocityStep.backward,
+        setup_context=AverageVelocityStep.setup_context,
+    )
+    torch.library.register_vmap("meancache::average_velocity_step", _vmap_rule)
     try:
         from meancache.kernels.average_velocity_step import average_velocity_step_triton
     except ImportError:  # no Triton on this platform
@@ -313,4 +358,4 @@ def _register_triton_for_cuda() -> tuple[str, ...]:
     return ("cpu", "cuda")
 
 
-_FUSED_DEVICES = _register_triton_for_cuda()
+_FUSED_DEVICES = _register()
