@@ -24,6 +24,7 @@ elements, which do not depend on them.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import itertools
 import json
@@ -47,7 +48,8 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMP
     its name, shape and dtype, the identity of a tensor subclass (:func:`tensor_parts`: a quantized weight's class
     and quantization settings), and ``samples`` elements at fixed, evenly spaced positions of each tensor that
     holds its data (:func:`sample_elements`), as float64; then over :func:`adapter_settings` and the quantization
-    configs diffusers recorded on the models (:func:`quantization_configs`).
+    settings outside the weights (:func:`quantization_settings`: diffusers' quantization config, a quantized
+    layer's compute dtype).
 
     What holds the data: a plain tensor or parameter itself; a quantized weight's inner tensors (torchao's
     ``Int8Tensor``, ``Float8Tensor``, ``IntxUnpackedToInt8Tensor`` and the ``AffineQuantizedTensor`` family, quanto's
@@ -79,8 +81,8 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMP
         if values:
             digest.update(torch.cat([v.cpu() for v in values]).numpy().tobytes())
     digest.update(repr(adapter_settings(module)).encode())
-    if configs := quantization_configs(module):
-        digest.update(repr(configs).encode())
+    if settings := quantization_settings(module):
+        digest.update(repr(settings).encode())
     if unreadable:
         logger.warning(
             "MeanCache: the weight fingerprint could not read the values of %d tensor(s), first %s; they are keyed "
@@ -155,16 +157,29 @@ def stable_repr(value: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
-def quantization_configs(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
-    """Per submodule of ``module`` that diffusers quantized on loading (``from_pretrained`` or ``from_single_file``
-    with a ``quantization_config``: its ``hf_quantizer``), its name and that config (``to_dict()``, memory addresses
-    removed): settings that live outside the weights, such as the compute dtype of GGUF and bitsandbytes layers."""
-    configs = []
+def quantization_settings(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
+    """Quantization settings that live outside the weights, per submodule of ``module`` (attribute reads only):
+
+    * the config diffusers quantized it with on loading (``from_pretrained`` or ``from_single_file`` with a
+      ``quantization_config``: its ``hf_quantizer``), ``to_dict()``;
+    * for a layer holding a quantized weight (a parameter of a tensor subclass), its class and its public attributes
+      of plain values (numbers, strings, dtypes, enums, None; not ``training``): the compute dtype of bitsandbytes
+      and GGUF layers swapped in by hand, the settings of quanto's layers.
+
+    Memory addresses are removed from what is read (:func:`stable_repr`)."""
+    settings = []
     for name, submodule in module.named_modules():
         quantizer = submodule.__dict__.get("hf_quantizer")
         if quantizer is not None:
-            configs.append((name, stable_repr(sorted(quantizer.quantization_config.to_dict().items()))))
-    return tuple(configs)
+            settings.append((name, stable_repr(sorted(quantizer.quantization_config.to_dict().items()))))
+        if any(type(p) not in PLAIN_TENSOR_TYPES for p in submodule.parameters(recurse=False)):
+            plain = {k: v for k, v in sorted(vars(submodule).items())
+                     if not k.startswith("_") and k != "training" and isinstance(v, PLAIN_VALUE_TYPES)}  # fmt: skip
+            settings.append((name, f"{class_name(submodule)}{stable_repr(plain)}"))
+    return tuple(settings)
+
+
+PLAIN_VALUE_TYPES = (bool, int, float, str, torch.dtype, enum.Enum, type(None))
 
 
 AdapterSettings = tuple[str, tuple[str, ...], tuple[float, ...], tuple[str, ...], bool]
