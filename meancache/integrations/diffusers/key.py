@@ -25,10 +25,12 @@ elements, which do not depend on them.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import itertools
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -57,13 +59,13 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMP
     tensor attributes (GGUF's ``GGUFParameter``, bitsandbytes' ``Params4bit`` and ``Int8Params``). So two copies of a
     checkpoint quantized differently key apart (other codes, scales or settings), and one quantized again with the
     same settings keys the same. Nothing is dequantized or copied whole: one small gather per stored tensor and one
-    device-to-host copy in all, whatever the model's size, under ``no_grad`` (inference tensors, and quantized
-    weights under ``inference_mode``, are read as they are). A LoRA fused into the weights changes every sampled
-    element of the layers it touches (its update is dense); an unfused adapter adds parameters, and its scale and
-    whether it is active are in :func:`adapter_settings`. Tensors on the ``meta`` device (sequential offloading)
-    contribute their name, shape, dtype and identity only. A tensor whose data cannot be read (a tensor subclass
-    that neither exposes inner tensors nor holds storage) contributes the same, plus its attributes, with one
-    warning per fingerprint naming it: a change of its values alone is then not seen."""
+    device-to-host copy per device the model is on, whatever the model's size, under ``no_grad`` (inference
+    tensors, and quantized weights under ``inference_mode``, are read as they are). A LoRA fused into the weights
+    changes every sampled element of the layers it touches (its update is dense); an unfused adapter adds
+    parameters, and its scale and whether it is active are in :func:`adapter_settings`. Tensors on the ``meta``
+    device (sequential offloading) contribute their name, shape, dtype and identity only. A tensor whose data cannot
+    be read (a tensor subclass that neither exposes inner tensors nor holds storage) contributes the same, plus its
+    attributes, with one warning per fingerprint naming it: a change of its values alone is then not seen."""
     digest = hashlib.sha256()
     values = []
     unreadable: list[str] = []
@@ -78,8 +80,9 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMP
                 identity, read = f"{class_name(tensor)}{stable_repr(vars(tensor))};", []
             digest.update(identity.encode())
             values.extend(read)
-        if values:
-            digest.update(torch.cat([v.cpu() for v in values]).numpy().tobytes())
+        if values:  # one device-to-host copy per run of tensors on one device
+            runs = [torch.cat(list(run)).cpu() for _, run in itertools.groupby(values, key=lambda v: v.device)]
+            digest.update(torch.cat(runs).numpy().tobytes())
     digest.update(repr(adapter_settings(module)).encode())
     if settings := quantization_settings(module):
         digest.update(repr(settings).encode())
@@ -128,9 +131,16 @@ def tensor_parts(tensor: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
 def sample_elements(tensor: torch.Tensor, samples: int) -> torch.Tensor:
     """``samples`` elements of ``tensor`` at fixed, evenly spaced positions of its row-major order (first and last
     included), as a float64 vector on its device: one gather, whatever its strides (no copy of the tensor)."""
-    numel = tensor.numel()
-    positions = torch.linspace(0, numel - 1, min(samples, numel), device=tensor.device).round().long()
-    return tensor[torch.unravel_index(positions, tensor.shape)].reshape(-1).to(torch.float64)
+    return tensor[sample_index(tuple(tensor.shape), samples, tensor.device)].reshape(-1).to(torch.float64)
+
+
+@functools.lru_cache(maxsize=1024)
+def sample_index(shape: tuple[int, ...], samples: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The index of :func:`sample_elements` for a tensor of ``shape`` on ``device`` (kept: a transformer's tensors
+    come in few shapes, so a fingerprint costs about one gather per tensor)."""
+    numel = math.prod(shape)
+    positions = torch.linspace(0, numel - 1, min(samples, numel), device=device).round().long()
+    return torch.unravel_index(positions, shape)
 
 
 def tensor_signature(tensor: torch.Tensor) -> tuple[Any, ...] | None:
@@ -154,7 +164,10 @@ def class_name(value: Any) -> str:
 
 def stable_repr(value: Any) -> str:
     """``repr(value)`` without memory addresses (``<... object at 0x7f...>``), which differ between processes."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+    return MEMORY_ADDRESS.sub("", repr(value))
+
+
+MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def quantization_settings(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
