@@ -149,7 +149,8 @@ OTHER_SETTINGS: dict[str, Quantize] = {
     "bitsandbytes-fp4": _bitsandbytes("Linear4bit", quant_type="fp4", compute_dtype=torch.float32),
     "bitsandbytes-nf4-bf16-compute": _bitsandbytes("Linear4bit", quant_type="nf4", compute_dtype=torch.bfloat16),
 }
-"""Other settings of the same quantizers, for the fingerprint's keying apart."""
+"""Other settings of the same quantizers, for the fingerprint's keying apart; the issue's other rows (torchao's
+``quantize_`` with int8 weight-only and intx weight-only, GGUF F16) also run first use."""
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 def quantized_pipeline(model: str, quantizer: str, folder: Path) -> tuple[DiffusionPipeline, dict[str, Any]]:
     """The model's tiny pipeline with its transformer quantized by ``quantizer``, and its call arguments."""
     pipe, inputs = CASE[model].build()
-    pipe.transformer = QUANTIZERS[quantizer](type(pipe.transformer), folder)
+    pipe.transformer = {**QUANTIZERS, **OTHER_SETTINGS}[quantizer](type(pipe.transformer), folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe, inputs
 
@@ -217,6 +218,23 @@ def test_meancache_on_a_quantized_transformer(saved, quantizer: str, model: str,
     key = Calibration.load(stored).metadata["key"]
     plain = torch.nn.ModuleDict({"transformer": _loaded(type(pipe.transformer), folder)})
     assert key["weights"] == quantized_weights != weights_fingerprint(plain)
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+@pytest.mark.parametrize("setting", ["torchao-int8-weight-only-quantize_", "torchao-intx-weight-only", "gguf-f16"])
+def test_first_use_on_other_settings(saved, setting: str, mode: str):
+    """Other settings users run (on Flux): the first call with ``budget=B`` equals the uncached quantized pipeline,
+    the next runs B steps."""
+    pipe, inputs = quantized_pipeline("flux", setting, saved("flux"))
+    with GRAD_MODES[mode]():
+        baseline = _run("flux", pipe, inputs)[0]
+        enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+        first = _run("flux", pipe, inputs)[0]
+        _run("flux", pipe, inputs)
+        report = meancache.summary(pipe)
+        disable_mean_cache(pipe)
+    assert torch.equal(first, baseline)
+    assert report.computed_steps == BUDGET and report.schedule.metadata["source"].startswith("calibrated")
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
