@@ -54,11 +54,11 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMP
     layer's compute dtype).
 
     What holds the data: a plain tensor or parameter itself; a quantized weight's inner tensors (torchao's
-    ``Int8Tensor``, ``Float8Tensor``, ``IntxUnpackedToInt8Tensor`` and the ``AffineQuantizedTensor`` family, quanto's
-    ``QBytesTensor``: int8 or float8 codes, scales, zero points); a parameter subclass's own packed storage and its
-    tensor attributes (GGUF's ``GGUFParameter``, bitsandbytes' ``Params4bit`` and ``Int8Params``). So two copies of a
-    checkpoint quantized differently key apart (other codes, scales or settings), and one quantized again with the
-    same settings keys the same. Nothing is dequantized or copied whole: one small gather per stored tensor and one
+    ``Int8Tensor``, ``Float8Tensor``, ``IntxUnpackedToInt8Tensor``, older torchao's nested
+    ``AffineQuantizedTensor``, quanto's ``QBytesTensor``: int8 or float8 codes, scales, zero points); a parameter
+    subclass's own packed storage and its tensor attributes (GGUF's ``GGUFParameter``, bitsandbytes' ``Params4bit``
+    and ``Int8Params``). So two copies of a checkpoint quantized differently key apart (other codes, scales or
+    settings), and one quantized again with the same settings keys the same. Nothing is dequantized or copied whole: one small gather per stored tensor and one
     device-to-host copy per device the model is on, whatever the model's size, under ``no_grad`` (inference
     tensors, and quantized weights under ``inference_mode``, are read as they are). A LoRA fused into the weights
     changes every sampled element of the layers it touches (its update is dense); an unfused adapter adds
