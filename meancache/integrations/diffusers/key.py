@@ -58,14 +58,15 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMP
     ``AffineQuantizedTensor``, quanto's ``QBytesTensor``: int8 or float8 codes, scales, zero points); a parameter
     subclass's own packed storage and its tensor attributes (GGUF's ``GGUFParameter``, bitsandbytes' ``Params4bit``
     and ``Int8Params``). So two copies of a checkpoint quantized differently key apart (other codes, scales or
-    settings), and one quantized again with the same settings keys the same. Nothing is dequantized or copied whole: one small gather per stored tensor and one
-    device-to-host copy per device the model is on, whatever the model's size, under ``no_grad`` (inference
-    tensors, and quantized weights under ``inference_mode``, are read as they are). A LoRA fused into the weights
-    changes every sampled element of the layers it touches (its update is dense); an unfused adapter adds
-    parameters, and its scale and whether it is active are in :func:`adapter_settings`. Tensors on the ``meta``
-    device (sequential offloading) contribute their name, shape, dtype and identity only. A tensor whose data cannot
-    be read (a tensor subclass that neither exposes inner tensors nor holds storage) contributes the same, plus its
-    attributes, with one warning per fingerprint naming it: a change of its values alone is then not seen."""
+    settings), and one quantized again with the same settings keys the same. Nothing is dequantized or copied whole:
+    one small gather per stored tensor and one device-to-host copy per device the model is on, whatever the model's
+    size, under ``no_grad`` (inference tensors, and quantized weights under ``inference_mode``, are read as they
+    are). A LoRA fused into the weights changes every sampled element of the layers it touches (its update is
+    dense); an unfused adapter adds parameters, and its scale and whether it is active are in
+    :func:`adapter_settings`. Tensors on the ``meta`` device (sequential offloading) contribute their name, shape,
+    dtype and identity only. A tensor whose data cannot be read (a tensor subclass that neither exposes inner
+    tensors nor holds storage) contributes the same, plus its attributes, with one warning per fingerprint naming
+    it: a change of its values alone is then not seen."""
     digest = hashlib.sha256()
     values = []
     unreadable: list[str] = []
