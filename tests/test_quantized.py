@@ -227,12 +227,18 @@ def test_first_use_on_other_settings(saved, setting: str, mode: str):
     the next runs B steps."""
     pipe, inputs = quantized_pipeline("flux", setting, saved("flux"))
     with GRAD_MODES[mode]():
-        baseline = _run("flux", pipe, inputs)[0]
-        enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
-        first = _run("flux", pipe, inputs)[0]
-        _run("flux", pipe, inputs)
-        report = meancache.summary(pipe)
-        disable_mean_cache(pipe)
+        check_first_use_on_flux(pipe, inputs)
+
+
+def check_first_use_on_flux(pipe: DiffusionPipeline, inputs: dict[str, Any]) -> None:
+    """With ``budget=B``, the first call of the Flux pipeline equals its uncached run and the next runs B steps
+    calibrated on it."""
+    baseline = _run("flux", pipe, inputs)[0]
+    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
+    first = _run("flux", pipe, inputs)[0]
+    _run("flux", pipe, inputs)
+    report = meancache.summary(pipe)
+    disable_mean_cache(pipe)
     assert torch.equal(first, baseline)
     assert report.computed_steps == BUDGET and report.schedule.metadata["source"].startswith("calibrated")
 
@@ -246,14 +252,7 @@ def test_first_use_on_a_compiled_quantized_transformer(saved):
     compiled layer recompiles on every call up to dynamo's limit."""
     pipe, inputs = quantized_pipeline("flux", "torchao-int8-weight-only", saved("flux"))
     pipe.transformer.compile()
-    baseline = _run("flux", pipe, inputs)[0]
-    enable_mean_cache(pipe, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
-    first = _run("flux", pipe, inputs)[0]
-    _run("flux", pipe, inputs)
-    report = meancache.summary(pipe)
-    disable_mean_cache(pipe)
-    assert torch.equal(first, baseline)
-    assert report.computed_steps == BUDGET and report.schedule.metadata["source"].startswith("calibrated")
+    check_first_use_on_flux(pipe, inputs)
 
 
 def test_fingerprint_keys_quantizations_apart_and_a_requantization_alike(saved):
