@@ -149,10 +149,13 @@ def test_pipeline(case: Case):
 def test_calibrate_on_first_use_with_group_offload(index: int, caplog: pytest.LogCaptureFixture):
     """A budget with no known schedule, as a user's own checkpoint gets it, on models offloaded block by block
     (diffusers' group offload on every denoising model, enabled before MeanCache in every other case and after it
-    in the rest): the first call runs in full (each of its loops a calibrating generation) and equals the uncached
-    pipeline, the next runs B computed steps calibrated on it (the call after, where a call's loops have keys of
-    their own); or, where MeanCache cannot calibrate the pipeline on first use (``Case.first_use_declined``), one
-    warning saying why and evenly spaced steps."""
+    in the rest): the first call, under ``torch.inference_mode`` as users wrap generations, runs in full (each of its
+    loops a calibrating generation) and equals the uncached pipeline; the next, under the pipeline's own
+    ``no_grad`` (what a generation under ``inference_mode`` left must serve one outside it), runs B computed steps
+    calibrated on it (the call after, where a call's loops have keys of their own); or, where MeanCache cannot
+    calibrate the pipeline on first use (``Case.first_use_declined``), one warning saying why and evenly spaced
+    steps. The calibrating path under ``no_grad`` is ``tests/test_first_use_calibration.py``'s; ``inference_mode``
+    is the stricter mode (no version counters; its tensors cannot be written outside it)."""
     case = CASES[index]
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
@@ -169,7 +172,8 @@ def test_calibrate_on_first_use_with_group_offload(index: int, caplog: pytest.Lo
     if not index % 2:
         offload()
     with caplog.at_level("WARNING", logger="meancache"):
-        first = run_counting_blocks(case, pipe, inputs, begin)[0]
+        with torch.inference_mode():
+            first = run_counting_blocks(case, pipe, inputs, begin)[0]
         first_source = meancache.summary(pipe).schedule.metadata["source"]
         for _ in range(case.loops):  # loops of different keys (VisualCloze's upsampling) calibrate on each call
             run_counting_blocks(case, pipe, inputs, begin)

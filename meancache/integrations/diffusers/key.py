@@ -24,9 +24,14 @@ elements, which do not depend on them.
 
 from __future__ import annotations
 
+import enum
+import functools
 import hashlib
 import itertools
 import json
+import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +40,160 @@ import torch
 from meancache.integrations.diffusers.guidance import key_number
 
 FINGERPRINT_SAMPLES = 16
-"""Elements read from each parameter and buffer for :func:`weights_fingerprint`."""
+"""Elements read from each stored tensor of every parameter and buffer for :func:`weights_fingerprint`."""
+
+logger = logging.getLogger(__name__)
 
 
 def weights_fingerprint(module: torch.nn.Module, samples: int = FINGERPRINT_SAMPLES) -> str:
     """SHA-256 (16 hex digits) over every parameter and buffer of ``module`` in ``named_parameters`` order:
-    its name, shape and dtype, and ``samples`` elements at fixed, evenly spaced positions of the flattened
-    tensor (first and last included), as float64; then over :func:`adapter_settings`.
+    its name, shape and dtype, the identity of a tensor subclass (:func:`tensor_parts`: a quantized weight's class
+    and quantization settings), and ``samples`` elements at fixed, evenly spaced positions of each tensor that
+    holds its data (:func:`sample_elements`), as float64; then over :func:`adapter_settings` and the quantization
+    settings outside the weights (:func:`quantization_settings`: diffusers' quantization config, a quantized
+    layer's compute dtype).
 
-    Cost: one small gather per tensor and one device-to-host copy in all, whatever the model's size. A LoRA
-    fused into the weights changes every sampled element of the layers it touches (its update is dense); an
-    unfused adapter adds parameters, and its scale and whether it is active are in :func:`adapter_settings`.
-    Tensors on the ``meta`` device (sequential offloading) contribute their name, shape and dtype only."""
+    What holds the data: a plain tensor or parameter itself; a quantized weight's inner tensors (torchao's
+    ``Int8Tensor``, ``Float8Tensor``, ``IntxUnpackedToInt8Tensor``, older torchao's nested
+    ``AffineQuantizedTensor``, quanto's ``QBytesTensor``: int8 or float8 codes, scales, zero points); a parameter
+    subclass's own packed storage and its tensor attributes (GGUF's ``GGUFParameter``, bitsandbytes' ``Params4bit``
+    and ``Int8Params``). So two copies of a checkpoint quantized differently key apart (other codes, scales or
+    settings), and one quantized again with the same settings keys the same. Nothing is dequantized or copied whole:
+    one small gather per stored tensor and one device-to-host copy per device the model is on, whatever the model's
+    size, under ``no_grad`` (inference tensors, and quantized weights under ``inference_mode``, are read as they
+    are). A LoRA fused into the weights changes every sampled element of the layers it touches (its update is
+    dense); an unfused adapter adds parameters, and its scale and whether it is active are in
+    :func:`adapter_settings`. Tensors on the ``meta`` device (sequential offloading) contribute their name, shape,
+    dtype and identity only. A tensor whose data cannot be read (a tensor subclass that neither exposes inner
+    tensors nor holds storage) contributes the same, plus its attributes, with one warning per fingerprint naming
+    it: a change of its values alone is then not seen."""
     digest = hashlib.sha256()
     values = []
-    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        if tensor.is_meta or tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).round().long()
-        values.append(flat[positions].to(torch.float64))
-    if values:
-        digest.update(torch.cat([v.cpu() for v in values]).numpy().tobytes())
+    unreadable: list[str] = []
+    with torch.no_grad():
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            try:
+                identity, leaves = tensor_parts(tensor)
+                read = [sample_elements(leaf, samples) for leaf in leaves if not leaf.is_meta and leaf.numel() > 0]
+            except Exception as error:  # a tensor subclass whose data no operation reaches: its identity only
+                unreadable.append(f"{name} ({type(tensor).__qualname__}: {type(error).__name__}: {error})")
+                identity, read = f"{class_name(tensor)}{stable_repr(vars(tensor))};", []
+            digest.update(identity.encode())
+            values.extend(read)
+        if values:  # one device-to-host copy per run of tensors on one device
+            runs = [torch.cat(list(run)).cpu() for _, run in itertools.groupby(values, key=lambda v: v.device)]
+            digest.update(torch.cat(runs).numpy().tobytes())
     digest.update(repr(adapter_settings(module)).encode())
+    if settings := quantization_settings(module):
+        digest.update(repr(settings).encode())
+    if unreadable:
+        logger.warning(
+            "MeanCache: the weight fingerprint could not read the values of %d tensor(s), first %s; they are keyed "
+            "by name, class, shape, dtype and attributes only, so a calibration is reused if only their values "
+            "change (clear it with `meancache calibrations clear`).", len(unreadable), unreadable[0],
+        )  # fmt: skip
     return digest.hexdigest()[:16]
+
+
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_parts(tensor: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
+    """A parameter's or buffer's identity beyond name, shape and dtype, and the plain tensors holding its data.
+
+    * A plain tensor or parameter: no identity (so the fingerprint of an unquantized model is what it always was),
+      itself.
+    * A wrapper subclass (``__tensor_flatten__``: torchao's quantized tensors, quanto's ``QTensor``): its class and
+      its flatten context (block size, activation quantization, qtype, axis, ...), and the parts of its inner
+      tensors, by attribute name.
+    * A parameter subclass holding its own storage (``GGUFParameter``, ``Params4bit``, ``Int8Params``): its class
+      and its non-tensor attributes (quantization type, block size, ...), itself as a plain tensor, and the parts of
+      its tensor attributes (``Int8Params.SCB``).
+
+    Attributes only: no device work. Raises whatever the subclass raises when it cannot be taken apart."""
+    if type(tensor) in PLAIN_TENSOR_TYPES:
+        return "", [tensor]
+    if hasattr(type(tensor), "__tensor_flatten__"):
+        names, context = tensor.__tensor_flatten__()
+        identity, leaves = f"{class_name(tensor)}{stable_repr(context)}", []
+    else:
+        attributes = vars(tensor)
+        names = sorted(n for n, v in attributes.items() if isinstance(v, torch.Tensor))
+        others = {n: v for n, v in sorted(attributes.items()) if not isinstance(v, torch.Tensor)}
+        identity, leaves = f"{class_name(tensor)}{stable_repr(others)}", [tensor.as_subclass(torch.Tensor)]
+    for name in names:
+        inner_identity, inner_leaves = tensor_parts(getattr(tensor, name))
+        identity += f"[{name}:{inner_identity}]"
+        leaves += inner_leaves
+    return identity + ";", leaves
+
+
+def sample_elements(tensor: torch.Tensor, samples: int) -> torch.Tensor:
+    """``samples`` elements of ``tensor`` at fixed, evenly spaced positions of its row-major order (first and last
+    included), as a float64 vector on its device: one gather, whatever its strides (no copy of the tensor)."""
+    return tensor[sample_index(tuple(tensor.shape), samples, tensor.device)].reshape(-1).to(torch.float64)
+
+
+@functools.lru_cache(maxsize=1024)
+def sample_index(shape: tuple[int, ...], samples: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The index of :func:`sample_elements` for a tensor of ``shape`` on ``device`` (kept: a transformer's tensors
+    come in few shapes, so a fingerprint costs about one gather per tensor)."""
+    numel = math.prod(shape)
+    positions = torch.linspace(0, numel - 1, min(samples, numel), device=device).round().long()
+    return torch.unravel_index(positions, shape)
+
+
+def tensor_signature(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What :class:`WeightsFingerprint` compares to tell that a parameter or buffer may have changed: per plain
+    tensor holding its data (:func:`tensor_parts`), its storage address and in-place version counter; its class and
+    object identity when it cannot be taken apart. None when a version cannot be read (an inference tensor: made or
+    written under ``inference_mode``, which counts no versions)."""
+    try:
+        leaves = tensor_parts(tensor)[1]
+        addresses = tuple(leaf.data_ptr() for leaf in leaves)
+    except Exception:  # weights_fingerprint warns about it
+        return (class_name(tensor), id(tensor))
+    if any(leaf.is_inference() for leaf in leaves):
+        return None
+    return (class_name(tensor), addresses, tuple(leaf._version for leaf in leaves))
+
+
+def class_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def stable_repr(value: Any) -> str:
+    """``repr(value)`` without memory addresses (``<... object at 0x7f...>``), which differ between processes."""
+    return MEMORY_ADDRESS.sub("", repr(value))
+
+
+MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def quantization_settings(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
+    """Quantization settings that live outside the weights, per submodule of ``module`` (attribute reads only):
+
+    * the config diffusers quantized it with on loading (``from_pretrained`` or ``from_single_file`` with a
+      ``quantization_config``: its ``hf_quantizer``), ``to_dict()``;
+    * for a layer holding a quantized weight (a parameter of a tensor subclass), its class and its public attributes
+      of plain values (numbers, strings, dtypes, enums, None; not ``training``): the compute dtype of bitsandbytes
+      and GGUF layers swapped in by hand, the settings of quanto's layers.
+
+    Memory addresses are removed from what is read (:func:`stable_repr`)."""
+    settings = []
+    for name, submodule in module.named_modules():
+        quantizer = submodule.__dict__.get("hf_quantizer")
+        if quantizer is not None:
+            settings.append((name, stable_repr(sorted(quantizer.quantization_config.to_dict().items()))))
+        if any(type(p) not in PLAIN_TENSOR_TYPES for p in submodule.parameters(recurse=False)):
+            plain = {k: v for k, v in sorted(vars(submodule).items())
+                     if not k.startswith("_") and k != "training" and isinstance(v, PLAIN_VALUE_TYPES)}  # fmt: skip
+            settings.append((name, f"{class_name(submodule)}{stable_repr(plain)}"))
+    return tuple(settings)
+
+
+PLAIN_VALUE_TYPES = (bool, int, float, str, torch.dtype, enum.Enum, type(None))
 
 
 AdapterSettings = tuple[str, tuple[str, ...], tuple[float, ...], tuple[str, ...], bool]
@@ -86,23 +220,24 @@ def adapter_settings(module: torch.nn.Module) -> tuple[AdapterSettings, ...]:
 class WeightsFingerprint:
     """:func:`weights_fingerprint` of a module, recomputed only when its tensors or adapter settings changed.
 
-    The check is a walk over Python attributes, no device work: every parameter's and buffer's name, storage
-    address (``data_ptr``: weights replaced or moved) and in-place version counter (``_version``: ``copy_``,
-    ``add_``, ``load_state_dict``), and :func:`adapter_settings` (adapters loaded, fused, rescaled or switched).
-    An in-place write through ``tensor.data``, which bumps no version counter, is seen only through the adapter
-    settings it comes with (PEFT's merge, ``fuse_lora``, records the merged adapters)."""
+    The check is a walk over Python attributes, no device work: every parameter's and buffer's name and
+    :func:`tensor_signature` (per tensor holding its data, a quantized weight's inner tensors included: storage
+    address, ``data_ptr``: weights replaced, re-quantized or moved; in-place version counter, ``_version``:
+    ``copy_``, ``add_``, ``load_state_dict``), and :func:`adapter_settings` (adapters loaded, fused, rescaled or
+    switched). An in-place write through ``tensor.data``, which bumps no version counter, is seen only through the
+    adapter settings it comes with (PEFT's merge, ``fuse_lora``, records the merged adapters). A module holding an
+    inference tensor (weights made under ``inference_mode``, whose writes count no versions) is fingerprinted
+    anew on every call."""
 
     def __init__(self) -> None:
         self._signature: tuple[Any, ...] | None = None
         self._value = ""
 
     def __call__(self, module: torch.nn.Module) -> str:
-        signature = (
-            tuple((name, tensor.data_ptr(), tensor._version)
-                  for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())),
-            adapter_settings(module),
-        )  # fmt: skip
-        if signature != self._signature:
+        named = itertools.chain(module.named_parameters(), module.named_buffers())
+        tensors = tuple((name, tensor_signature(tensor)) for name, tensor in named)
+        signature = None if any(s is None for _, s in tensors) else (tensors, adapter_settings(module))
+        if signature is None or signature != self._signature:
             self._value, self._signature = weights_fingerprint(module), signature
         return self._value
 
