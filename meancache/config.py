@@ -9,8 +9,8 @@ from meancache.schedule import Schedule
 
 DEFAULT_CALIBRATION_RUNS = 4
 """Full-compute generations observed before a calibrated schedule is used (chosen by measurement:
-``benchmarks/bench_first_use_calibration.py``, five calibration draws per setting: against R = 2, R = 4 is
-0.69 / 0.59 / 0.24 dB higher on average at digits-flux B = 10 / 13 / 17 and -0.20 to +0.11 dB on digits-qwen)."""
+``benchmarks/bench_first_use_calibration.py``, five calibration draws per setting; figures in
+``docs/schedule_study.md#calibrate-on-first-use-bench_first_use_calibrationpy``)."""
 
 
 @dataclass(frozen=True)

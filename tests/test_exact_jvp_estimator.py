@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, sample, summary
-from meancache.integrations.diffusers import guided_derivative
+from meancache.integrations.diffusers.exact_jvp import guided_derivative
 from meancache.integrations.jvp_attention import enable_jvp_attention
 from meancache.method.estimators import ExactJVPEstimator
 from meancache.method.sampler import velocity_and_derivative

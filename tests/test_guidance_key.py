@@ -153,11 +153,11 @@ def test_exact_jvp_gets_step_zeros_derivative_when_the_schedule_is_resolved_at_t
 def test_a_schedule_shipped_with_the_model_needs_no_guidance_observation(monkeypatch):
     """The key, and the observation of the first step it needs (a float64 copy of the branch outputs on the CPU),
     are made only when no schedule shipped in the model folder applies."""
-    from meancache.integrations.diffusers import run as run_module
+    from meancache.integrations.diffusers import first_use
     from meancache.models import load_digits_model
 
-    observed, observe = [], run_module.observed_guidance
-    monkeypatch.setattr(run_module, "observed_guidance", lambda *a: observed.append(1) or observe(*a))
+    observed, observe = [], first_use.observed_guidance
+    monkeypatch.setattr(first_use, "observed_guidance", lambda *a: observed.append(1) or observe(*a))
     model = load_digits_model("digits-flux")
     model.pipe.set_progress_bar_config(disable=True)
     enable_mean_cache(model.pipe, MeanCacheConfig(budget=10))

@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelM
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
 from meancache.integrations.diffusers import is_mean_cache_enabled
-from meancache.integrations.diffusers.hooks import transformer_names
+from meancache.integrations.diffusers.components import transformer_names
 from meancache.integrations.diffusers.pipeline import unsupported_loop
 from tests.flow_pipelines import flow_pipeline_classes
 from tests.pipeline_matrix import (

@@ -124,9 +124,9 @@ class Calibration:
 
         Why: the velocity at step 0 (pure noise) is where the trajectory turns fastest, and a finite-difference
         JVP from it extrapolates that turn into the interval. The per-interval costs and the replay score both
-        spans within about 1 %, because they use the recorded velocities, but real runs do not: on the bundled
-        image models first use with the cap was better in 14 and worse in none of 40 (model, budget, calibration
-        draw) cells, by up to 2.8 dB (``bench_first_use_calibration.py``, ``docs/schedule_study.md``)."""
+        spans within about 1 %, because they use the recorded velocities, but real runs do not: measured on the
+        bundled image models by ``benchmarks/bench_first_use_calibration.py``, figures in
+        ``docs/schedule_study.md#no-look-back-anchored-at-step-0-stop-22``."""
         steps = solved.compute_steps
         spans = tuple(min(k, max(c, 1)) for c, k in zip(steps, solved.spans, strict=False))
         intervals = zip(itertools.pairwise(steps), spans, strict=True)

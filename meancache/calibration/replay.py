@@ -13,11 +13,10 @@ closed-loop drift, across interval boundaries (the per-interval costs restart fr
 computed step, so they miss how one interval's estimated velocities enter the next interval's history).
 :func:`select_by_replay` keeps the candidate with the least error.
 
-Measured on the bundled models (``docs/schedule_study.md``): over the candidates of a 2-generation
-calibration, replay error picks what running the candidates on the same two calls picks (at B = 8, 10, 13, 17
-on digits-flux); against the same calibration's single PSSP solution, averaged over five calibrations of the
-default four generations, its pick is +0.6 to +3.8 dB at all 8 budget-model pairs. What neither the replay nor
-the costs see, how the transformer answers a look-back anchored at step 0, the candidates leave out
+How its picks compare with running the candidates, and with the calibration's single PSSP solution, is
+measured on the bundled models by ``benchmarks/bench_first_use_calibration.py`` (figures in
+``docs/schedule_study.md``). What neither the replay nor the costs see, how the transformer answers a
+look-back anchored at step 0, the candidates leave out
 (:meth:`~meancache.calibration.Calibration.without_step_0_anchor`).
 """
 

@@ -33,10 +33,11 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,8 @@ from meancache.calibration import (
     select_by_replay,
 )
 from meancache.calibration.store import key_digest
-from meancache.integrations.diffusers.key import WeightsFingerprint
+from meancache.integrations.diffusers.guidance import observed_guidance
+from meancache.integrations.diffusers.key import WeightsFingerprint, calibration_key
 from meancache.schedule import Schedule
 from meancache.schedule.pssp import solve_pssp
 
@@ -74,16 +76,73 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FirstUseCalibration:
     """Calibrate-on-first-use settings for one pipeline, the keys already announced, and what was resolved per key:
-    the transformer's weight fingerprint and the schedule for each (key digest, budget)."""
+    the transformer's weight fingerprint and the schedule for each (key digest, budget); and the warnings already
+    given (a decline, a call pattern per calibration), each given once."""
 
     runs: int
     store: CalibrationStore
     announced: set[str] = field(default_factory=set)
     fingerprint: WeightsFingerprint = field(default_factory=WeightsFingerprint)
     schedules: dict[tuple[str, int], Schedule] = field(default_factory=dict)
+    declined: bool = False
+    pattern_warned: set[str] = field(default_factory=set)
 
     def for_generation(self, make_key: Callable[[], dict[str, Any] | None]) -> GenerationCalibration:
         return GenerationCalibration(self, make_key)
+
+    def generation_key(
+        self, pipe: Any, models: torch.nn.ModuleDict, checkpoint: str, sigmas: list[float],
+        latents: torch.Tensor | None, calls: Sequence[dict[str, Any]], outputs: Sequence[Any], guided: torch.Tensor,
+    ) -> dict[str, Any] | None:  # fmt: skip
+        """The calibration key of a generation of ``pipe`` whose gated ``models`` ran on ``sigmas`` from
+        ``latents``, its guidance part what the first step showed (:func:`observed_guidance`: ``calls`` the keyword
+        arguments of its transformer calls, ``outputs`` what they returned, ``guided`` the velocity the scheduler
+        received); None, with a warning once per pipeline (:meth:`decline`), when the sigmas do not fall or the
+        guidance cannot be identified (two guidance settings would share a calibration)."""
+        if any(later >= earlier for earlier, later in itertools.pairwise(sigmas)):
+            # Stable Audio 3's audio-to-audio raises sigma after its first step; LongCat-AudioDiT counts 0 -> 1
+            self.decline(
+                pipe, "its sigmas are not strictly decreasing (noise to data), which calibration measures along"
+            )
+            return None
+        observed = observed_guidance(pipe, calls, outputs, guided)
+        if observed.unidentified is not None:
+            self.decline(
+                pipe,
+                f"{observed.unidentified}, so the calibration could not be told apart from other guidance settings",
+            )
+            return None
+        return calibration_key(pipe, self.fingerprint(models), checkpoint, sigmas, latents, calls, observed.settings)
+
+    def decline(self, pipe: Any, reason: str) -> None:
+        """Warn, once per pipeline, that its generations are not calibrated on first use, and why."""
+        if not self.declined:
+            self.declined = True
+            logger.warning(
+                "MeanCache: not calibrating %s on first use: %s. The budget runs evenly spaced steps with plain "
+                "reuse; for MeanCache's estimate, pass a schedule for this model (MeanCacheConfig(schedule), e.g. "
+                "from meancache calibrate).", type(pipe).__name__, reason,
+            )  # fmt: skip
+
+    def check_call_pattern(self, pipeline_name: str, schedule: Schedule, call_pattern: list[list[int]]) -> None:
+        """Warn, once per calibration, when a generation that took a first-use calibration made other calls per step
+        (``call_pattern``) than the generations that made it: a guidance setting acting only after the first step
+        differs (Lumina 2's ``cfg_trunc_ratio``, SD3's skip-layer window, ControlNet ``control_guidance_start/end``),
+        which the key, decided at the first step, cannot hold."""
+        expected, digest = schedule.metadata.get(CALL_PATTERN), schedule.metadata.get("calibration_key")
+        if expected is None or expected == call_pattern or digest in self.pattern_warned:
+            return
+        self.pattern_warned.add(digest)
+        step = next(i for i, pair in enumerate(call_pattern) if i >= len(expected) or expected[i] != pair)
+        logger.warning(
+            "MeanCache: this generation of %s made %s transformer (and ControlNet) calls at step %d where the "
+            "generations that calibrated its schedule (key %s) made %s: a guidance setting that acts after the "
+            "first step differs from theirs (cfg_trunc_ratio, skip-layer guidance, control_guidance_start/end, "
+            "...), so the schedule was calibrated for another trajectory. `meancache calibrations clear %s` "
+            "recalibrates on the next generations; or pass a schedule.",
+            pipeline_name, call_pattern[step], step, digest, expected[step] if step < len(expected) else "none",
+            digest,
+        )  # fmt: skip
 
 
 @dataclass

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.utils import BaseOutput
+
+from meancache.integrations.diffusers.layout import first_output, latent_branches
 
 WEIGHT_DECIMALS = 2
 """Decimals the recovered branch weights are keyed to: guidance scales closer than 0.01 share a calibration."""
@@ -141,43 +142,6 @@ def combination_weights(branches: Sequence[torch.Tensor], guided: torch.Tensor) 
     scale = (combination * g).sum(-1) / (combination * combination).sum(-1).clamp_min(1e-300)
     rescaled = float((scale - 1).abs().mean()) > max(RESCALE_OVER_RESIDUAL * residual, MIN_RESCALE)
     return CombinationFit(tuple(float(w) for w in a), residual, uncertainty, rescaled)
-
-
-def latent_block(tensor: torch.Tensor, latents: torch.Size, trailing: bool = False) -> torch.Tensor:
-    """The leading block of ``tensor`` (all of its batch) in the latents' non-batch dimensions: pipelines append
-    reference-image tokens after the latent tokens and conditioning channels after the latent channels. With
-    ``trailing``, the last block: image-to-video pipelines that keep the first frame from the image step the
-    others, ``prediction[:, :, 1:]``."""
-    if tensor.dim() != len(latents) or any(t < n for t, n in zip(tensor.shape[1:], latents[1:], strict=True)):
-        raise RuntimeError(
-            f"a transformer input or output of shape {tuple(tensor.shape)} does not contain the latents "
-            f"{tuple(latents)} as its {'last' if trailing else 'leading'} block; this pipeline's layout is not "
-            "supported by the estimator"
-        )
-    if trailing:
-        return tensor[(slice(None), *(slice(t - n, t) for t, n in zip(tensor.shape[1:], latents[1:], strict=True)))]
-    return tensor[(slice(None), *(slice(0, n) for n in latents[1:]))]
-
-
-def latent_branches(prediction: torch.Tensor, guided: torch.Tensor, trailing: bool = False) -> list[torch.Tensor]:
-    """The latent-shaped branches of one transformer call's ``prediction``: its :func:`latent_block` (the last one
-    with ``trailing``), split into batches of ``guided``'s (batched CFG puts its branches one after another in the
-    batch)."""
-    block = latent_block(prediction, guided.shape, trailing)
-    if block.shape[0] % guided.shape[0]:
-        raise RuntimeError(
-            f"a transformer output of shape {tuple(prediction.shape)} does not split into latents {tuple(guided.shape)}"
-        )
-    return list(block.reshape(-1, *guided.shape).unbind(0))
-
-
-def first_output(output: Any) -> Any:
-    """What a transformer returned as its prediction: the first entry of a tuple or diffusers output class, or the
-    output itself (a tensor: Kandinsky 5 returns it bare with ``return_dict=False``; a list of per-sample tensors:
-    Z-Image)."""
-    if isinstance(output, (tuple, BaseOutput)) and not isinstance(output, torch.Tensor):
-        return output[0]
-    return output
 
 
 def _prediction(output: Any, sample: torch.Size) -> torch.Tensor | None:

@@ -9,14 +9,11 @@ import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from meancache.config import MeanCacheConfig
-from meancache.integrations.diffusers.hooks import (
-    SchedulerStepHook,
-    SetTimestepsHook,
-    attach_gates,
-    gated_modules,
-    refuse_diffusers_cache,
-)
-from meancache.integrations.diffusers.run import MeanCacheState, MeanCacheSummary
+from meancache.integrations.diffusers.components import gated_modules, refuse_diffusers_cache
+from meancache.integrations.diffusers.gate import attach_gates
+from meancache.integrations.diffusers.run import MeanCacheState
+from meancache.integrations.diffusers.scheduler_hooks import SchedulerStepHook, SetTimestepsHook
+from meancache.integrations.diffusers.summary import MeanCacheSummary
 
 STATE_ATTRIBUTE = "_mean_cache_state"
 """Where a pipeline instance keeps its :class:`MeanCacheState` while MeanCache is on."""
@@ -56,10 +53,10 @@ def check_supported(pipe: DiffusionPipeline) -> None:
     ``z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v_i``), and the flow DPM-Solver++ (``DPMSolverMultistepScheduler``
     with ``use_flow_sigmas``, ``prediction_type="flow_prediction"``, ``algorithm_type="dpmsolver++"``, order 1 or
     2: Sana's default), which is fed the estimated velocity on skipped steps. Its steps are not Euler steps, but
-    measured on both bundled models at B = 10 of 50 steps the estimate holds: 4.7 and 5.0 dB better than
-    DPM-Solver++ run with 10 steps (``benchmarks/bench_multistep_schedulers.py``). Refused: UniPC (Wan's
-    default; its corrector rewrites the latents the estimate was computed from, and on digits-flux MeanCache
-    lost 0.9 dB to UniPC run with 10 steps), the SDE solvers, and every other scheduler."""
+    the estimate was measured to hold on it (``benchmarks/bench_multistep_schedulers.py``; the figures are in
+    docs/pipelines.md). Refused: UniPC (Wan's default; its corrector rewrites the latents the estimate was
+    computed from, and MeanCache measured worse than UniPC run with the budget's steps, same benchmark), the SDE
+    solvers, and every other scheduler."""
     name = type(pipe).__name__
     if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
         inner = getattr(pipe, "pipe", None)
