@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from meancache.schedule.presets import PRESETS, preset_schedule
+from meancache.schedule.presets import PRESETS
 from meancache.schedule.schedule import Schedule
 
 SHIPPED_SCHEDULES_DIR = "meancache_schedules"
@@ -94,7 +94,7 @@ def default_schedule(
         return stored
     name = preset_name_for(model, checkpoint)
     if name is not None and num_steps == 50 and budget in PRESETS[name]:
-        return preset_schedule(name, budget)
+        return Schedule.preset(name, budget)
     if budget > num_steps:
         raise ValueError(f"budget {budget} is larger than the {num_steps} steps of this run")
     if calibrated is not None and (calibrating := calibrated.calibrating(num_steps, budget)) is not None:

@@ -10,6 +10,9 @@
   ran through the official samplers, Wan2.1 with UniPC) are in ``metadata["caveats"]``.
 
 The two never publish the same model and budget, so one name holds both (``"qwen-image"``: 9, 10, 13, 17, 21, 25).
+
+This module holds the tables as plain data (:func:`preset_parts`); :meth:`meancache.Schedule.preset` makes the
+schedule, so the schedule type does not depend on its presets and the presets not on the type.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import functools
 import json
 from pathlib import Path
 from typing import Any
-
-from meancache.schedule.schedule import Schedule
 
 THIRD_PARTY_FILE = Path(__file__).with_name("third_party_schedules.json")
 
@@ -47,13 +48,17 @@ _TABLES: dict[str, dict[int, tuple[list[int | tuple[int, int]], str]]] = {
 }
 
 
+PresetParts = tuple[int, tuple[int, ...], tuple[int, ...], dict[str, Any]]
+"""A preset as the arguments of :class:`~meancache.Schedule`: step count, computed steps, spans, metadata."""
+
+
 @functools.cache
-def third_party_schedules() -> dict[str, dict[int, Schedule]]:
-    """Model name -> budget -> schedule, from ``third_party_schedules.json``."""
+def third_party_schedules() -> dict[str, dict[int, PresetParts]]:
+    """Model name -> budget -> schedule parts, from ``third_party_schedules.json``."""
     data = json.loads(THIRD_PARTY_FILE.read_text(encoding="utf-8"))
     source = data["source"]
     origin = f"{source['repository']}@{source['commit'][:8]}"
-    tables: dict[str, dict[int, Schedule]] = {}
+    tables: dict[str, dict[int, PresetParts]] = {}
     for row in data["schedules"]:
         provenance: dict[str, Any] = {k: row[k] for k in ("id", "source_label", "variant", "settings", "calibration")}
         metadata = {
@@ -63,8 +68,8 @@ def third_party_schedules() -> dict[str, dict[int, Schedule]]:
                            "file": row["source_file"]},
             "caveats": data["caveats"],
         }  # fmt: skip
-        schedule = Schedule(row["num_steps"], tuple(row["compute_steps"]), tuple(row["spans"]), metadata)
-        tables.setdefault(row["model"], {})[row["budget"]] = schedule
+        parts = (row["num_steps"], tuple(row["compute_steps"]), tuple(row["spans"]), metadata)
+        tables.setdefault(row["model"], {})[row["budget"]] = parts
     return tables
 
 
@@ -79,8 +84,9 @@ PRESETS: dict[str, tuple[int, ...]] = _budgets()
 """Preset name -> the budgets with a schedule (all for 50 steps; the authors' and the third-party ones)."""
 
 
-def preset_schedule(name: str, budget: int) -> Schedule:
-    """The published schedule ``name`` at ``budget`` computed steps out of 50."""
+def preset_parts(name: str, budget: int) -> PresetParts:
+    """The published schedule ``name`` at ``budget`` computed steps out of 50, as :class:`~meancache.Schedule`'s
+    arguments (:meth:`meancache.Schedule.preset` makes it)."""
     if name not in PRESETS:
         raise ValueError(f"unknown schedule preset {name!r}; known presets: {sorted(PRESETS)}")
     if budget not in PRESETS[name]:
@@ -95,4 +101,4 @@ def preset_schedule(name: str, budget: int) -> Schedule:
         steps.extend(range(run[0], run[1] + 1) if isinstance(run, tuple) else [run])
     spans = tuple(1 if label == "c" else int(label) for label in labels)
     metadata = {"preset": name, "model": name, "budget": budget, "num_steps": 50, "source": _SOURCE}
-    return Schedule(50, tuple(steps), spans, metadata)
+    return 50, tuple(steps), spans, metadata

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meancache.schedule.presets import preset_parts
 from meancache.validation import MAX_STEPS, check_int, check_metadata, load_json_object
 
 SCHEDULE_FORMAT_VERSION = 1
@@ -95,9 +96,7 @@ class Schedule:
     @classmethod
     def preset(cls, name: str, budget: int) -> Schedule:
         """A published 50-step schedule; see :data:`meancache.schedule.presets.PRESETS` for the names."""
-        from meancache.schedule.presets import preset_schedule
-
-        return preset_schedule(name, budget)
+        return cls(*preset_parts(name, budget))
 
     def for_steps(self, num_steps: int) -> Schedule:
         """This schedule on a ``num_steps``-step sampler: itself, or mapped in sigma space (module docstring)."""

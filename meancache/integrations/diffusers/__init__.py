@@ -14,13 +14,14 @@ place and what it owns: docs/design.md):
 * :mod:`~meancache.integrations.diffusers.run`: the generation lifecycle, the per-pipeline state the hooks share.
 * :mod:`~meancache.integrations.diffusers.first_use`, :mod:`~meancache.integrations.diffusers.key`,
   :mod:`~meancache.integrations.diffusers.guidance`: calibration on first use, its key, and the key's guidance part.
-* :mod:`~meancache.integrations.diffusers.summary`, :mod:`~meancache.integrations.diffusers.layout`,
+* :mod:`~meancache.integrations.diffusers.generation_summary`, :mod:`~meancache.integrations.diffusers.layout`,
   :mod:`~meancache.integrations.diffusers.components`, :mod:`~meancache.integrations.diffusers.distributed`,
   :mod:`~meancache.integrations.diffusers.ranks`: the summary type, latent layouts, the gated components, the
   checks and decisions across ranks.
 """
 
 from meancache.integrations.diffusers.calibration import calibrate_pipeline
+from meancache.integrations.diffusers.generation_summary import MeanCacheSummary
 from meancache.integrations.diffusers.pipeline import (
     disable_mean_cache,
     enable_mean_cache,
@@ -28,7 +29,6 @@ from meancache.integrations.diffusers.pipeline import (
     summary,
 )
 from meancache.integrations.diffusers.selection import select_schedule
-from meancache.integrations.diffusers.summary import MeanCacheSummary
 
 __all__ = [
     "MeanCacheSummary",

@@ -11,9 +11,9 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchE
 from meancache.config import MeanCacheConfig
 from meancache.integrations.diffusers.components import gated_modules, refuse_diffusers_cache
 from meancache.integrations.diffusers.gate import attach_gates
+from meancache.integrations.diffusers.generation_summary import MeanCacheSummary
 from meancache.integrations.diffusers.run import MeanCacheState
 from meancache.integrations.diffusers.scheduler_hooks import SchedulerStepHook, SetTimestepsHook
-from meancache.integrations.diffusers.summary import MeanCacheSummary
 
 STATE_ATTRIBUTE = "_mean_cache_state"
 """Where a pipeline instance keeps its :class:`MeanCacheState` while MeanCache is on."""

@@ -31,8 +31,8 @@ from meancache.integrations.diffusers.components import GateKind, refuse_diffuse
 from meancache.integrations.diffusers.distributed import check_same_schedule_on_all_ranks
 from meancache.integrations.diffusers.exact_jvp import DerivativePass, refuse_derivative_composition
 from meancache.integrations.diffusers.first_use import FirstUseCalibration, GenerationCalibration
+from meancache.integrations.diffusers.generation_summary import MeanCacheSummary
 from meancache.integrations.diffusers.ranks import decide_on_rank_zero
-from meancache.integrations.diffusers.summary import MeanCacheSummary
 from meancache.method.estimators import Estimator, make_estimator
 from meancache.schedule import Schedule
 from meancache.schedule.defaults import default_schedule
