@@ -12,9 +12,12 @@ schedule ``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the sto
 solution with the default solver settings (what a budget gets without a replayed selection) is a row too, and,
 for the default R, the selection as it was before candidates stopped anchoring look-backs at step 0
 (:meth:`~meancache.calibration.Calibration.without_step_0_anchor` undone). ``summary`` holds each method's mean,
-lowest and highest PSNR over the draws.
+lowest and highest PSNR over the draws. First use is progressive (one full generation, then a full one every
+``FULL_RUN_EVERY``-th); here every generation until R calibrates (``FULL_RUN_EVERY`` set to 1), so R = 1 is the
+schedule a user's generations 2-10 get and R = ``calibration_runs`` the one they get from then on. The rows of the
+default ``calibration_runs`` carry ``"default": true`` (and so do their entries in ``summary``).
 
-Rows at B = 8, 10, 13, 17, against the full 50-step run over digits 0-9 x seeds 0-2 (PSNR, SSIM): the shipped
+Rows at B = 8, 10, 13, 17, 25, against the full 50-step run over digits 0-9 x seeds 0-2 (PSNR, SSIM): the shipped
 validated schedule, a single PSSP solution (closed-loop, gamma 2) of the shipped 30-trajectory calibration,
 uniform plain reuse (K = 1), and DPM-Solver++ 2M at B steps. How much the calibration data matters: first use on
 three generations of all ten digits (30 trajectories, as the shipped calibration), on the shipped calibration's
@@ -37,13 +40,15 @@ from benchmarks.bench_quality import SEEDS, SOLVERS, STEPS
 from benchmarks.helpers import write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration, calibration_store
+from meancache.config import DEFAULT_CALIBRATION_RUNS
+from meancache.integrations.diffusers import first_use as first_use_module
 from meancache.integrations.diffusers.first_use import SELECTED, first_use_schedule
 from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
 from meancache.models.quality import image_metrics
 from meancache.schedule import defaults
 
-BUDGETS = (8, 10, 13, 17)
+BUDGETS = (8, 10, 13, 17, 25)
 RUNS = (1, 2, 4)
 DEFAULT_RUNS = 2
 DRAWS = range(5)
@@ -65,6 +70,7 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
     pipe.set_progress_bar_config(disable=True)
     pipe.register_to_config(_name_or_path=f"benchmark/{model_name}-schedules-hidden")
     monkeypatch.setattr(defaults, "MODEL_FAMILIES", {})  # digits-qwen's transformer would get Qwen-Image's presets
+    monkeypatch.setattr(first_use_module, "FULL_RUN_EVERY", 1)  # every generation until R calibrates
     shipped_calibration = Calibration.load(bundled_model_path(model_name) / "meancache_calibration.json")
     euler = pipe.scheduler
 
@@ -122,7 +128,7 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             return report.schedule
 
         for runs, budget, draw in itertools.product(RUNS, BUDGETS, DRAWS):
-            extra = {"draw": draw}
+            extra = {"draw": draw, "default": runs == DEFAULT_CALIBRATION_RUNS}
             schedule = first_use(runs, budget, draw, "default")
             rows.append(schedule_row(f"calibrate on first use, R={runs}", budget, schedule, references, **extra))
             (stored,) = calibration_store().files()
@@ -185,10 +191,10 @@ def keep_spans(calibration: Calibration, solved: Schedule, max_span: int) -> Sch
 
 def over_draws(rows: list[dict]) -> list[dict]:
     """Mean, lowest and highest PSNR of each (method, budget) over its calibration draws."""
-    groups: dict[tuple[str, int], list[float]] = {}
+    groups: dict[tuple[str, int, bool], list[float]] = {}
     for r in rows:
         if "draw" in r:
-            groups.setdefault((r["method"], r["budget"]), []).append(r["psnr"])
+            groups.setdefault((r["method"], r["budget"], r.get("default", False)), []).append(r["psnr"])
     return [{"method": method, "budget": budget, "draws": len(values), "psnr_mean": float(np.mean(values)),
-             "psnr_min": min(values), "psnr_max": max(values)}
-            for (method, budget), values in groups.items()]  # fmt: skip
+             "psnr_min": min(values), "psnr_max": max(values), "default": default}
+            for (method, budget, default), values in groups.items()]  # fmt: skip

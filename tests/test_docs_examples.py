@@ -11,8 +11,9 @@ The blocks of one page run in order, in one namespace and one working folder, wi
 ``meancache.cli.main.main`` and required to exit 0. A ``text`` block right after a code block is what that block
 prints: the printed lines must match it, ``...`` standing for any text within a line, and a line of only ``...``
 for any number of lines. A block preceded by ``<!-- skip: REASON -->`` is skipped with that reason (GPU-only,
-multi-process, installing or long-running commands); any other language, an unmarked command other than
-``meancache``, or an indented fence fails.
+multi-process, installing or long-running commands), and a ``text`` block preceded by ``<!-- drawing -->`` is a
+figure (the architecture diagram), not output; any other language, an unmarked command other than ``meancache``,
+or an indented fence fails.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 READER_CHECKPOINT = "/path/to/FLUX.1-dev"
 FENCE = re.compile(r"^```(\w*)$")
 SKIP = re.compile(r"^<!-- skip: (.+) -->$")
+DRAWING = "<!-- drawing -->"
 LOADING = re.compile(r"(\w+)\.from_pretrained\(\"" + re.escape(READER_CHECKPOINT) + r"\"[^)]*\)(\.to\([^)]*\))?")
 PIXELS = 32
 """Height and width of the tiny checkpoint's images."""
@@ -71,6 +73,9 @@ def page_blocks(page: Path) -> list[Block]:
         end = lines.index("```", index + 1)
         previous = next((line for line in reversed(lines[:index]) if line.strip()), "")
         skipped = SKIP.match(previous)
+        if opened[1] == "text" and previous.strip() == DRAWING:
+            index = end + 1
+            continue
         raw.append((index + 1, opened[1], "\n".join(lines[index + 1 : end]) + "\n", skipped and skipped[1]))
         index = end + 1
     blocks: list[Block] = []

@@ -170,29 +170,64 @@ def test_key_follows_true_cfg_scale():
     assert _key_of(pipe, inputs) != _key_of(pipe, {**inputs, "true_cfg_scale": 2.0})
 
 
-def test_first_generations_are_the_uncached_pipeline_then_the_budget_runs(caplog):
+def test_first_use_is_progressive_one_full_generation_then_the_budget(caplog):
+    """With ``calibration_runs=2``: the first generation runs in full (bit-identical to the uncached pipeline) and
+    calibrates, the next ``FULL_RUN_EVERY - 1`` run the budget with its schedule, the ``FULL_RUN_EVERY``-th runs in
+    full again and adds the second generation, and from then on the budget runs with the complete calibration."""
+    every = first_use.FULL_RUN_EVERY
     pipe = tiny_pipeline("qwen-image")  # true CFG: two transformer calls per evaluation
     pipe.set_progress_bar_config(disable=True)
     inputs = tiny_inputs("qwen-image")
-    baseline = [generate_latents(pipe, inputs, 12, seed=s) for s in (0, 1)]
+    full = {seed: generate_latents(pipe, inputs, 12, seed=seed) for seed in (0, every)}
     enable_mean_cache(pipe, MeanCacheConfig(budget=5, calibration_runs=2))
+    reports = []
     with caplog.at_level("WARNING", logger="meancache"):
-        for seed in (0, 1):
-            assert torch.equal(generate_latents(pipe, inputs, 12, seed=seed), baseline[seed])
-            assert _source(pipe).startswith(f"calibrating on first use: generation {seed + 1} of 2")
+        for seed in range(every + 2):
+            latents = generate_latents(pipe, inputs, 12, seed=seed)
+            reports.append(summary(pipe))
+            if seed in full:
+                assert torch.equal(latents, full[seed]) and reports[-1].computed_steps == 12
+            else:
+                assert (reports[-1].computed_steps, reports[-1].transformer_calls) == (5, 10)
     assert caplog.text.count("no schedule known") == 1
-    generate_latents(pipe, inputs, 12, seed=2)
-    report = summary(pipe)
-    disable_mean_cache(pipe)
-    assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay, 2 generations")
-    assert (report.computed_steps, report.transformer_calls) == (5, 10)
-    assert max(report.schedule.spans) > 1  # average-velocity spans, not plain reuse
+    sources = [report.schedule.metadata["source"] for report in reports]
+    assert sources[0].startswith("calibrating on first use: generation 1 of 2")
+    assert all(s.startswith("calibrated on first use (validated by replay, 1 generation of 2 so far") for s in
+               sources[1:every]), sources  # fmt: skip
+    assert sources[every].startswith("calibrating on first use: generation 2 of 2")
+    assert sources[-1].startswith("calibrated on first use (validated by replay, 2 generations, ")
+    assert max(reports[-1].schedule.spans) > 1  # average-velocity spans, not plain reuse
     (stored,) = calibration_store().files()
     assert Calibration.load(stored).trajectories == 2
+    disable_mean_cache(pipe)
     enable_mean_cache(pipe, MeanCacheConfig(budget=7, calibration_runs=2))  # another budget: same costs
     generate_latents(pipe, inputs, 12)
     assert summary(pipe).computed_steps == 7 and _source(pipe).startswith("calibrated on first use (2 generations")
     disable_mean_cache(pipe)
+
+
+def test_the_store_counts_the_generations_a_provisional_calibration_served(tmp_path):
+    """The count lives beside the calibration file, so a new process (one ``meancache generate`` each) goes on
+    counting; saving the calibration again (a new generation observed) starts it again, and clearing removes it."""
+    key = {"pipeline": "P", "checkpoint": "c", "sigmas": [1.0, 0.5, 0.0]}
+    store = CalibrationStore(tmp_path)
+    store.save(key, _tiny_calibration())
+    for _ in range(3):
+        store.count_use(key)
+    assert CalibrationStore(tmp_path).uses(key) == 3  # another process
+    store.save(key, _tiny_calibration())
+    assert store.uses(key) == 0 and CalibrationStore(tmp_path).uses(key) == 0
+    store.count_use(key)
+    store.remove()
+    assert CalibrationStore(tmp_path).uses(key) == 0 and list((tmp_path / "calibrations").iterdir()) == []
+    memory = CalibrationStore(None)  # no home: counted in memory
+    memory.count_use(key)
+    assert memory.uses(key) == 1
+
+
+def _tiny_calibration() -> Calibration:
+    return meancache.calibrate(lambda z, sigma: -z, [torch.ones(2)], [1.0, 0.75, 0.5, 0.25, 0.0], max_gap=2,
+                               max_span=1)  # fmt: skip
 
 
 def test_first_use_measures_the_costs_meancache_calibrate_measures(flux):

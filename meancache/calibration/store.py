@@ -6,7 +6,9 @@ file. Rules:
 
 * The home is ``$MEANCACHE_HOME``, else ``~/.cache/meancache``.
 * ``<home>/calibrations/<digest>.json`` is a plain calibration file (:meth:`Calibration.load` and
-  ``meancache schedule`` read it) whose metadata holds the ``key`` and its ``key_digest``.
+  ``meancache schedule`` read it) whose metadata holds the ``key`` and its ``key_digest``; beside it,
+  ``<digest>.uses`` counts the generations served by it since it was last saved (first use's progressive
+  calibration runs a full generation again after a number of them).
 * Writes are atomic: a temporary file in the same folder, then :func:`os.replace`. Two processes writing one
   key each replace the whole file (the last writer wins); a reader never sees a partial file.
 * A file that cannot be read, is not a calibration, or holds another key's calibration (truncated, corrupt,
@@ -18,6 +20,7 @@ file. Rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,6 +86,8 @@ class CalibrationStore:
         self.folder = root / CALIBRATIONS_DIR if root is not None else None
         self._memory: dict[str, Calibration] = {}
         """Every calibration this process saved or loaded, by digest (all of them when the folder is unusable)."""
+        self._uses: dict[str, int] = {}
+        """Per digest, :meth:`uses` when the folder is unusable."""
         self._writable = root is not None
 
     def path(self, key: Mapping[str, Any]) -> Path | None:
@@ -112,6 +117,7 @@ class CalibrationStore:
         digest = key_digest(key)
         calibration.metadata |= {"key": json.loads(json.dumps(dict(key))), "key_digest": digest}
         self._memory[digest] = calibration
+        self._uses.pop(digest, None)
         if not self._writable or self.folder is None:
             return None
         path = self.folder / f"{digest}.json"
@@ -122,6 +128,7 @@ class CalibrationStore:
             try:
                 calibration.save(temporary)
                 os.replace(temporary, path)
+                (self.folder / f"{digest}.uses").unlink(missing_ok=True)
             finally:
                 if os.path.exists(temporary):
                     os.unlink(temporary)
@@ -133,6 +140,31 @@ class CalibrationStore:
             )  # fmt: skip
             return None
         return path
+
+    def uses(self, key: Mapping[str, Any]) -> int:
+        """Generations served by ``key``'s calibration since it was last saved (:meth:`count_use`), read from the
+        file beside it (``<digest>.uses``), so every process counts them."""
+        digest = key_digest(key)
+        path = self._uses_path(digest)
+        if path is None or not self._writable:
+            return self._uses.get(digest, 0)
+        try:
+            return int(path.read_text())
+        except (OSError, ValueError):  # absent (none yet) or unreadable: count afresh
+            return 0
+
+    def count_use(self, key: Mapping[str, Any]) -> None:
+        """One more generation served by ``key``'s calibration (a save starts the count again)."""
+        digest = key_digest(key)
+        count = self.uses(key) + 1
+        self._uses[digest] = count
+        path = self._uses_path(digest)
+        if path is not None and self._writable:
+            with contextlib.suppress(OSError):  # an unwritable folder was warned about at save
+                path.write_text(str(count))
+
+    def _uses_path(self, digest: str) -> Path | None:
+        return self.folder / f"{digest}.uses" if self.folder is not None else None
 
     def files(self) -> list[Path]:
         """The stored calibration files, oldest first."""
@@ -155,7 +187,9 @@ class CalibrationStore:
         targets = chosen if chosen else files
         for path in targets:
             path.unlink(missing_ok=True)
+            path.with_suffix(".uses").unlink(missing_ok=True)
             self._memory.pop(path.stem, None)
+            self._uses.pop(path.stem, None)
         return targets
 
 
