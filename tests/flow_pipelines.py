@@ -1,5 +1,5 @@
 """Which diffusers pipeline classes are flow-matching ones: computed from the installed diffusers, so the coverage
-matrix (``tests/pipeline_matrix.py``) is measured against a list, not a hand count.
+matrix (``tests/matrix/``) is measured against a list, not a hand count.
 
 A pipeline class counts when the annotation of its ``scheduler`` argument names
 

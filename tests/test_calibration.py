@@ -19,7 +19,7 @@ from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cac
 from meancache.integrations.diffusers.first_use import first_use_schedule
 from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
-from tests.pipeline_matrix import CASES
+from tests.matrix import CASES
 from tests.reference_loop import ReferenceMeanCache, toy_velocity
 
 N, MAX_GAP, MAX_SPAN = 14, 5, 3

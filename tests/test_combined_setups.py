@@ -119,7 +119,7 @@ def _check_combined(
 
 @pytest.mark.parametrize("name", ["flux-kontext", "z-image", "wan2.2"])
 def test_other_layouts_compiled_offloaded_and_calibrated_on_first_use(name: str):
-    """The same stack on pipelines whose layouts differ from Qwen-Image's (``tests/pipeline_matrix.py``): reference
+    """The same stack on pipelines whose layouts differ from Qwen-Image's (``tests/matrix/``): reference
     tokens appended to the latent tokens (Flux Kontext), per-sample lists in and out (Z-Image, CFG doubling the
     list), two experts sharing the trajectory (Wan2.2): every denoising model compiled and group-offloaded before
     MeanCache is enabled."""

@@ -88,7 +88,7 @@ def test_call_structure_ignores_values_sizes_and_batch():
 def test_key_follows_the_weights_of_every_gated_model():
     """A ControlNet (like a second expert or a CFG branch's own model) shapes the trajectory: new weights in it
     must not reuse a calibration made with the old ones."""
-    from tests.pipeline_matrix import CASES
+    from tests.matrix import CASES
 
     (case,) = [c for c in CASES if c.name == "flux-controlnet"]
     pipe, inputs = case.build()

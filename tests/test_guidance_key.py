@@ -74,7 +74,7 @@ def test_key_follows_a_guider_components_scale():
     key gave every guider setting one calibration."""
     from diffusers.guiders import ClassifierFreeGuidance
 
-    from tests.pipeline_matrix import CASES
+    from tests.matrix import CASES
 
     (case,) = [c for c in CASES if c.pipeline == "HunyuanVideo15Pipeline"]
     pipe, inputs = case.build()

@@ -1,4 +1,4 @@
-"""The coverage matrix (``tests/pipeline_matrix.py``): every case, uncached and with MeanCache.
+"""The coverage matrix (``tests/matrix/``): every case, uncached and with MeanCache.
 
 Per case, at N = 10 steps: a full budget is bit-identical to the uncached pipeline; at B = 4 the transformers'
 blocks run on the computed steps only, exactly as often as the uncached pipeline runs them on those steps
@@ -23,16 +23,9 @@ from meancache.integrations.diffusers import is_mean_cache_enabled
 from meancache.integrations.diffusers.components import transformer_names
 from meancache.integrations.diffusers.pipeline import unsupported_loop
 from tests.flow_pipelines import flow_pipeline_classes
-from tests.pipeline_matrix import (
-    CASES,
-    NOT_COVERED,
-    PIPELINES_PAGE,
-    REFUSED,
-    Case,
-    Refusal,
-    coverage_text,
-    verified_table,
-)
+from tests.matrix import CASES
+from tests.matrix.common import Case
+from tests.matrix.coverage import NOT_COVERED, PIPELINES_PAGE, REFUSED, Refusal, coverage_text, verified_table
 from tests.reference_loop import reference_steps
 
 STEPS, BUDGET = 10, 4
@@ -422,6 +415,6 @@ def test_every_flow_pipeline_class_is_verified_refused_or_listed_with_a_reason()
 
 def test_the_pipelines_page_lists_the_matrix():
     page = PIPELINES_PAGE.read_text()
-    fix = "regenerate it with `python -m tests.pipeline_matrix`"
+    fix = "regenerate it with `python -m tests.matrix.coverage`"
     assert verified_table() in page, f"docs/pipelines.md's table of verified pipelines is not the matrix's: {fix}"
     assert coverage_text() in page, f"docs/pipelines.md's coverage statement is not the matrix's: {fix}"

@@ -28,7 +28,7 @@ import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
 from meancache.calibration import Calibration, calibration_store
 from meancache.integrations.diffusers.key import WeightsFingerprint, weights_fingerprint
-from tests.pipeline_matrix import CASES
+from tests.matrix import CASES
 from tests.test_pipeline_matrix import run_counting_blocks
 
 STEPS, BUDGET = 10, 4
