@@ -25,9 +25,11 @@ class MeanCacheConfig:
             stored calibration, a published table, or else calibration on first use).
         calibration_runs: with ``budget``, when no schedule is known for the model and settings: how many of
             the pipeline's own generations run in full (bit-identical to the uncached pipeline) while MeanCache
-            measures their stability costs; later generations, in this process or another (the calibration is
-            stored, :mod:`meancache.calibration.store`), use the PSSP schedule solved from them. ``0`` turns
-            calibration off: evenly spaced computed steps with plain reuse.
+            measures their stability costs. The first does at once; the generations after it, in this process or
+            another (the calibration is stored, :mod:`meancache.calibration.store`), run the budget with the
+            schedule selected from the costs so far, and every tenth of them runs in full and adds to the costs
+            until ``calibration_runs`` are observed (:mod:`meancache.integrations.diffusers.first_use`). ``0``
+            turns calibration off: evenly spaced computed steps with plain reuse.
         estimator: how skipped steps get their velocity, by name; ``"paper"`` is the authors' runtime rule
             (:class:`meancache.method.estimators.PaperRuleEstimator`).
     """

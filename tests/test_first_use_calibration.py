@@ -230,9 +230,10 @@ def _tiny_calibration() -> Calibration:
                                max_span=1)  # fmt: skip
 
 
-def test_first_use_measures_the_costs_meancache_calibrate_measures(flux):
+def test_first_use_measures_the_costs_meancache_calibrate_measures(flux, monkeypatch):
     """Calibrating on first use and ``meancache calibrate`` (``calibrate_pipeline``) are two routes to one
-    measurement: on the same generations (two batches of two prompts) they store the same costs."""
+    measurement: on the same generations (two batches of two prompts, both calibrating) they store the same costs."""
+    monkeypatch.setattr(first_use, "FULL_RUN_EVERY", 1)  # the second generation calibrates too
     seeds = (0, 1)
     calls = [{**tiny_inputs("flux", batch_size=2, seed=s), "generator": torch.Generator().manual_seed(s)}
              for s in seeds]  # fmt: skip

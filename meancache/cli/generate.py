@@ -34,7 +34,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-runs", type=int, metavar="R",
         help="with --budget, where no schedule is known for the model and settings: generations that run in full "
-        f"while MeanCache calibrates on them (default {DEFAULT_CALIBRATION_RUNS}; 0: uniform steps, no calibration)",
+        "while MeanCache calibrates on them, the first one at once, then every tenth (the others run the budget) "
+        f"(default {DEFAULT_CALIBRATION_RUNS}; 0: uniform steps, no calibration)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, help="image height (default: the pipeline's)")

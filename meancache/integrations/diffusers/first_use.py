@@ -2,21 +2,24 @@
 
 Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`GenerationCalibration`):
 
-* A generation whose key (:func:`~meancache.integrations.diffusers.key.calibration_key`) has fewer than
-  ``calibration_runs`` observed generations in the store runs every step (an all-computed schedule: the
-  uncached pipeline's output, bit for bit) while a :class:`~meancache.calibration.StabilityCostAccumulator`
-  observes each step's latents and guided velocity (a batch is averaged in: the costs are element means).
-* When it completes, its costs are folded into the key's stored calibration (weighted by generations) and
-  saved; an interrupted generation adds nothing.
-* The last calibrating generation also keeps its trajectory (latents and velocities of every step, on the CPU
-  in bfloat16: ``2 N`` latents, freed when it ends). Then **validated selection by replay** picks the schedule
-  for the generation's budget: the candidates of :meth:`~meancache.calibration.Calibration.candidate_schedules`
-  (closed-loop PSSP over gamma 1.5/2/3, spans up to 3..5, gaps up to 6..8 and the shortest the budget can
-  bridge) are replayed on that trajectory with no transformer call
-  (:func:`~meancache.calibration.select_by_replay`), and the one with the least replay error is stored in the
-  calibration's metadata (``selected``, by budget).
-* Once the stored calibration has ``calibration_runs`` generations, the run's schedule is the selected one for
-  its budget (:func:`first_use_schedule`); another budget, for which no trajectory was kept, gets the PSSP
+* **Progressive**: the first generation of a key (:func:`~meancache.integrations.diffusers.key.calibration_key`)
+  with nothing stored runs every step (an all-computed schedule: the uncached pipeline's output, bit for bit)
+  while a :class:`~meancache.calibration.StabilityCostAccumulator` observes each step's latents and guided
+  velocity (a batch is averaged in: the costs are element means). The generations after it run the budget with
+  the schedule calibrated on it, and every ``FULL_RUN_EVERY``-th generation of the key (10) runs in full again
+  to add a trajectory, until ``calibration_runs`` generations are observed; from then on the budget always runs.
+  So a user's first ten generations hold one full generation, not ``calibration_runs``.
+* When a calibrating generation completes, its costs are folded into the key's stored calibration (weighted by
+  generations) and saved; an interrupted generation adds nothing.
+* Each calibrating generation also keeps its trajectory (latents and velocities of every step, on the CPU in
+  bfloat16: ``2 N`` latents, freed when it ends). Then **validated selection by replay** picks the schedule
+  for the generation's budget from the costs of every generation observed so far: the candidates of
+  :meth:`~meancache.calibration.Calibration.candidate_schedules` (closed-loop PSSP over gamma 1.5/2/3, spans up
+  to 3..5, gaps up to 6..8 and the shortest the budget can bridge) are replayed on that trajectory with no
+  transformer call (:func:`~meancache.calibration.select_by_replay`), and the one with the least replay error
+  is stored in the calibration's metadata (``selected``, by budget).
+* The run's schedule is the selected one for its budget (:func:`first_use_schedule`); another budget, for which
+  no trajectory was kept, gets the PSSP
   solution with closed-loop costs, gamma ``GAMMA`` (2), spans up to ``SOLVER_MAX_SPAN`` (3) and gaps up to
   ``SOLVER_GAP`` (6), or the shortest gap the budget can bridge (``ceil((N - 1) / (B - 1))``) when longer.
   Every schedule made from first-use costs, candidate or not, anchors no look-back at step 0
@@ -58,6 +61,9 @@ from meancache.schedule.pssp import solve_pssp
 
 MAX_GAP = 8
 MAX_SPAN = 5
+FULL_RUN_EVERY = 10
+"""While a key's calibration has fewer than ``calibration_runs`` generations, every ``FULL_RUN_EVERY``-th generation
+of the key runs in full to add one (the others run the budget with the schedule calibrated so far)."""
 GAMMA = 2.0
 SOLVER_MAX_SPAN = 3
 SOLVER_GAP = 6
@@ -67,6 +73,8 @@ float32 on both bundled models)."""
 CALL_PATTERN = "call_pattern"
 """Calibration metadata: per step of the calibrating generations, their transformer and ControlNet calls (what
 guidance settings acting after the first step change; checked against later generations)."""
+GENERATIONS = "calibration_generations"
+"""Schedule metadata: how many generations the calibration it was solved from observed."""
 SELECTED = "selected"
 """Calibration metadata: budget (as a string) -> the schedule validated selection picked for it."""
 
@@ -159,7 +167,7 @@ class GenerationCalibration:
     budget: int = 0
     """The budget this generation's calibration selects a schedule for."""
     trajectory: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None, repr=False)
-    """Latents and velocities of every step, kept by the last calibrating generation for replay."""
+    """Latents and velocities of every step, kept by a calibrating generation for replay."""
     started: float = 0.0
 
     @functools.cached_property
@@ -172,46 +180,63 @@ class GenerationCalibration:
         return key_digest(self.key)
 
     def stored(self, num_steps: int, budget: int) -> Schedule | None:
-        if self.key is None:
+        """The schedule of the key's stored calibration for ``budget``; None when nothing is stored, or when the
+        calibration is provisional (fewer than ``runs`` generations) and this generation is the
+        ``FULL_RUN_EVERY``-th since the calibration last grew (counted by the store, so across processes too: one
+        ``meancache generate`` is one generation), which then calibrates (:meth:`calibrating`)."""
+        if self.key is None or not _bridgeable(num_steps, budget):
             return None
-        cached = self.owner.schedules.get((self.digest, budget))
-        if cached is not None:
-            return cached
-        calibration = self.owner.store.load(self.key)
-        if calibration is None or calibration.trajectories < self.owner.runs or not _bridgeable(num_steps, budget):
-            return None
+        owner = self.owner
+        schedule = owner.schedules.get((self.digest, budget))
+        if schedule is None:
+            calibration = owner.store.load(self.key)
+            if calibration is None or not calibration.trajectories:
+                return None
+            schedule = self._schedule(calibration, budget)
+            owner.schedules[(self.digest, budget)] = schedule
+        if schedule.metadata[GENERATIONS] < owner.runs:  # provisional: every FULL_RUN_EVERY-th generation calibrates
+            if owner.store.uses(self.key) + 1 >= FULL_RUN_EVERY:
+                return None
+            owner.store.count_use(self.key)
+        return schedule
+
+    def _schedule(self, calibration: Calibration, budget: int) -> Schedule:
+        """:func:`first_use_schedule` with where it comes from in its metadata (``source``, the key's digest, and
+        ``GENERATIONS``)."""
         schedule = first_use_schedule(calibration, budget)
         path = self.owner.store.path(self.key)
         where = f"stored in {path}" if path is not None and path.exists() else "kept in memory"
         how = "validated by replay, " if "replay_error" in schedule.metadata else ""
-        generations = f"{calibration.trajectories} generation{'s' if calibration.trajectories != 1 else ''}"
+        done = calibration.trajectories
+        generations = f"{done} generation{'s' if done != 1 else ''}"
+        if done < self.owner.runs:
+            generations += f" of {self.owner.runs} so far"
         source = f"calibrated on first use ({how}{generations}, key {self.digest}, {where})"
-        schedule = Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans,
-                            {**schedule.metadata, "source": source, "calibration_key": self.digest})  # fmt: skip
-        self.owner.schedules[(self.digest, budget)] = schedule
-        return schedule
+        metadata = {**schedule.metadata, "source": source, "calibration_key": self.digest, GENERATIONS: done}
+        return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
 
     def calibrating(self, num_steps: int, budget: int) -> Schedule | None:
-        if self.owner.runs == 0 or not _bridgeable(num_steps, budget) or budget == num_steps or self.key is None:
+        """An all-computed schedule for a generation that calibrates (module docstring), or None when it cannot."""
+        owner = self.owner
+        if owner.runs == 0 or not _bridgeable(num_steps, budget) or budget == num_steps or self.key is None:
             return None
-        stored = self.owner.store.load(self.key)
+        stored = owner.store.load(self.key)
         done = stored.trajectories if stored is not None else 0
-        if self.digest not in self.owner.announced:
-            self.owner.announced.add(self.digest)
+        if self.digest not in owner.announced:
+            owner.announced.add(self.digest)
             logger.warning(
-                "MeanCache: no schedule known for %s (%s) at %d steps and these settings (key %s): the next %d "
-                "generation(s) run in full, bit-identical to the uncached pipeline, while MeanCache calibrates; "
-                "then budget %d is used.",
+                "MeanCache: no schedule known for %s (%s) at %d steps and these settings (key %s): this generation "
+                "runs in full, bit-identical to the uncached pipeline, while MeanCache calibrates; the next ones run "
+                "budget %d with the schedule calibrated so far, and every %dth of them runs in full again until %d "
+                "generations are observed (%d so far).",
                 self.key["pipeline"], self.key["checkpoint"] or "unnamed checkpoint", num_steps, self.digest,
-                self.owner.runs - done, budget,
+                budget, FULL_RUN_EVERY, owner.runs, done,
             )  # fmt: skip
         self.accumulator = StabilityCostAccumulator(self.key["sigmas"], MAX_GAP, MAX_SPAN)
         self.budget = budget
-        if done + 1 >= self.owner.runs:
-            self.trajectory = ([], [])
+        self.trajectory = ([], [])
         self.started = time.perf_counter()
-        runs = self.owner.runs
-        source = f"calibrating on first use: generation {done + 1} of {runs} runs in full (key {self.digest})"
+        source = f"calibrating on first use: generation {done + 1} of {owner.runs} runs in full (key {self.digest})"
         return Schedule(num_steps, tuple(range(num_steps)), (1,) * (num_steps - 1), {"source": source})
 
     def add_step(self, step: int, z: torch.Tensor, v: torch.Tensor) -> None:
@@ -236,7 +261,7 @@ class GenerationCalibration:
         stored = self.owner.store.load(self.key)
         if stored is not None:
             calibration = combine_calibrations(stored, calibration)
-        if self.trajectory is not None and calibration.trajectories >= self.owner.runs:
+        if self.trajectory is not None:
             latents, velocities = self.trajectory
             chosen = select_by_replay(calibration.candidate_schedules(self.budget), latents, velocities,
                                       calibration.sigmas)  # fmt: skip
@@ -245,6 +270,8 @@ class GenerationCalibration:
             entry |= {"compute_steps": list(chosen.compute_steps), "spans": list(chosen.spans)}
             calibration.metadata[SELECTED] = {**_selected(calibration), str(self.budget): entry}
         self.owner.store.save(self.key, calibration)
+        for resolved in [k for k in self.owner.schedules if k[0] == self.digest]:  # solved from fewer generations
+            del self.owner.schedules[resolved]
         self.accumulator = self.trajectory = None
 
 
