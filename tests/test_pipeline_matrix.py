@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelM
 
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
-from meancache.integrations.diffusers import is_mean_cache_enabled
+from meancache.integrations.diffusers import first_use, is_mean_cache_enabled
 from meancache.integrations.diffusers.components import transformer_names
 from meancache.integrations.diffusers.pipeline import unsupported_loop
 from tests.flow_pipelines import flow_pipeline_classes
@@ -139,7 +139,9 @@ def test_pipeline(case: Case):
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[case.name for case in CASES])
-def test_calibrate_on_first_use_with_group_offload(index: int, caplog: pytest.LogCaptureFixture):
+def test_calibrate_on_first_use_with_group_offload(
+    index: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
     """A budget with no known schedule, as a user's own checkpoint gets it, on models offloaded block by block
     (diffusers' group offload on every denoising model, enabled before MeanCache in every other case and after it
     in the rest): the first call, under ``torch.inference_mode`` as users wrap generations, runs in full (each of its
@@ -148,7 +150,10 @@ def test_calibrate_on_first_use_with_group_offload(index: int, caplog: pytest.Lo
     calibrated on it (the call after, where a call's loops have keys of their own); or, where MeanCache cannot
     calibrate the pipeline on first use (``Case.first_use_declined``), one warning saying why and evenly spaced
     steps. The calibrating path under ``no_grad`` is ``tests/test_first_use_calibration.py``'s; ``inference_mode``
-    is the stricter mode (no version counters; its tensors cannot be written outside it)."""
+    is the stricter mode (no version counters; its tensors cannot be written outside it). Every loop of the first
+    call calibrates (``FULL_RUN_EVERY`` 1 here: progressive first use would run a loop that shares the first one's
+    key with the budget, which ``tests/test_first_use_calibration.py`` checks)."""
+    monkeypatch.setattr(first_use, "FULL_RUN_EVERY", 1)
     case = CASES[index]
     pipe, inputs = case.build()
     pipe.set_progress_bar_config(disable=True)
