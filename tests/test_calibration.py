@@ -15,6 +15,8 @@ from meancache.calibration import (
     Calibration,
     StabilityCostAccumulator,
     calibrate,
+    costs,
+    replay,
     replay_error,
     select_by_replay,
 )
@@ -467,3 +469,28 @@ def test_batched_replay_reproduces_the_step_by_step_one(shape, n):
     best = min(range(len(candidates)), key=expected.__getitem__)
     assert (chosen.compute_steps, chosen.spans) == (candidates[best].compute_steps, candidates[best].spans)
     assert chosen.metadata["replay_error"] == pytest.approx(expected[best], rel=1e-5)
+
+
+def test_chunked_costs_and_replay_match_the_whole_latent_at_once(monkeypatch):
+    """Latents larger than ``WORKING_SET`` are done by chunks of columns (costs) and groups of candidates
+    (replay); the chunks only reorder float32 sums."""
+    sigmas = shifted_sigmas(13)
+    latents, velocities = random_trajectory((2, 16, 4), sigmas, 1)
+
+    def run():
+        accumulator = StabilityCostAccumulator(sigmas, 8, 5)
+        for step, (z, v) in enumerate(zip(latents, velocities, strict=True)):
+            accumulator.add_step(step, z, v)
+        calibration = accumulator.result()
+        candidates = calibration.candidate_schedules(4)
+        return calibration, candidates, [replay_error(c, latents, velocities, sigmas) for c in candidates]
+
+    whole, candidates, errors = run()
+    monkeypatch.setattr(costs, "WORKING_SET", 100)  # 1 column of 70 rows at a time
+    monkeypatch.setattr(replay, "WORKING_SET", 100)  # 1 candidate of 128 elements at a time
+    chunked, chunked_candidates, chunked_errors = run()
+    for kind in COST_KINDS:
+        np.testing.assert_allclose(chunked.costs(kind), whole.costs(kind), rtol=1e-6)
+    assert [(c.compute_steps, c.spans) for c in chunked_candidates] == [(c.compute_steps, c.spans) for c in candidates]
+    np.testing.assert_allclose(chunked_errors, errors, rtol=1e-6)
+    assert select_by_replay(candidates, latents, velocities, sigmas).metadata["replay_error"] == min(errors)

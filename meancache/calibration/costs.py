@@ -40,6 +40,9 @@ COST_KINDS = ("one-shot", "closed-loop")
 AGGREGATES = ("mean", "max")
 CALIBRATION_FORMAT_VERSION = 1
 CANDIDATE_GAMMAS = (1.5, 2.0, 3.0)
+WORKING_SET = 1 << 18
+"""Float32 elements (1 MiB) of the largest intermediate the batched cost and replay computations make at a time:
+it stays in a CPU core's cache, so large latents are done in chunks of columns (or of candidates) that size."""
 
 
 @dataclass
@@ -221,7 +224,7 @@ class StabilityCostAccumulator:
         \qquad (\text{the last two terms only when } k > 0),
 
     and the closed-loop error runs the runtime recurrence on those coefficients. Each start step then costs one
-    pair of ``(rows, window) @ (window, latent)`` products and a mean over the latent, in float32 (the history
+    pair of ``(rows, window) @ (window, latent)`` products and a sum over the latent, in float32 (the history
     dtype), the errors staying on the device until the trajectory ends: no host synchronisation per step.
     """
 
@@ -239,8 +242,7 @@ class StabilityCostAccumulator:
         self._coefficients = _cost_coefficients(tuple(self.sigmas), max_gap, max_span)
         self._window: torch.Tensor | None = None  # (max_span + max_gap + 1, 2, *latent shape), step t in t mod size
         self._matrices: torch.Tensor | None = None  # _coefficients.matrices on the window's device
-        self._differences: torch.Tensor | None = None  # the D_t of the window
-        self._errors: torch.Tensor | None = None  # (starts, rows): the trajectory's mean absolute errors
+        self._errors: torch.Tensor | None = None  # (starts, rows): the trajectory's summed absolute errors
         self._next_step = 0
         self.trajectories = 0
 
@@ -282,29 +284,36 @@ class StabilityCostAccumulator:
         shape = (size, 2, *z.shape)
         if self._window is None or self._window.shape != shape or self._window.device != z.device:
             self._window = torch.zeros(shape, dtype=HISTORY_DTYPE, device=z.device)
-            self._differences = torch.empty((size, z.numel()), dtype=HISTORY_DTYPE, device=z.device)
             self._matrices = torch.from_numpy(self._coefficients.matrices).to(z.device)
             self._errors = torch.zeros(self._coefficients.valid.shape, dtype=HISTORY_DTYPE, device=z.device)
         else:
             self._window.zero_()
 
     def _edges_from(self, start: int) -> None:
-        """The mean absolute prediction errors of every edge ``start -> j``, span and kind, into ``_errors``:
-        ``mean|C_z D + C_v V|`` over the latent, ``(C_z, C_v)`` from :func:`_cost_coefficients`."""
+        """The summed absolute prediction errors of every edge ``start -> j``, span and kind, into ``_errors``:
+        ``sum|C_z D + C_v V|`` over the latent (by chunks of ``WORKING_SET`` errors), ``(C_z, C_v)`` from
+        :func:`_cost_coefficients`."""
         assert self._window is not None and self._matrices is not None and self._errors is not None
         window = self._window.view(len(self._window), 2, -1)
         latents, velocities = window[:, 0], window[:, 1]
-        torch.sub(latents, latents[start % len(window)], out=self._differences)
         on_latents, on_velocities = self._matrices[start]
-        errors = torch.mm(on_latents, self._differences).addmm_(on_velocities, velocities)
-        torch.mean(errors.abs_(), 1, out=self._errors[start])
+        width = max(1, WORKING_SET // len(on_latents))
+        for begin in range(0, window.shape[2], width):
+            columns = slice(begin, begin + width)
+            differences = latents[:, columns] - latents[start % len(window), columns]
+            errors = torch.mm(on_latents, differences).addmm_(on_velocities, velocities[:, columns]).abs_()
+            if begin == 0:
+                torch.sum(errors, 1, out=self._errors[start])
+            else:
+                self._errors[start] += errors.sum(1)
 
     def _close_trajectory(self) -> None:
-        """The trajectory's errors to the host (its one synchronisation), in velocity units
-        (``/ |sigma_j - sigma_start|``), folded into the totals."""
-        assert self._errors is not None
+        """The trajectory's errors to the host (its one synchronisation), as means in velocity units
+        (``/ (latent size |sigma_j - sigma_start|)``), folded into the totals."""
+        assert self._window is not None and self._errors is not None
         coefficients = self._coefficients
-        errors = self._errors.cpu().numpy().astype(np.float64)[coefficients.valid] / coefficients.intervals
+        errors = self._errors.cpu().numpy().astype(np.float64)[coefficients.valid]
+        errors /= self._window[0, 0].numel() * coefficients.intervals
         for index, kind in enumerate(COST_KINDS):
             current = np.zeros_like(self._totals[kind])
             of_kind = coefficients.kinds == index

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from meancache.calibration.costs import WORKING_SET
 from meancache.method.estimators import HISTORY_DTYPE
 from meancache.schedule.schedule import Schedule
 
@@ -57,7 +58,8 @@ def replay_errors(
         \hat u_i = \hat u_{i-1} + \frac{h}{d^2} (\hat z_i - \hat z_r) - \frac{h}{d} \hat u_r, \qquad
         \hat z_{i+1} = \hat z_i + h\,\hat u_i
 
-    (the fused kernel's form of the module docstring's rule). The errors stay on the device until the end."""
+    (the fused kernel's form of the module docstring's rule). The errors stay on the device until the end. Groups
+    of at most ``WORKING_SET`` latent elements replay at a time."""
     n = len(sigmas) - 1
     for schedule in schedules:
         if schedule.num_steps != n or len(latents) != n or len(velocities) != n:
@@ -65,8 +67,21 @@ def replay_errors(
                 f"a {schedule.num_steps}-step schedule cannot replay {len(latents)} latents and {len(velocities)} "
                 f"velocities over {n} steps"
             )
-    if not schedules:
-        return []
+    group = max(1, WORKING_SET // latents[0].numel()) if latents else 1
+    errors = []
+    for begin in range(0, len(schedules), group):
+        errors += _replay_group(schedules[begin : begin + group], latents, velocities, sigmas)
+    return errors
+
+
+def _replay_group(
+    schedules: Sequence[Schedule],
+    latents: Sequence[torch.Tensor],
+    velocities: Sequence[torch.Tensor],
+    sigmas: Sequence[float],
+) -> list[float]:
+    """:func:`replay_errors` of a group of schedules small enough to replay together."""
+    n = len(sigmas) - 1
     device, count = latents[0].device, len(schedules)
     slots = max(schedule.max_span for schedule in schedules) + 1
     computed, anchors, on_latent, on_velocity = _replay_tables(schedules, sigmas, slots)
