@@ -1,45 +1,190 @@
-"""Calibration cost per generation relative to one plain generation (same pipeline, steps and inputs).
+"""Calibration cost per generation relative to one plain generation (same pipeline, steps and inputs), before and
+after batching the cost and replay computations.
 
-Two sizes of the random-weight FLUX architecture as in bench_pipeline_speedup.py. Calibration measures
-both cost kinds (one-shot and closed-loop), max gap 8, spans 1..5, 50 steps. Results:
+Models: the bundled ``digits-flux`` (64 latent tokens, one digit, ``output_type="np"`` as in
+``bench_first_use_calibration.py``) and the two sizes of the random-weight FLUX architecture of
+``bench_pipeline_speedup.py`` (``output_type="latent"``), 50 steps. Per round, interleaved so that every mode sees
+the same load on the machine:
+
+* ``plain``: a generation;
+* ``calibrating``: a generation observed step by step (a hook on the scheduler's ``step``, as first use does) by a
+  :class:`~meancache.calibration.StabilityCostAccumulator` (max gap 8, spans 1..5: first use's settings);
+* ``selecting``: the same, also keeping the trajectory in bfloat16 on the CPU (as first use does), then selecting
+  by replay among the candidates of a budget-10 calibration (:meth:`Calibration.candidate_schedules`);
+* ``replay``: the replay alone, on the same candidates and trajectory.
+
+``before`` is the step-by-step implementation (one cost or candidate at a time, through the runtime estimator,
+one host read per cost), kept as the reference of ``tests/test_calibration.py``; ``after`` the batched one. The
+load average of the machine is recorded per model, with one intra-op thread (``THREADS``). Results:
 ``benchmarks/results/calibration_overhead.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
 from benchmarks.helpers import FLUX_SIZES, flux_pipeline, write_results
-from meancache.integrations.diffusers import calibrate_pipeline
+from meancache.calibration import Calibration, StabilityCostAccumulator, select_by_replay
+from meancache.models import load_digits_model
 from meancache.testing import tiny_inputs
+from tests.test_calibration import StepByStepCosts, step_by_step_replay_error
 
-STEPS = 50
-_timings: dict[str, dict[str, float]] = {}
+STEPS, BUDGET, MAX_GAP, MAX_SPAN = 50, 10, 8, 5
+ROUNDS = {"digits-flux": 9, "tiny": 9, "demo": 2}
+THREADS = 1
+"""Intra-op threads while measuring: on this shared 2-core VM under load, two threads wait on each other at every
+parallel op (a run with two measured plain generations 8-10x slower than unloaded, and noisier than the effect)."""
+IMPLEMENTATIONS = ("before", "after")
 
 
-@pytest.mark.parametrize("mode", ["plain", "calibrate"])
-@pytest.mark.parametrize("size", FLUX_SIZES)
-def test_flux(benchmark, size, mode):
-    pipe = flux_pipeline(size)
-    call = {**tiny_inputs("flux", size=FLUX_SIZES[size]["size"]), "output_type": "latent"}
+class Observer:
+    """What a calibrating generation does per step: accumulate costs and, when selecting, keep the trajectory."""
 
-    def run():
+    def __init__(self, implementation: str, keep: bool) -> None:
+        self.implementation, self.keep = implementation, keep
+        self.costs: Any = None
+        self.trajectory: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+
+    def __call__(self, step: int, z: torch.Tensor, v: torch.Tensor, sigmas: list[float]) -> None:
+        if step == 0:
+            accumulator = StepByStepCosts if self.implementation == "before" else StabilityCostAccumulator
+            self.costs, self.sigmas = accumulator(sigmas, MAX_GAP, MAX_SPAN), sigmas
+        self.costs.add_step(step, z, v)
+        if self.keep:
+            for kept, tensor in zip(self.trajectory, (z, v), strict=True):
+                kept.append(tensor.detach().to("cpu", torch.bfloat16))
+
+    def calibration(self) -> Calibration:
+        if self.implementation == "after":
+            return self.costs.result()
+        one_shot, closed_loop = self.costs.costs("one-shot"), self.costs.costs("closed-loop")
+        return Calibration(self.sigmas, MAX_GAP, MAX_SPAN, one_shot, closed_loop, self.costs.trajectories)
+
+
+def select(implementation: str, calibration: Calibration, latents: list, velocities: list) -> tuple:
+    """``(compute_steps, spans)`` of the candidate of budget ``BUDGET`` with the least replay error."""
+    candidates = calibration.candidate_schedules(BUDGET)
+    sigmas = calibration.sigmas
+    if implementation == "after":
+        chosen = select_by_replay(candidates, latents, velocities, sigmas)
+    else:
+        errors = [step_by_step_replay_error(c, latents, velocities, sigmas) for c in candidates]
+        chosen = candidates[min(range(len(candidates)), key=errors.__getitem__)]
+    return chosen.compute_steps, chosen.spans
+
+
+@contextlib.contextmanager
+def observed(pipe: Any, observer: Observer) -> Iterator[None]:
+    """While active, ``pipe``'s scheduler reports each step (latent before it, guided velocity) to ``observer``."""
+    scheduler = pipe.scheduler
+    original = scheduler.step
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        index = scheduler.step_index or 0
+        observer(index, sample, model_output, scheduler.sigmas.tolist())
+        return original(model_output, timestep, sample, *args, **kwargs)
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        del scheduler.step
+
+
+def pipeline_and_call(name: str) -> tuple[Any, Callable[[], Any]]:
+    if name == "digits-flux":
+        model = load_digits_model(name)
+        pipe, inputs, output_type = model.pipe, model.inputs([3]), "np"
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = flux_pipeline(name)
+        inputs, output_type = tiny_inputs("flux", size=FLUX_SIZES[name]["size"]), "latent"
+
+    def generate() -> Any:
         with torch.inference_mode():
-            if mode == "plain":
-                pipe(**call, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
-            else:
-                calibrate_pipeline(pipe, [{**call, "generator": torch.Generator().manual_seed(0)}], STEPS)
+            return pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                        output_type=output_type)  # fmt: skip
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    _timings.setdefault(size, {})[mode] = benchmark.stats.stats.median
+    return pipe, generate
+
+
+@pytest.mark.parametrize("name", list(ROUNDS))
+def test_calibration_overhead(benchmark, name):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        _rows.append(benchmark.pedantic(lambda: measure(name), rounds=1, iterations=1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def measure(name: str) -> dict[str, Any]:
+    """One row: medians over the rounds after the first, ratios over the plain generation."""
+    pipe, generate = pipeline_and_call(name)
+    generate()  # warm-up
+
+    seconds: dict[str, list[float]] = {}
+    picks: dict[str, tuple] = {}
+    load = [os.getloadavg()]
+    for _ in range(ROUNDS[name] + 1):  # the first round warms the calibration code up, and is dropped
+        times = {"plain": timed(generate)[0]}
+        for implementation in IMPLEMENTATIONS:
+            observer = Observer(implementation, keep=False)
+            with observed(pipe, observer):
+                times[f"calibrating_{implementation}"] = timed(generate)[0] + timed(observer.calibration)[0]
+            observer = Observer(implementation, keep=True)
+
+            def selecting(observer: Observer = observer, implementation: str = implementation) -> tuple:
+                with observed(pipe, observer):
+                    generate()
+                return select(implementation, observer.calibration(), *observer.trajectory)
+
+            times[f"selecting_{implementation}"], picks[implementation] = timed(selecting)
+            calibration = observer.calibration()
+            times[f"replay_{implementation}"] = timed(
+                lambda c=calibration, o=observer, i=implementation: select(i, c, *o.trajectory)
+            )[0]
+        for mode, value in times.items():
+            seconds.setdefault(mode, []).append(value)
+    load.append(os.getloadavg())
+    assert picks["before"] == picks["after"], picks  # the same schedule, whichever implementation picks it
+    medians = {mode: float(np.median(values[1:])) for mode, values in seconds.items()}
+    plain = medians.pop("plain")
+    row: dict[str, Any] = {"model": name, "rounds": ROUNDS[name], "plain_generation_median_s": plain}
+    for mode in ("calibrating", "selecting", "replay"):
+        for implementation in IMPLEMENTATIONS:
+            median = medians[f"{mode}_{implementation}"]
+            row[f"{mode}_{implementation}_median_s"] = median
+            row[f"{mode}_{implementation}_over_plain"] = median / plain
+    row["candidates"] = len(calibration.candidate_schedules(BUDGET))
+    row["torch_threads"] = torch.get_num_threads()
+    row["load_average_1_5_15_min"] = {"start": list(load[0]), "end": list(load[1])}
+    return row
+
+
+_rows: list[dict[str, Any]] = []
 
 
 def teardown_module() -> None:
-    rows = [
-        {"size": size, **{f"{m}_median_s": t for m, t in by_mode.items()},
-         "calibration_over_plain": by_mode["calibrate"] / by_mode["plain"] if len(by_mode) == 2 else None}
-        for size, by_mode in _timings.items()
-    ]  # fmt: skip
-    if rows:
-        write_results("calibration_overhead", {"benchmark": "calibrate_pipeline vs plain generation", "rows": rows})
+    if _rows:
+        write_results(
+            "calibration_overhead",
+            {
+                "benchmark": "calibrating / selecting generations vs plain, step-by-step (before) vs batched (after)",
+                "steps": STEPS, "budget": BUDGET, "max_gap": MAX_GAP, "max_span": MAX_SPAN, "rows": _rows,
+            },
+        )  # fmt: skip

@@ -1,3 +1,4 @@
+import collections
 import itertools
 import json
 import re
@@ -8,15 +9,21 @@ import torch
 
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, summary
 from meancache.calibration import (
+    AGGREGATES,
     CANDIDATE_GAMMAS,
+    COST_KINDS,
     Calibration,
     StabilityCostAccumulator,
     calibrate,
+    costs,
+    replay,
     replay_error,
     select_by_replay,
 )
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
 from meancache.integrations.diffusers.first_use import first_use_schedule
+from meancache.method.estimators import HISTORY_DTYPE, PaperRuleEstimator
+from meancache.ops import average_velocity_step
 from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
 from tests.matrix import CASES
@@ -292,3 +299,198 @@ def test_nan_sigmas_are_refused_when_calibrating():
         StabilityCostAccumulator([1.0, 0.5, float("nan"), 0.0])
     with pytest.raises(ValueError, match=r"strictly decreasing .* sigmas\[2\] = 0.5 follows 0.5"):
         calibrate(toy_velocity, [torch.zeros(2)], [1.0, 0.5, 0.5, 0.0])
+
+
+# --- the step-by-step implementation the batched one replaced, kept as its reference --------------------------
+
+
+class StepByStepCosts:
+    """Both cost kinds one edge at a time, with the runtime estimator and a host read per cost (what
+    ``StabilityCostAccumulator`` did before it batched them): the reference of the exactness tests and of
+    ``benchmarks/bench_calibration.py``."""
+
+    def __init__(self, sigmas, max_gap=8, max_span=5, aggregate="mean"):
+        self.sigmas, self.max_gap, self.max_span, self.aggregate = list(sigmas), max_gap, max_span, aggregate
+        n = self.num_steps = len(sigmas) - 1
+        self.totals = {kind: np.zeros((n, n, max_span)) for kind in COST_KINDS}
+        self.current = {kind: np.zeros((n, n, max_span)) for kind in COST_KINDS}
+        self.measured = np.zeros((n, n), dtype=bool)
+        self.window = collections.deque(maxlen=max_span + max_gap + 1)
+        self.trajectories = 0
+
+    def add_step(self, step, z, v):
+        self.window.append((step, z.detach().to(HISTORY_DTYPE, copy=True), v.detach().to(HISTORY_DTYPE, copy=True)))
+        if step >= self.max_gap:
+            self.edges_from(step - self.max_gap, step)
+        if step == self.num_steps - 1:
+            for start in range(max(0, step - self.max_gap + 1), step - 1):
+                self.edges_from(start, step)
+            for kind in COST_KINDS:
+                if self.aggregate == "mean":
+                    self.totals[kind] += self.current[kind]
+                else:
+                    np.maximum(self.totals[kind], self.current[kind], out=self.totals[kind])
+                self.current[kind].fill(0.0)
+            self.trajectories += 1
+            self.window.clear()
+
+    def costs(self, kind):
+        total = self.totals[kind] / (self.trajectories if self.aggregate == "mean" else 1)
+        return np.where(self.measured[..., None], total, np.inf)
+
+    def get(self, step):
+        _, z, v = self.window[step - self.window[0][0]]
+        return z, v
+
+    def edges_from(self, start, end):
+        if end < start + 2:
+            return
+        s = self.sigmas
+        z_i, v_i = self.get(start)
+        for span in range(1, self.max_span + 1):
+            k = min(span, start)
+            for j in range(start + 2, end + 1):
+                if k == 0:
+                    predicted = z_i + (s[j] - s[start]) * v_i
+                else:
+                    z_r, v_r = self.get(start - k)
+                    predicted, _ = average_velocity_step(z_i, v_i, z_r, v_r, s[start - k], s[start], s[j])
+                error = (predicted - self.get(j)[0]).abs().mean().item() / abs(s[j] - s[start])
+                self.current["one-shot"][start, j, span - 1] = error
+            self.closed_loop(start, end, span, k)
+        self.measured[start, start + 2 : end + 1] = True
+
+    def closed_loop(self, start, end, span, k):
+        s, first = self.sigmas, start - k
+        steps = end - first + 1
+        estimator = PaperRuleEstimator(Schedule(steps, (*range(k + 1), end - first), (1,) * k + (min(span, steps),)))
+        for step in range(first, start + 1):
+            z, v = self.get(step)
+            estimator.record(step - first, z, s[step], v)
+        z_i, v_i = self.get(start)
+        z_hat = z_i + (s[start + 1] - s[start]) * v_i
+        for m in range(start + 1, end + 1):
+            if m >= start + 2:
+                error = (z_hat - self.get(m)[0]).abs().mean().item() / abs(s[m] - s[start])
+                self.current["closed-loop"][start, m, span - 1] = error
+            if m < end:
+                z_hat, _ = estimator.estimate(m - first, z_hat, s[m], s[m + 1])
+
+
+def step_by_step_replay_error(schedule, latents, velocities, sigmas):
+    """``replay_error`` one candidate at a time with the runtime estimator (the reference of the batched one)."""
+    n = len(sigmas) - 1
+    estimator = PaperRuleEstimator(schedule)
+    z = latents[0].to(HISTORY_DTYPE)
+    error = torch.zeros((), dtype=torch.float64)
+    for step in range(n):
+        v = velocities[step].to(HISTORY_DTYPE)
+        if schedule.is_computed(step):
+            estimator.record(step, z, sigmas[step], v)
+            z = z + (sigmas[step + 1] - sigmas[step]) * v
+        else:
+            z, _ = estimator.estimate(step, z, sigmas[step], sigmas[step + 1])
+        if step + 1 < n:
+            reference = latents[step + 1].to(HISTORY_DTYPE)
+        else:
+            reference = latents[n - 1].to(HISTORY_DTYPE) + (sigmas[n] - sigmas[n - 1]) * v
+        error += (z - reference).abs().mean()
+    return float(error)
+
+
+def shifted_sigmas(n, shift=3.0):
+    """A shifted flow-matching schedule (as FLUX's): ``shift t / (1 + (shift - 1) t)`` on ``t = 1 .. 1/n``, then 0."""
+    t = np.linspace(1.0, 1.0 / n, n)
+    return [*(shift * t / (1 + (shift - 1) * t)).tolist(), 0.0]
+
+
+def random_trajectory(shape, sigmas, seed):
+    """A full-compute Euler run of a random smooth field: latents ``z_i`` (before step ``i``) and velocities."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=generator)
+    weights = torch.randn(shape, generator=generator)
+    latents, velocities = [], []
+    for i in range(len(sigmas) - 1):
+        v = torch.sin(weights * z + 2.0 * sigmas[i]) - z + 0.1 * torch.randn(shape, generator=generator)
+        latents.append(z)
+        velocities.append(v)
+        z = z + (sigmas[i + 1] - sigmas[i]) * v
+    return latents, velocities
+
+
+EXACTNESS_CASES = [
+    ((1, 3, 5, 7), 13, 8, 5),
+    ((2, 16, 4), 50, 8, 5),
+    ((1, 3, 5, 7), 50, 3, 1),
+    ((2, 16, 4), 13, 3, 1),
+    ((4, 9), 6, 8, 5),  # every start is a tail start: the run is shorter than a gap
+]
+
+
+@pytest.mark.parametrize(("shape", "n", "max_gap", "max_span"), EXACTNESS_CASES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_batched_costs_reproduce_the_step_by_step_ones(shape, n, max_gap, max_span, aggregate):
+    """Equal up to float32 rounding: rtol 1e-5, or a few float32 ulps of the latents over the edge's interval
+    (a cost is ``mean|z_hat_j - z_j| / |sigma_j - sigma_i|``, each ``z_hat_j`` rounded to float32). That bound is
+    the step-by-step reference's own rounding: on these cases it is up to 1.7e-5 (relative) off a float64
+    evaluation, the batched costs up to 1.3e-6 (the coefficients are exact and no latent is rounded twice)."""
+    sigmas = shifted_sigmas(n)
+    batched = StabilityCostAccumulator(sigmas, max_gap, max_span, aggregate)
+    reference = StepByStepCosts(sigmas, max_gap, max_span, aggregate)
+    magnitude = 0.0
+    for seed in range(3):  # trajectories accumulate alike
+        for step, (z, v) in enumerate(zip(*random_trajectory(shape, sigmas, seed), strict=True)):
+            batched.add_step(step, z, v)
+            reference.add_step(step, z, v)
+            magnitude = max(magnitude, z.abs().mean().item())
+    calibration = batched.result()
+    assert calibration.trajectories == 3 and calibration.aggregate == aggregate
+    intervals = np.abs(np.subtract.outer(sigmas[:n], sigmas[:n]))  # |sigma_j - sigma_i| at [i, j]
+    ulps = 4 * np.finfo(np.float32).eps * magnitude / np.where(intervals > 0, intervals, 1.0)
+    for kind in COST_KINDS:
+        got, expected = calibration.costs(kind), reference.costs(kind)
+        finite = np.isfinite(expected)
+        assert np.array_equal(np.isfinite(got), finite) and finite.any()
+        difference = np.abs(got[finite] - expected[finite])
+        assert np.all(difference <= 1e-5 * expected[finite] + np.broadcast_to(ulps[..., None], got.shape)[finite])
+
+
+@pytest.mark.parametrize(("shape", "n"), [((1, 3, 5, 7), 13), ((2, 16, 4), 50)])
+def test_batched_replay_reproduces_the_step_by_step_one(shape, n):
+    sigmas = shifted_sigmas(n)
+    latents, velocities = random_trajectory(shape, sigmas, 0)
+    calibration = calibrate(toy_velocity, [torch.randn(shape)], sigmas, max_gap=8, max_span=5)
+    candidates = calibration.candidate_schedules(max(n // 5, 3))
+    candidates += [Schedule.uniform(n, 4, span=3), Schedule(n, tuple(range(n)), (1,) * (n - 1))]
+    expected = [step_by_step_replay_error(c, latents, velocities, sigmas) for c in candidates]
+    got = [replay_error(c, latents, velocities, sigmas) for c in candidates]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    chosen = select_by_replay(candidates, latents, velocities, sigmas)
+    best = min(range(len(candidates)), key=expected.__getitem__)
+    assert (chosen.compute_steps, chosen.spans) == (candidates[best].compute_steps, candidates[best].spans)
+    assert chosen.metadata["replay_error"] == pytest.approx(expected[best], rel=1e-5)
+
+
+def test_chunked_costs_and_replay_match_the_whole_latent_at_once(monkeypatch):
+    """Latents larger than ``WORKING_SET`` are done by chunks of columns (costs) and groups of candidates
+    (replay); the chunks only reorder float32 sums."""
+    sigmas = shifted_sigmas(13)
+    latents, velocities = random_trajectory((2, 16, 4), sigmas, 1)
+
+    def run():
+        accumulator = StabilityCostAccumulator(sigmas, 8, 5)
+        for step, (z, v) in enumerate(zip(latents, velocities, strict=True)):
+            accumulator.add_step(step, z, v)
+        calibration = accumulator.result()
+        candidates = calibration.candidate_schedules(4)
+        return calibration, candidates, [replay_error(c, latents, velocities, sigmas) for c in candidates]
+
+    whole, candidates, errors = run()
+    monkeypatch.setattr(costs, "WORKING_SET", 100)  # 1 column of 70 rows at a time
+    monkeypatch.setattr(replay, "WORKING_SET", 100)  # 1 candidate of 128 elements at a time
+    chunked, chunked_candidates, chunked_errors = run()
+    for kind in COST_KINDS:
+        np.testing.assert_allclose(chunked.costs(kind), whole.costs(kind), rtol=1e-6)
+    assert [(c.compute_steps, c.spans) for c in chunked_candidates] == [(c.compute_steps, c.spans) for c in candidates]
+    np.testing.assert_allclose(chunked_errors, errors, rtol=1e-6)
+    assert select_by_replay(candidates, latents, velocities, sigmas).metadata["replay_error"] == min(errors)

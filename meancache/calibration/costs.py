@@ -12,17 +12,18 @@ trajectory ``(z_t, v_t)`` where every step was computed:
   ``(z_hat_j - z_i) / (sigma_j - sigma_i)`` against ``u``, i.e. ``mean|z_hat_j - z_j| / |sigma_j - sigma_i|``.
 
 Both are in velocity units. Costs are aggregated over trajectories by their mean (default) or their
-maximum. Memory is bounded: a window of ``max_span + max_gap + 1`` steps, never a whole trajectory.
+maximum. Memory is bounded: a window of ``max_span + max_gap + 1`` steps and, while a start step's costs are
+computed, ``2 max_span (max_gap - 1)`` latent-sized prediction errors; never a whole trajectory.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meancache.method.estimators import HISTORY_DTYPE, PaperRuleEstimator
-from meancache.ops import average_velocity_step
+from meancache.method.estimators import HISTORY_DTYPE
 from meancache.schedule.pssp import solve_pssp
 from meancache.schedule.schedule import Schedule
 from meancache.validation import check_int, check_metadata, check_sigmas, load_json_object
@@ -40,6 +40,9 @@ COST_KINDS = ("one-shot", "closed-loop")
 AGGREGATES = ("mean", "max")
 CALIBRATION_FORMAT_VERSION = 1
 CANDIDATE_GAMMAS = (1.5, 2.0, 3.0)
+WORKING_SET = 1 << 18
+"""Float32 elements (1 MiB) of the largest intermediate the batched cost and replay computations make at a time:
+it stays in a CPU core's cache, so large latents are done in chunks of columns (or of candidates) that size."""
 
 
 @dataclass
@@ -203,10 +206,26 @@ def _cost_array(rows: Any, name: str) -> np.ndarray:
 
 
 class StabilityCostAccumulator:
-    """Streams full-compute trajectories step by step and accumulates both cost kinds.
+    r"""Streams full-compute trajectories step by step and accumulates both cost kinds.
 
     Call :meth:`add_step` with steps ``0 .. N-1`` of a trajectory in order (latent before the step, and its
     velocity); a trajectory ends at step ``N - 1`` and the next call with step 0 starts another.
+
+    Both cost kinds are linear in the recorded latents and velocities, and the rule is translation-equivariant
+    in the latents, so every prediction error is a fixed combination, set by the sigmas alone
+    (:func:`_cost_coefficients`), of the differences ``D_t = z_t - z_i`` and the velocities ``v_t`` of the
+    window around start step ``i``. For span ``K``, target ``j``, ``h = sigma_j - sigma_i`` and anchor
+    ``r = i - k`` (``k = min(K, i)``, ``d = sigma_i - sigma_r``), the one-shot prediction
+    ``z_i + h u_hat`` misses ``z_j`` by
+
+    .. math::
+
+        \hat z_j - z_j = -D_j + h\,v_i - \frac{h^2}{d^2} D_r - \frac{h^2}{d} v_r
+        \qquad (\text{the last two terms only when } k > 0),
+
+    and the closed-loop error runs the runtime recurrence on those coefficients. Each start step then costs one
+    pair of ``(rows, window) @ (window, latent)`` products and a sum over the latent, in float32 (the history
+    dtype), the errors staying on the device until the trajectory ends: no host synchronisation per step.
     """
 
     def __init__(self, sigmas: Sequence[float], max_gap: int = 8, max_span: int = 5, aggregate: str = "mean") -> None:
@@ -220,8 +239,10 @@ class StabilityCostAccumulator:
         shape = (n, n, max_span)
         self._totals = {kind: np.zeros(shape) for kind in COST_KINDS}
         self._measured = np.zeros((n, n), dtype=bool)
-        self._current = {kind: np.zeros(shape) for kind in COST_KINDS}
-        self._window: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque(maxlen=max_span + max_gap + 1)
+        self._coefficients = _cost_coefficients(tuple(self.sigmas), max_gap, max_span)
+        self._window: torch.Tensor | None = None  # (max_span + max_gap + 1, 2, *latent shape), step t in t mod size
+        self._matrices: torch.Tensor | None = None  # _coefficients.matrices on the window's device
+        self._errors: torch.Tensor | None = None  # (starts, rows): the trajectory's summed absolute errors
         self._next_step = 0
         self.trajectories = 0
 
@@ -229,12 +250,17 @@ class StabilityCostAccumulator:
         """Add step ``step`` of the current trajectory: ``z`` before the step, ``v`` the velocity it used."""
         if step != self._next_step:
             raise RuntimeError(f"trajectory steps must arrive in order: expected step {self._next_step}, got {step}")
-        self._window.append((step, z.detach().to(HISTORY_DTYPE, copy=True), v.detach().to(HISTORY_DTYPE, copy=True)))
+        if step == 0:
+            self._allocate(z)
+        assert self._window is not None
+        slot = self._window[step % len(self._window)]
+        slot[0].copy_(z.detach())
+        slot[1].copy_(v.detach())
         if step >= self.max_gap:
-            self._edges_from(step - self.max_gap, step)
+            self._edges_from(step - self.max_gap)
         if step == self.num_steps - 1:
             for start in range(max(0, step - self.max_gap + 1), step - 1):
-                self._edges_from(start, step)
+                self._edges_from(start)
             self._close_trajectory()
         else:
             self._next_step = step + 1
@@ -251,65 +277,159 @@ class StabilityCostAccumulator:
             self.aggregate, dict(metadata or {}),
         )  # fmt: skip
 
-    def _get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self._window[0][0]
-        _, z, v = self._window[step - first]
-        return z, v
+    def _allocate(self, z: torch.Tensor) -> None:
+        """Buffers for a trajectory of latents like ``z``. The window starts zeroed: slots not written yet in
+        this trajectory have zero coefficients, and zeros keep their products exactly zero."""
+        size = self.max_span + self.max_gap + 1
+        shape = (size, 2, *z.shape)
+        if self._window is None or self._window.shape != shape or self._window.device != z.device:
+            self._window = torch.zeros(shape, dtype=HISTORY_DTYPE, device=z.device)
+            self._matrices = torch.from_numpy(self._coefficients.matrices).to(z.device)
+            self._errors = torch.zeros(self._coefficients.valid.shape, dtype=HISTORY_DTYPE, device=z.device)
+        else:
+            self._window.zero_()
 
-    def _edges_from(self, start: int, end: int) -> None:
-        """Costs of edges ``start -> j`` for ``j`` in ``start + 2 .. end``, every span."""
-        if end < start + 2:
-            return
-        s = self.sigmas
-        z_i, v_i = self._get(start)
-        targets = range(start + 2, end + 1)
-        for span in range(1, self.max_span + 1):
-            k = min(span, start)
-            one_shot = self._current["one-shot"][start, :, span - 1]
-            for j in targets:
-                z_j = self._get(j)[0]
-                if k == 0:
-                    predicted = z_i + (s[j] - s[start]) * v_i
-                else:
-                    z_r, v_r = self._get(start - k)
-                    predicted, _ = average_velocity_step(z_i, v_i, z_r, v_r, s[start - k], s[start], s[j])
-                one_shot[j] = _velocity_error(predicted, z_j, s[j] - s[start])
-            self._closed_loop(start, end, span, k)
-        self._measured[start, start + 2 : end + 1] = True
-
-    def _closed_loop(self, start: int, end: int, span: int, k: int) -> None:
-        """Run the runtime rule from computed step ``start`` over skipped steps up to ``end``."""
-        s, first = self.sigmas, start - k
-        steps = end - first + 1  # the rule never looks back further than step 0, so the span is capped there
-        local = Schedule(steps, (*range(k + 1), end - first), (1,) * k + (min(span, steps),))
-        estimator = PaperRuleEstimator(local)
-        for step in range(first, start + 1):
-            z, v = self._get(step)
-            estimator.record(step - first, z, s[step], v)
-        z_i, v_i = self._get(start)
-        z_hat = z_i + (s[start + 1] - s[start]) * v_i
-        closed = self._current["closed-loop"][start, :, span - 1]
-        for m in range(start + 1, end + 1):
-            if m >= start + 2:
-                closed[m] = _velocity_error(z_hat, self._get(m)[0], s[m] - s[start])
-            if m < end:
-                z_hat, _ = estimator.estimate(m - first, z_hat, s[m], s[m + 1])
+    def _edges_from(self, start: int) -> None:
+        """The summed absolute prediction errors of every edge ``start -> j``, span and kind, into ``_errors``:
+        ``sum|C_z D + C_v V|`` over the latent (by chunks of ``WORKING_SET`` errors), ``(C_z, C_v)`` from
+        :func:`_cost_coefficients`."""
+        assert self._window is not None and self._matrices is not None and self._errors is not None
+        window = self._window.view(len(self._window), 2, -1)
+        latents, velocities = window[:, 0], window[:, 1]
+        on_latents, on_velocities = self._matrices[start]
+        width = max(1, WORKING_SET // len(on_latents))
+        for begin in range(0, window.shape[2], width):
+            columns = slice(begin, begin + width)
+            differences = latents[:, columns] - latents[start % len(window), columns]
+            errors = torch.mm(on_latents, differences).addmm_(on_velocities, velocities[:, columns]).abs_()
+            if begin == 0:
+                torch.sum(errors, 1, out=self._errors[start])
+            else:
+                self._errors[start] += errors.sum(1)
 
     def _close_trajectory(self) -> None:
-        for kind in COST_KINDS:
+        """The trajectory's errors to the host (its one synchronisation), as means in velocity units
+        (``/ (latent size |sigma_j - sigma_start|)``), folded into the totals."""
+        assert self._window is not None and self._errors is not None
+        coefficients = self._coefficients
+        errors = self._errors.cpu().numpy().astype(np.float64)[coefficients.valid]
+        errors /= self._window[0, 0].numel() * coefficients.intervals
+        for index, kind in enumerate(COST_KINDS):
+            current = np.zeros_like(self._totals[kind])
+            of_kind = coefficients.kinds == index
+            current[tuple(coefficients.edges[:, of_kind])] = errors[of_kind]
             if self.aggregate == "mean":
-                self._totals[kind] += self._current[kind]
+                self._totals[kind] += current
             else:
-                np.maximum(self._totals[kind], self._current[kind], out=self._totals[kind])
-            self._current[kind].fill(0.0)
+                np.maximum(self._totals[kind], current, out=self._totals[kind])
+        self._measured[coefficients.edges[0], coefficients.edges[1]] = True
         self.trajectories += 1
-        self._window.clear()
         self._next_step = 0
 
 
-def _velocity_error(predicted: torch.Tensor, reference: torch.Tensor, dsigma: float) -> float:
-    """``mean|predicted - reference| / |dsigma|``: a latent error over an interval, in velocity units."""
-    return (predicted - reference).abs().mean().item() / abs(dsigma)
+@dataclass(frozen=True)
+class _Coefficients:
+    """The linear maps of :func:`_cost_coefficients`, with ``R = 2 * max_span * (max_gap - 1)`` rows per start
+    step: row ``(kind, K - 1, j - start - 2)``.
+
+    ``matrices[start]``: ``(C_z, C_v)``, float32 ``(R, max_span + max_gap + 1)`` each, columns by window slot;
+    ``valid``: ``(starts, R)``, the rows of edges inside the run (``j <= N - 1``); for those rows, in order:
+    ``edges`` (``(3, rows)``: start, ``j``, ``K - 1``), ``kinds`` (indices into ``COST_KINDS``) and ``intervals``
+    (``|sigma_j - sigma_start|``)."""
+
+    matrices: np.ndarray
+    valid: np.ndarray
+    edges: np.ndarray
+    kinds: np.ndarray
+    intervals: np.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def _cost_coefficients(sigmas: tuple[float, ...], max_gap: int, max_span: int) -> _Coefficients:
+    r"""The prediction errors of both cost kinds as combinations of the window (class docstring), for every
+    start step ``i`` in ``0 .. N - 3`` at once, computed in float64 from the sigmas.
+
+    Position ``p = 0 .. max_span + max_gap`` stands for step ``i - max_span + p`` (window slot
+    ``(i - max_span + p) mod (max_span + max_gap + 1)``); a latent is a coefficient vector over ``(D_p, v_p)``,
+    ``z_i`` the origin. The closed loop for span ``K`` (what
+    :class:`~meancache.method.estimators.PaperRuleEstimator` does after computed step ``i``): ``\hat z_{i+1} =
+    z_i + (\sigma_{i+1} - \sigma_i) v_i``, then for ``m = i + 1, ...`` with anchor ``r = max(m - K, 0)``,
+    ``d = \sigma_m - \sigma_r`` and ``h = \sigma_{m+1} - \sigma_m``:
+
+    .. math::
+
+        \hat u_m = \hat u_{m-1} + \frac{h}{d^2} (\hat z_m - \hat z_r) - \frac{h}{d} \hat u_r, \qquad
+        \hat z_{m+1} = \hat z_m + h\,\hat u_m
+
+    where ``\hat z_t = z_t`` and ``\hat u_t = v_t`` for ``t <= i`` (the reference history) and the loop's own
+    latents and velocities after ``i``; the error at ``j`` is ``\hat z_j - z_j``."""
+    n = len(sigmas) - 1
+    sigma = np.array(sigmas)
+    size = max_span + max_gap + 1
+    origin = max_span  # the start step's position
+    starts = np.arange(max(n - 2, 0))
+    spans = np.arange(1, max_span + 1)
+    offsets = np.arange(2, max_gap + 1)  # j - start
+    grid = (len(starts), max_span)
+    rows = np.arange(len(starts))[:, None], np.arange(max_span)[None, :]
+
+    def at(steps: np.ndarray) -> np.ndarray:
+        """Sigma at ``steps``, clipped at sigma_N past the run (only rows that are not kept reach past it)."""
+        return sigma[np.minimum(steps, n)]
+
+    def unit(part: int, position: np.ndarray | int, batch: tuple[int, ...] = grid) -> np.ndarray:
+        """Coefficient vectors ``(*batch, 2, size)`` of ``D_position`` (part 0) or ``v_position`` (part 1)."""
+        vectors = np.zeros((*batch, 2, size))
+        index = np.broadcast_to(position, batch)[..., None]
+        np.put_along_axis(vectors[..., part, :], index, 1.0, axis=-1)
+        if part == 0:
+            vectors[..., 0, origin] = 0.0  # D at the start step is zero
+        return vectors
+
+    # one-shot: -D_j + h v_i - (h^2 / d^2) D_r - (h^2 / d) v_r, the look-back terms only when k > 0
+    targets = (*grid, len(offsets))
+    h = (at(starts[:, None] + offsets) - at(starts[:, None]))[:, None, :, None, None]  # (starts, 1, targets, 1, 1)
+    one_shot = unit(1, origin, targets) * h - unit(0, origin + offsets, targets)
+    k = np.minimum(spans, starts[:, None])  # (starts, spans)
+    d = np.where(k > 0, at(starts[:, None]) - at(starts[:, None] - k), 1.0)[..., None, None]
+    look_back = (unit(0, origin - k) / d**2 + unit(1, origin - k) / d) * (k > 0)[..., None, None]
+    one_shot = one_shot - look_back[:, :, None] * h**2
+
+    # closed loop: the recurrence on coefficient vectors, per start and span
+    # (starts, spans, size, 2, size) by position; those after the start are the loop's own, written before read
+    latents = np.stack([unit(0, p) for p in range(size)], axis=2)
+    velocities = np.stack([unit(1, p) for p in range(size)], axis=2)
+    z_hat = unit(1, origin) * (at(starts + 1) - at(starts))[:, None, None, None]
+    closed_loop = np.zeros_like(one_shot)
+    with np.errstate(divide="ignore", invalid="ignore"):  # past the run, whose rows are not kept
+        for offset in range(1, max_gap + 1):
+            if offset >= 2:
+                closed_loop[:, :, offset - 2] = z_hat - unit(0, origin + offset)
+            if offset == max_gap:
+                break
+            m = starts[:, None] + offset
+            anchor = np.maximum(m - spans, 0)  # (starts, spans)
+            at_anchor = anchor - starts[:, None] + origin
+            d_m = (at(m) - at(anchor))[..., None, None]
+            h_m = (at(m + 1) - at(m))[..., None, None]
+            latents[:, :, origin + offset] = z_hat
+            u_hat = velocities[(*rows, origin + offset - 1)] + h_m / d_m**2 * (z_hat - latents[(*rows, at_anchor)])
+            u_hat = u_hat - h_m / d_m * velocities[(*rows, at_anchor)]
+            velocities[:, :, origin + offset] = u_hat
+            z_hat = z_hat + h_m * u_hat
+
+    valid = np.broadcast_to((starts[:, None] + offsets <= n - 1)[:, None, None], (len(starts), 2, *targets[1:]))
+    matrices = np.where(valid[..., None, None], np.stack([one_shot, closed_loop], axis=1), 0.0)
+    slots = (np.arange(size) + starts[:, None] - origin) % size  # (starts, size): each position's slot
+    by_slot = np.zeros_like(matrices)
+    np.put_along_axis(by_slot, np.broadcast_to(slots[:, None, None, None, None], matrices.shape), matrices, axis=-1)
+    matrices = by_slot.reshape(len(starts), -1, 2, size).transpose(0, 2, 1, 3)
+    edge_starts, kinds, edge_spans, edge_offsets = np.nonzero(valid)
+    edges = np.stack([edge_starts, edge_starts + offsets[edge_offsets], edge_spans])
+    intervals = np.abs(sigma[edges[1]] - sigma[edges[0]])
+    return _Coefficients(
+        np.ascontiguousarray(matrices, dtype=np.float32), valid.reshape(len(starts), -1), edges, kinds, intervals
+    )
 
 
 def calibrate(

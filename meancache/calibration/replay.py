@@ -1,8 +1,9 @@
 r"""Validated selection without new model evaluations: candidate schedules replayed on a recorded full run.
 
 A full-compute trajectory records, for every step ``i``, the latent ``z_i`` before the step and the velocity
-``v_i`` it used. A candidate schedule is replayed on it with the runtime estimator
-(:class:`~meancache.method.estimators.PaperRuleEstimator`): starting from ``z_hat_0 = z_0``,
+``v_i`` it used. A candidate schedule is replayed on it with the runtime estimator's rule
+(:class:`~meancache.method.estimators.PaperRuleEstimator`; all candidates at once, :func:`replay_errors`): starting
+from ``z_hat_0 = z_0``,
 
 * on a computed step ``i``: ``z_hat_{i+1} = z_hat_i + (sigma_{i+1} - sigma_i) v_i``, the recorded velocity
   standing in for the model's velocity at ``z_hat_i`` (the one approximation: no transformer runs);
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from meancache.method.estimators import HISTORY_DTYPE, PaperRuleEstimator
+from meancache.calibration.costs import WORKING_SET
+from meancache.method.estimators import HISTORY_DTYPE
 from meancache.schedule.schedule import Schedule
 
 
@@ -35,28 +38,101 @@ def replay_error(
 ) -> float:
     """``sum_i mean|z_hat_{i+1} - z_{i+1}|`` of ``schedule`` replayed on the full run ``latents[i]`` (before step
     ``i``), ``velocities[i]``, ``sigmas`` (module docstring); ``z_N = z_{N-1} + (sigma_N - sigma_{N-1}) v_{N-1}``."""
+    return replay_errors([schedule], latents, velocities, sigmas)[0]
+
+
+def replay_errors(
+    schedules: Sequence[Schedule],
+    latents: Sequence[torch.Tensor],
+    velocities: Sequence[torch.Tensor],
+    sigmas: Sequence[float],
+) -> list[float]:
+    r""":func:`replay_error` of every schedule, replayed together: one float32 latent per schedule on a leading
+    dimension, each with a ring of ``max_span + 1`` past latents and velocities as
+    :class:`~meancache.method.estimators.PaperRuleEstimator` keeps. Step ``i`` (``h = sigma_{i+1} - sigma_i``)
+    uses, per schedule, the recorded ``v_i`` where it computes the step, else the estimator's rule with
+    ``k = min(K, i)``, anchor ``r = i - k`` and ``d = sigma_i - sigma_r``:
+
+    .. math::
+
+        \hat u_i = \hat u_{i-1} + \frac{h}{d^2} (\hat z_i - \hat z_r) - \frac{h}{d} \hat u_r, \qquad
+        \hat z_{i+1} = \hat z_i + h\,\hat u_i
+
+    (the fused kernel's form of the module docstring's rule). The errors stay on the device until the end. Groups
+    of at most ``WORKING_SET`` latent elements replay at a time."""
     n = len(sigmas) - 1
-    if schedule.num_steps != n or len(latents) != n or len(velocities) != n:
-        raise ValueError(
-            f"a {schedule.num_steps}-step schedule cannot replay {len(latents)} latents and {len(velocities)} "
-            f"velocities over {n} steps"
-        )
-    estimator = PaperRuleEstimator(schedule)
-    z = latents[0].to(HISTORY_DTYPE)
-    error = torch.zeros((), dtype=torch.float64, device=z.device)
+    for schedule in schedules:
+        if schedule.num_steps != n or len(latents) != n or len(velocities) != n:
+            raise ValueError(
+                f"a {schedule.num_steps}-step schedule cannot replay {len(latents)} latents and {len(velocities)} "
+                f"velocities over {n} steps"
+            )
+    group = max(1, WORKING_SET // latents[0].numel()) if latents else 1
+    errors = []
+    for begin in range(0, len(schedules), group):
+        errors += _replay_group(schedules[begin : begin + group], latents, velocities, sigmas)
+    return errors
+
+
+def _replay_group(
+    schedules: Sequence[Schedule],
+    latents: Sequence[torch.Tensor],
+    velocities: Sequence[torch.Tensor],
+    sigmas: Sequence[float],
+) -> list[float]:
+    """:func:`replay_errors` of a group of schedules small enough to replay together."""
+    n = len(sigmas) - 1
+    device, count = latents[0].device, len(schedules)
+    slots = max(schedule.max_span for schedule in schedules) + 1
+    computed, anchors, on_latent, on_velocity = _replay_tables(schedules, sigmas, slots)
+    mask = torch.from_numpy(computed[..., None]).to(device)  # (N, schedules, 1): broadcast over the latent
+    rows = torch.from_numpy(anchors * count + np.arange(count)).to(device)  # anchors' rows in the flat history
+    on_latent, on_velocity = (
+        torch.from_numpy(t[..., None]).to(device, HISTORY_DTYPE) for t in (on_latent, on_velocity)
+    )
+    z = latents[0].to(device, HISTORY_DTYPE).reshape(1, -1).repeat(count, 1)  # (schedules, latent)
+    history_z = torch.zeros((slots, *z.shape), dtype=HISTORY_DTYPE, device=device)
+    history_v = torch.zeros_like(history_z)
+    flat_z, flat_v = history_z.view(-1, z.shape[1]), history_v.view(-1, z.shape[1])
+    errors = torch.empty((n, count), dtype=HISTORY_DTYPE, device=device)
     for step in range(n):
-        v = velocities[step].to(HISTORY_DTYPE)
-        if schedule.is_computed(step):
-            estimator.record(step, z, sigmas[step], v)
-            z = z + (sigmas[step + 1] - sigmas[step]) * v
+        v = velocities[step].to(device, HISTORY_DTYPE).reshape(-1)
+        slot = step % slots
+        history_z[slot].copy_(z)
+        u_hat = history_v[slot]
+        if computed[step].all():
+            u_hat.copy_(v)
         else:
-            z, _ = estimator.estimate(step, z, sigmas[step], sigmas[step + 1])
+            z_anchor, v_anchor = flat_z.index_select(0, rows[step]), flat_v.index_select(0, rows[step])
+            torch.addcmul(history_v[(step - 1) % slots], on_latent[step], z - z_anchor, out=u_hat)
+            torch.where(mask[step], v, u_hat.addcmul_(on_velocity[step], v_anchor, value=-1.0), out=u_hat)
+        z += (sigmas[step + 1] - sigmas[step]) * u_hat
         if step + 1 < n:
-            reference = latents[step + 1].to(HISTORY_DTYPE)
+            reference = latents[step + 1].to(device, HISTORY_DTYPE).reshape(-1)
         else:
-            reference = latents[n - 1].to(HISTORY_DTYPE) + (sigmas[n] - sigmas[n - 1]) * v
-        error += (z - reference).abs().mean()
-    return float(error)
+            reference = latents[n - 1].to(device, HISTORY_DTYPE).reshape(-1) + (sigmas[n] - sigmas[n - 1]) * v
+        torch.mean((z - reference).abs_(), 1, out=errors[step])
+    return errors.double().sum(0).tolist()
+
+
+def _replay_tables(
+    schedules: Sequence[Schedule], sigmas: Sequence[float], slots: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(N, schedules)`` tables: whether the schedule computes the step, and where it does not, the ring slot of
+    its anchor, ``h / d^2`` and ``h / d`` (:func:`replay_errors`; zeros on computed steps)."""
+    n = len(sigmas) - 1
+    computed = np.zeros((n, len(schedules)), dtype=bool)
+    anchors = np.zeros((n, len(schedules)), dtype=np.int64)
+    on_latent, on_velocity = np.zeros((n, len(schedules))), np.zeros((n, len(schedules)))
+    for index, schedule in enumerate(schedules):
+        for step in range(n):
+            if schedule.is_computed(step):
+                computed[step, index] = True
+                continue
+            anchor = step - min(schedule.span(step), step)
+            h, d = sigmas[step + 1] - sigmas[step], sigmas[step] - sigmas[anchor]
+            anchors[step, index], on_latent[step, index], on_velocity[step, index] = anchor % slots, h / (d * d), h / d
+    return computed, anchors, on_latent, on_velocity
 
 
 def select_by_replay(
@@ -65,11 +141,11 @@ def select_by_replay(
     velocities: Sequence[torch.Tensor],
     sigmas: Sequence[float],
 ) -> Schedule:
-    """The candidate with the least :func:`replay_error` on the recorded run; its metadata gains
-    ``replay_error`` and ``replay_candidates``."""
+    """The candidate with the least :func:`replay_error` on the recorded run (all replayed together by
+    :func:`replay_errors`); its metadata gains ``replay_error`` and ``replay_candidates``."""
     if not candidates:
         raise ValueError("candidates is empty: nothing to select from")
-    errors = [replay_error(c, latents, velocities, sigmas) for c in candidates]
+    errors = replay_errors(candidates, latents, velocities, sigmas)
     best = min(range(len(candidates)), key=errors.__getitem__)
     chosen = candidates[best]
     metadata = {**chosen.metadata, "replay_error": errors[best], "replay_candidates": len(candidates)}
