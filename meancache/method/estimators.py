@@ -12,8 +12,11 @@ model-specific post-processing); latents and velocities are logged in float32.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
 
 from meancache.ops import average_velocity_step
@@ -221,6 +224,208 @@ class ExactJVPEstimator:
         return z_next, u_hat
 
 
+class TrajectoryExtrapolationEstimator:
+    r"""Skipped steps from a polynomial through the last computed steps' velocities or data predictions.
+
+    Base of the opt-in estimators that only read *computed* steps (the model's outputs, never estimates): a
+    skipped step ``i`` in ``[sigma_{i+1}, sigma_i]`` extrapolates the last ``order`` computed steps ``c`` (fewer
+    while fewer have been computed). Two forms (``target``):
+
+    * ``"velocity"``: the velocity as a polynomial ``p`` in ``sigma`` through ``(sigma_c, v_c)``; the step takes its
+      exact mean over the interval, ``u_i = 1/(sigma_{i+1} - sigma_i) int p``, ``z_{i+1} = z_i + (sigma_{i+1} -
+      sigma_i) u_i``;
+    * ``"data"``: the data prediction ``x0_c = z_c - sigma_c v_c`` as a polynomial ``D`` in ``variable`` (``sigma``,
+      or log-SNR ``lambda = log((1 - sigma) / sigma)``), stepped with the exact solution of the flow ODE
+      ``dz/dsigma = (z - D) / sigma`` (an exponential integrator, as DPM-Solver++):
+
+      .. math::
+
+          z_{i+1} = \frac{\sigma_{i+1}}{\sigma_i} z_i + \sigma_{i+1} \int_{\rho_i}^{\rho_{i+1}} D\, d\rho,
+          \qquad \rho = \frac{1 - \sigma}{\sigma},
+
+      and ``u_i = (z_{i+1} - z_i) / (sigma_{i+1} - sigma_i)`` (what the Euler scheduler is fed). Holding ``x0``
+      (order 1) is exactly plain velocity reuse in this parametrisation. To ``sigma_{i+1} = 0`` the polynomial is
+      evaluated at ``sigma = 0`` (``lambda``: the last prediction is held).
+
+    Two knobs (class attributes) make the variants measured in ``docs/schedule_study.md``: ``damping`` scales the
+    step's departure from holding the last node (``theta``: ``theta * polynomial + (1 - theta) * hold``), and
+    ``min_base`` picks the nodes: with ``min_base > 0`` each older node must lie at least ``min_base * (j - c)`` steps
+    before the next newer one (``c`` the last computed step, ``j`` the next), so the base a slope is measured on is as
+    wide as the stretch it is extrapolated over (none: hold).
+
+    Computed steps step with the model's velocity alone, so a full budget is the plain sampler. The schedule's
+    spans are ignored. Holds ``order`` float32 latents (the velocities or predictions; at least four with
+    ``min_base``) plus the last velocity.
+    """
+
+    name: ClassVar[str] = "trajectory-extrapolation"
+    target: ClassVar[str] = "data"
+    variable: ClassVar[str] = "sigma"
+    order: ClassVar[int] = 2
+    damping: ClassVar[float] = 1.0  # scales the step's departure from holding the last computed node
+    min_base: ClassVar[float] = 0.0  # older nodes must lie >= min_base x (interval length) steps before the last one
+
+    def __init__(self, schedule: Schedule) -> None:
+        if self.target not in ("velocity", "data") or self.variable not in ("sigma", "lambda"):
+            raise ValueError(f"unknown target/variable {self.target!r}/{self.variable!r}")
+        if self.target == "velocity" and self.variable != "sigma":
+            raise ValueError("velocity polynomials are in sigma")
+        self.schedule = schedule
+        self._nodes: list[tuple[int, float, torch.Tensor]] = []  # (step c, sigma_c, v_c or x0_c), oldest first
+        self._keep = self.order if not self.min_base else max(self.order, 4)
+        self._last: torch.Tensor | None = None
+        self._logged = 0
+
+    def needs_derivative(self, step: int) -> bool:
+        return False
+
+    def last_velocity(self) -> torch.Tensor:
+        if self._last is None:
+            raise RuntimeError("no step has been logged yet in this generation")
+        return self._last
+
+    def history_bytes(self) -> int:
+        tensors = [t for _, _, t in self._nodes] + ([self._last] if self._last is not None else [])
+        return sum(t.nbytes for t in {id(t): t for t in tensors}.values())
+
+    def record(
+        self, step: int, z: torch.Tensor, sigma: float, v: torch.Tensor, derivative: torch.Tensor | None = None
+    ) -> None:
+        if derivative is not None:
+            raise ValueError(f"the {self.name!r} estimator takes no derivative (needs_derivative is always False)")
+        _check_order(self.schedule, self._logged, step, computed=True)
+        v32 = v.detach().to(HISTORY_DTYPE, copy=True)
+        node = v32 if self.target == "velocity" else torch.add(z.detach().to(HISTORY_DTYPE), v32, alpha=-sigma)
+        if self.variable == "sigma" or 0.0 < sigma < 1.0:  # log-SNR is infinite at sigma = 1: not a node
+            self._nodes = [*self._nodes, (step, sigma, node)][-self._keep :]
+        self._last = v32
+        self._logged += 1
+
+    def estimate(
+        self, step: int, z: torch.Tensor, sigma: float, sigma_next: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_order(self.schedule, self._logged, step, computed=False)
+        if not self._nodes:  # lambda with only step 0 computed: hold its velocity
+            u_hat = self.last_velocity().clone()
+            z_next = torch.add(z.detach().to(HISTORY_DTYPE), u_hat, alpha=sigma_next - sigma)
+        else:
+            chosen = self._chosen_nodes(step)
+            weights, z_weight = self.step_weights([s for _, s, _ in chosen], sigma, sigma_next)
+            nodes = [t for _, _, t in chosen]
+            z32 = z.detach().to(HISTORY_DTYPE)
+            if self.target == "velocity":
+                u_hat = _combine(nodes, weights)
+                z_next = torch.add(z32, u_hat, alpha=sigma_next - sigma)
+            else:
+                z_next = _combine([z32, *nodes], [z_weight, *weights])
+                u_hat = (z_next - z32) / (sigma_next - sigma)
+        self._last = u_hat
+        self._logged += 1
+        return z_next, u_hat
+
+    def _chosen_nodes(self, step: int) -> list[tuple[int, float, torch.Tensor]]:
+        """The nodes of the polynomial for skipped ``step``: the last ``order``, or with ``min_base`` the last
+        computed step ``c`` and, going back, each node at least ``min_base (j - c)`` steps before the previous
+        chosen one (``j`` the interval's next computed step); fewer (down to holding ``c``) if there are none."""
+        if not self.min_base:
+            return self._nodes[-self.order :]
+        last = self._nodes[-1]
+        later = [c for c in self.schedule.compute_steps if c > step]
+        length = (later[0] if later else self.schedule.num_steps) - last[0]
+        chosen = [last]
+        for node in reversed(self._nodes[:-1]):
+            if len(chosen) == self.order:
+                break
+            if chosen[-1][0] - node[0] >= self.min_base * length:
+                chosen.append(node)
+        return chosen[::-1]
+
+    @classmethod
+    def step_weights(cls, node_sigmas: list[float], sigma: float, sigma_next: float) -> tuple[list[float], float]:
+        """Scalar weights of one skipped step: ``velocity``: ``u = sum_j w_j v_j``; ``data``:
+        ``z_next = z_weight z + sum_j w_j x0_j``. Computed in float64."""
+        weights, z_weight = _step_weights(cls.target, cls.variable, tuple(node_sigmas), sigma, sigma_next)
+        if cls.damping != 1.0 and len(node_sigmas) > 1:
+            hold, z_hold = _step_weights(cls.target, cls.variable, tuple(node_sigmas[-1:]), sigma, sigma_next)
+            weights = [cls.damping * w for w in weights]
+            weights[-1] += (1 - cls.damping) * hold[0]
+            z_weight = cls.damping * z_weight + (1 - cls.damping) * z_hold
+        return weights, z_weight
+
+
+class DataLinearEstimator(TrajectoryExtrapolationEstimator):
+    r"""Half-damped linear extrapolation of the data prediction from two computed steps, stepped exactly.
+
+    With ``c`` the last computed step before skipped step ``i``, ``j`` the next computed step and ``p`` the latest
+    computed step at least ``j - c`` steps before ``c`` (a base as wide as the extrapolation; none: hold ``x0_c``),
+    ``x0 = z - sigma v`` at both and ``m = (x0_c - x0_p) / (sigma_c - sigma_p)``:
+
+    .. math::
+
+        D(\sigma) = x0_c + \tfrac12\, m\, (\sigma - \sigma_c), \qquad
+        z_{i+1} = \frac{\sigma_{i+1}}{\sigma_i} z_i + \sigma_{i+1} \int_{\rho_i}^{\rho_{i+1}} D\, d\rho
+        \quad (\rho = (1 - \sigma) / \sigma), \qquad \hat u_i = \frac{z_{i+1} - z_i}{\sigma_{i+1} - \sigma_i},
+
+    the exact solution over the step of ``dz/dsigma = (z - D(sigma)) / sigma``, the flow ODE with ``D`` as the data
+    prediction. In closed form the integral is ``(1 - sigma_{i+1}/sigma_i) (x0_c - m' sigma_c) + m' sigma_{i+1}
+    log(sigma_i / sigma_{i+1})`` with ``m' = m / 2``. The damping 1/2 and the wide base were chosen on the bundled
+    models' calibration seeds (``benchmarks/bench_estimators.py``; ``docs/schedule_study.md``, "Estimators between
+    computed steps"). Opt in with ``MeanCacheConfig(estimator="data-linear")``; computed steps are untouched, so a
+    full budget is the plain sampler. Holds four float32 predictions and the last velocity.
+    """
+
+    name: ClassVar[str] = "data-linear"
+    target: ClassVar[str] = "data"
+    variable: ClassVar[str] = "sigma"
+    order: ClassVar[int] = 2
+    damping: ClassVar[float] = 0.5
+    min_base: ClassVar[float] = 1.0
+
+
+def _combine(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:], strict=True):
+        out.add_(t, alpha=w)
+    return out
+
+
+def _log_snr(sigma: float) -> float:
+    return math.log((1.0 - sigma) / sigma)
+
+
+_GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(16)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_weights(
+    target: str, variable: str, node_sigmas: tuple[float, ...], sigma: float, sigma_next: float
+) -> tuple[list[float], float]:
+    to_x = _log_snr if variable == "lambda" else float
+    xs = [to_x(s) for s in node_sigmas]
+
+    def lagrange(x: np.ndarray) -> np.ndarray:  # (nodes, points): the basis polynomials at x
+        basis = np.ones((len(xs), len(x)))
+        for j, xj in enumerate(xs):
+            for m, xm in enumerate(xs):
+                if m != j:
+                    basis[j] *= (x - xm) / (xj - xm)
+        return basis
+
+    if target == "velocity":  # mean of the interpolant over [sigma_next, sigma]
+        t = 0.5 * (sigma + sigma_next) + 0.5 * (sigma - sigma_next) * _GAUSS_NODES
+        return [float(w) for w in lagrange(t) @ _GAUSS_WEIGHTS * 0.5], 0.0
+    if sigma_next == 0.0:  # the ODE ends at the prediction itself
+        if variable == "lambda":
+            return [0.0] * (len(xs) - 1) + [1.0], 0.0
+        return [float(w) for w in lagrange(np.array([0.0]))[:, 0]], 0.0
+    # sigma_next * int_{rho}^{rho_next} D drho, over lambda (drho = e^lambda dlambda), Gauss-Legendre
+    lam0, lam1 = _log_snr(sigma), _log_snr(sigma_next)
+    lam = 0.5 * (lam0 + lam1) + 0.5 * (lam1 - lam0) * _GAUSS_NODES
+    x = lam if variable == "lambda" else 1.0 / (1.0 + np.exp(lam))
+    integrand = lagrange(x) * (sigma_next * np.exp(lam))  # sigma_next e^lambda = sigma_next rho
+    return [float(w) for w in integrand @ _GAUSS_WEIGHTS * 0.5 * (lam1 - lam0)], sigma_next / sigma
+
+
 def _check_order(schedule: Schedule, logged: int, step: int, computed: bool) -> None:
     if step != logged:
         raise RuntimeError(f"steps must be logged in order: expected step {logged}, got {step}")
@@ -232,6 +437,7 @@ def _check_order(schedule: Schedule, logged: int, step: int, computed: bool) -> 
 ESTIMATORS: dict[str, type[Estimator]] = {
     PaperRuleEstimator.name: PaperRuleEstimator,
     ExactJVPEstimator.name: ExactJVPEstimator,
+    DataLinearEstimator.name: DataLinearEstimator,
 }
 """Estimator name -> class; ``MeanCacheConfig(estimator=...)`` picks one by name."""
 
