@@ -142,7 +142,7 @@ class CalibrationStore:
         return path
 
     def uses(self, key: Mapping[str, Any]) -> int:
-        """Generations served by ``key``'s calibration since it was last saved (:meth:`count_use`), read from the
+        """Generations served by ``key``'s calibration since it was last saved (:meth:`set_uses`), read from the
         file beside it (``<digest>.uses``), so every process counts them."""
         digest = key_digest(key)
         path = self._uses_path(digest)
@@ -153,10 +153,9 @@ class CalibrationStore:
         except (OSError, ValueError):  # absent (none yet) or unreadable: count afresh
             return 0
 
-    def count_use(self, key: Mapping[str, Any]) -> None:
-        """One more generation served by ``key``'s calibration (a save starts the count again)."""
+    def set_uses(self, key: Mapping[str, Any], count: int) -> None:
+        """Record ``count`` generations served by ``key``'s calibration (a save starts the count again at 0)."""
         digest = key_digest(key)
-        count = self.uses(key) + 1
         self._uses[digest] = count
         path = self._uses_path(digest)
         if path is not None and self._writable:

@@ -195,9 +195,10 @@ class GenerationCalibration:
             schedule = self._schedule(calibration, budget)
             owner.schedules[(self.digest, budget)] = schedule
         if schedule.metadata[GENERATIONS] < owner.runs:  # provisional: every FULL_RUN_EVERY-th generation calibrates
-            if owner.store.uses(self.key) + 1 >= FULL_RUN_EVERY:
+            served = owner.store.uses(self.key)
+            if served + 1 >= FULL_RUN_EVERY:
                 return None
-            owner.store.count_use(self.key)
+            owner.store.set_uses(self.key, served + 1)
         return schedule
 
     def _schedule(self, calibration: Calibration, budget: int) -> Schedule:
