@@ -7,8 +7,9 @@ Models: the bundled ``digits-flux`` (64 latent tokens, one digit, ``output_type=
 the same load on the machine:
 
 * ``plain``: a generation;
-* ``calibrating``: a generation observed step by step (a hook on the scheduler's ``step``, as first use does) by a
-  :class:`~meancache.calibration.StabilityCostAccumulator` (max gap 8, spans 1..5: first use's settings);
+* ``calibrating``: a generation observed step by step (``observe_steps``: a hook on the scheduler's ``step``, as
+  first use has) by a :class:`~meancache.calibration.StabilityCostAccumulator` (max gap 8, spans 1..5: first use's
+  settings);
 * ``selecting``: the same, also keeping the trajectory in bfloat16 on the CPU (as first use does), then selecting
   by replay among the candidates of a budget-10 calibration (:meth:`Calibration.candidate_schedules`);
 * ``replay``: the replay alone, on the same candidates and trajectory.
@@ -21,10 +22,9 @@ load average of the machine is recorded per model, with one intra-op thread (``T
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.helpers import FLUX_SIZES, flux_pipeline, write_results
 from meancache.calibration import Calibration, StabilityCostAccumulator, select_by_replay
+from meancache.integrations.diffusers.calibration import observe_steps
 from meancache.models import load_digits_model
 from meancache.testing import tiny_inputs
 from tests.test_calibration import StepByStepCosts, step_by_step_replay_error
@@ -53,10 +54,11 @@ class Observer:
         self.costs: Any = None
         self.trajectory: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
-    def __call__(self, step: int, z: torch.Tensor, v: torch.Tensor, sigmas: list[float]) -> None:
+    def __call__(self, step: int, z: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor) -> None:
         if step == 0:
             accumulator = StepByStepCosts if self.implementation == "before" else StabilityCostAccumulator
-            self.costs, self.sigmas = accumulator(sigmas, MAX_GAP, MAX_SPAN), sigmas
+            self.sigmas = sigmas.tolist()
+            self.costs = accumulator(self.sigmas, MAX_GAP, MAX_SPAN)
         self.costs.add_step(step, z, v)
         if self.keep:
             for kept, tensor in zip(self.trajectory, (z, v), strict=True):
@@ -79,24 +81,6 @@ def select(implementation: str, calibration: Calibration, latents: list, velocit
         errors = [step_by_step_replay_error(c, latents, velocities, sigmas) for c in candidates]
         chosen = candidates[min(range(len(candidates)), key=errors.__getitem__)]
     return chosen.compute_steps, chosen.spans
-
-
-@contextlib.contextmanager
-def observed(pipe: Any, observer: Observer) -> Iterator[None]:
-    """While active, ``pipe``'s scheduler reports each step (latent before it, guided velocity) to ``observer``."""
-    scheduler = pipe.scheduler
-    original = scheduler.step
-
-    def step(model_output, timestep, sample, *args, **kwargs):
-        index = scheduler.step_index or 0
-        observer(index, sample, model_output, scheduler.sigmas.tolist())
-        return original(model_output, timestep, sample, *args, **kwargs)
-
-    scheduler.step = step
-    try:
-        yield
-    finally:
-        del scheduler.step
 
 
 def pipeline_and_call(name: str) -> tuple[Any, Callable[[], Any]]:
@@ -144,12 +128,12 @@ def measure(name: str) -> dict[str, Any]:
         times = {"plain": timed(generate)[0]}
         for implementation in IMPLEMENTATIONS:
             observer = Observer(implementation, keep=False)
-            with observed(pipe, observer):
+            with observe_steps(pipe, observer):
                 times[f"calibrating_{implementation}"] = timed(generate)[0] + timed(observer.calibration)[0]
             observer = Observer(implementation, keep=True)
 
             def selecting(observer: Observer = observer, implementation: str = implementation) -> tuple:
-                with observed(pipe, observer):
+                with observe_steps(pipe, observer):
                     generate()
                 return select(implementation, observer.calibration(), *observer.trajectory)
 
