@@ -188,6 +188,16 @@ def test_enabling_twice_and_disabling_when_off_are_errors(pipe_factory):
         enable_mean_cache(pipe, config)
 
 
+def test_a_step_with_per_token_timesteps_is_refused_by_keyword_or_position(pipe_factory):
+    pipe = pipe_factory("flux")
+    enable_mean_cache(pipe, MeanCacheConfig(budget=5))
+    sample, per_token = torch.zeros(1, 4, 8), torch.ones(1, 4)
+    with pytest.raises(ValueError, match="per_token_timesteps"):
+        pipe.scheduler.step(sample, 1.0, sample, per_token_timesteps=per_token)
+    with pytest.raises(ValueError, match="per_token_timesteps"):  # (s_churn, s_tmin, s_tmax, s_noise, generator, ...)
+        pipe.scheduler.step(sample, 1.0, sample, 0.0, 0.0, float("inf"), 1.0, None, per_token)
+
+
 def test_budget_above_step_count_is_a_clear_error(pipe_factory):
     pipe = pipe_factory("flux")
     enable_mean_cache(pipe, MeanCacheConfig(Schedule.preset("qwen-image", 10)))
@@ -251,6 +261,10 @@ def test_budget_alone_prefers_schedules_shipped_in_the_model_folder(tmp_path):
     enable_mean_cache(loaded, MeanCacheConfig(budget=5, calibration_runs=0))
     generate_latents(loaded, tiny_inputs("flux"), 20)
     assert meancache.summary(loaded).schedule == shipped
+    replaced = Schedule(20, (0, 2, 7, 12, 19), (2, 5, 2, 4), {"source": "calibrated again for this model"})
+    replaced.save(tmp_path / "model" / "meancache_schedules" / "schedule_B5.json")  # read again once rewritten
+    generate_latents(loaded, tiny_inputs("flux"), 20)
+    assert meancache.summary(loaded).schedule == replaced
     generate_latents(loaded, tiny_inputs("flux"), 30)  # no shipped schedule for 30 steps: the fallback
     assert meancache.summary(loaded).schedule.metadata["source"] == "fallback: uniform, K=1"
 

@@ -42,13 +42,15 @@ class DerivativePass:
     """Further plain calls made for the tangent: 1 at step 0 (the call's own output), else 0."""
 
 
-def refuse_derivative_composition(estimator: Estimator, num_steps: int, compiled: bool, controlnet: bool) -> None:
-    """Refuse a generation whose ``estimator`` asks for derivatives on a ``compiled`` transformer
-    (``torch.func.jvp`` does not run through ``torch.compile``) or in a pipeline with a ``controlnet`` (its
-    residuals move with sigma too, and would be held fixed)."""
+def refuse_derivative_composition(
+    estimator: Estimator, num_steps: int, compiled: Callable[[], bool], controlnet: bool
+) -> None:
+    """Refuse a generation whose ``estimator`` asks for derivatives on a transformer that is ``compiled()``
+    (``torch.func.jvp`` does not run through ``torch.compile``; asked only then: it walks the transformer's
+    modules) or in a pipeline with a ``controlnet`` (its residuals move with sigma too, and would be held fixed)."""
     if not any(estimator.needs_derivative(i) for i in range(num_steps)):
         return
-    if compiled:
+    if compiled():
         raise RuntimeError(
             f"the {estimator.name!r} estimator runs the transformer in forward mode (torch.func.jvp), "
             "which torch.compile'd modules do not support; use the default estimator='paper' with a compiled "

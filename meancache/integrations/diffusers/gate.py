@@ -18,12 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.utils._pytree
 from torch._dynamo.eval_frame import OptimizedModule
 
 from meancache.integrations.diffusers.components import GateKind, gated_modules
 from meancache.integrations.diffusers.exact_jvp import derivative_pass
-from meancache.integrations.diffusers.layout import batch_of, cycled_output
+from meancache.integrations.diffusers.layout import batch_of, copy_tensors, cycled_output
 from meancache.integrations.diffusers.run import GenerationRun, MeanCacheState
 
 
@@ -44,8 +43,7 @@ class TransformerGate:
         """The transformer itself (inside ``torch.compile``'s wrapper, if the pipeline holds one)."""
         return self.module._orig_mod if isinstance(self.module, OptimizedModule) else self.module
 
-    @property
-    def compiled(self) -> bool:
+    def is_compiled(self) -> bool:
         """Whether any of the transformer runs under ``torch.compile`` (whole, or block by block)."""
         if self.inner is not None or isinstance(self.module, OptimizedModule):
             return True
@@ -87,8 +85,7 @@ class TransformerGate:
         if step + 1 < run.num_steps and (step == 0 or not run.schedule.is_computed(step + 1)):
             if log.outputs_step != step:
                 log.outputs, log.outputs_step = {}, step
-            copy = torch.utils._pytree.tree_map_only(torch.Tensor, _detached_copy, output)
-            log.outputs.setdefault(kind, []).append(copy)
+            log.outputs.setdefault(kind, []).append(copy_tensors(output))
         return output
 
     def placeholder(self, run: GenerationRun, call: int, batch: int | None) -> Any:
@@ -105,7 +102,7 @@ class TransformerGate:
         output = outputs[min(call, len(outputs) - 1)]
         if self.kind == "transformer":  # a ControlNet's residuals feed a skipped transformer call: any layout
             output = cycled_output(output, batch)
-        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, output)
+        return copy_tensors(output)
 
     def forward_with_derivative(self, run: GenerationRun, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """This call as one forward-mode pass (:func:`~meancache.integrations.diffusers.exact_jvp.derivative_pass`),
@@ -148,7 +145,3 @@ def attach_gates(state: MeanCacheState) -> None:
         if name in state.gates:
             state.gates[name].remove()
         state.gates[name] = TransformerGate(state, target, kind)
-
-
-def _detached_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().clone()

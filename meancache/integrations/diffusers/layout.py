@@ -3,7 +3,8 @@
 Pipelines append reference-image tokens after the latent tokens and conditioning channels after the latent
 channels (:func:`latent_block`), batch CFG branches one after another (:func:`latent_branches`), return a tuple,
 a diffusers output class, a bare tensor or a list of per-sample tensors (:func:`first_output`), and may switch CFG
-on or off between steps, changing a call's batch (:func:`batch_of`, :func:`cycled_output`).
+on or off between steps, changing a call's batch (:func:`batch_of`, :func:`cycled_output`). A recorded output is
+copied tensor by tensor, whatever its layout (:func:`copy_tensors`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils._pytree
 from diffusers.utils import BaseOutput
 
 
@@ -83,3 +85,14 @@ def _cycled_to_batch(output: Any, batch: int | None) -> Any:
         return output
     order = [i % have for i in range(batch)]
     return output[order] if isinstance(output, torch.Tensor) else [output[i] for i in order]
+
+
+def copy_tensors(output: Any) -> Any:
+    """``output`` with every tensor in it replaced by a detached copy (any nesting of containers, as
+    ``torch.utils._pytree.tree_map_only``). A tensor and a tuple of tensors, what transformers return with
+    ``return_dict=False``, skip the tree walk: it costs several times the copy of a small latent, on every step."""
+    if type(output) is torch.Tensor:
+        return output.detach().clone()
+    if type(output) is tuple and all(type(t) is torch.Tensor for t in output):
+        return tuple(t.detach().clone() for t in output)
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), output)

@@ -50,9 +50,8 @@ class Gate(Protocol):
     def transformer(self) -> torch.nn.Module:
         """The gated model itself (inside ``torch.compile``'s wrapper, if the pipeline holds one)."""
 
-    @property
-    def compiled(self) -> bool:
-        """Whether any of the model runs under ``torch.compile``."""
+    def is_compiled(self) -> bool:
+        """Whether any of the model runs under ``torch.compile`` (walks its modules)."""
 
     def remove(self) -> None:
         """Give the model's call slot back what it held."""
@@ -228,7 +227,7 @@ class MeanCacheState:
         rank holds it (once it is final)."""
         for gate in self.gates.values():
             refuse_diffusers_cache(gate.transformer)
-            refuse_derivative_composition(run.estimator, run.num_steps, gate.compiled, "controlnet" in self.gates)
+            refuse_derivative_composition(run.estimator, run.num_steps, gate.is_compiled, "controlnet" in self.gates)
         if "transformer" in self.gates and not run.pending:
             check_same_schedule_on_all_ranks(run.schedule, self.gates["transformer"].transformer)
 

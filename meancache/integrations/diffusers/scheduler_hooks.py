@@ -29,13 +29,21 @@ class SchedulerStepHook:
         self.state = state
         self.original = state.scheduler.step
         functools.update_wrapper(self, self.original)  # pipelines inspect the step's signature
-        self._signature = inspect.signature(self.original)
+        parameters = list(inspect.signature(self.original).parameters)
+        # where per_token_timesteps would sit among the arguments after (model_output, timestep, sample), if the
+        # scheduler takes it: found once here (binding the signature on every step costs more than the step)
+        self._per_token_position = (
+            parameters.index("per_token_timesteps") - 3 if "per_token_timesteps" in parameters else None
+        )
 
     def __call__(
         self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
-        bound = self._signature.bind(model_output, timestep, sample, *args, **kwargs)
-        if bound.arguments.get("per_token_timesteps") is not None:
+        position = self._per_token_position
+        per_token = kwargs.get("per_token_timesteps")
+        if position is not None and 0 <= position < len(args):
+            per_token = args[position]
+        if per_token is not None:
             raise ValueError("MeanCache does not support per_token_timesteps (every token must share one sigma)")
         run = self.state.run_for_call(sample)
         if run is None:  # a generation that began before MeanCache was enabled
