@@ -360,6 +360,22 @@ def test_store_round_trip_and_combination(tmp_path):
     assert CalibrationStore(tmp_path).load({**key, "pipeline": "Q"}) is None
 
 
+def test_the_store_reads_a_file_again_only_once_it_changed(tmp_path):
+    """Every generation of a key resolves its calibration; the file is parsed again only when another process (or
+    this one) rewrote it, and the text written is what ``json.dumps`` makes of the nested cost lists."""
+    key = {"pipeline": "P", "checkpoint": "c", "sigmas": [1.0, 0.5, 0.0]}
+    writer, reader = CalibrationStore(tmp_path), CalibrationStore(tmp_path)
+    path = writer.save(key, _tiny_calibration())
+    first = reader.load(key)
+    assert reader.load(key) is first
+    grown = combine_calibrations(first, _tiny_calibration())
+    writer.save(key, grown)  # another process grows the calibration
+    again = reader.load(key)
+    assert again is not first and again.trajectories == 2
+    nested = np.where(np.isfinite(grown.closed_loop), grown.closed_loop, np.nan).tolist()
+    assert f'"closed_loop": {json.dumps(nested).replace("NaN", "null")}}}' in path.read_text()
+
+
 def test_calibrations_command_lists_and_clears(flux, capsys):
     enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=1))
     generate_latents(flux, tiny_inputs("flux"), STEPS)

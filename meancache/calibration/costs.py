@@ -146,11 +146,7 @@ class Calibration:
         return Schedule(solved.num_steps, solved.compute_steps, spans, metadata)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write as JSON (unmeasured costs as ``null``)."""
-
-        def as_list(costs: np.ndarray) -> list[Any]:
-            return np.where(np.isfinite(costs), costs, np.nan).tolist()
-
+        """Write as JSON (unmeasured costs as ``null``), the costs last."""
         data = {
             "format_version": CALIBRATION_FORMAT_VERSION,
             "sigmas": self.sigmas,
@@ -159,12 +155,10 @@ class Calibration:
             "trajectories": self.trajectories,
             "aggregate": self.aggregate,
             "metadata": self.metadata,
-            "one_shot": as_list(self.one_shot),
-            "closed_loop": as_list(self.closed_loop),
         }
-        text = json.dumps(data).replace("NaN", "null")
+        costs = f'"one_shot": {_json_costs(self.one_shot)}, "closed_loop": {_json_costs(self.closed_loop)}'
         with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+            f.write(f"{json.dumps(data)[:-1]}, {costs}}}\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
@@ -184,6 +178,16 @@ class Calibration:
             )  # fmt: skip
         except (TypeError, ValueError) as e:
             raise type(e)(f"{os.fspath(path)!r} is not a valid calibration: {e}") from e
+
+
+def _json_costs(costs: np.ndarray) -> str:
+    """``costs`` as nested JSON arrays, ``json.dumps``' text for the nested lists (``null`` where not finite), made
+    from strings: nested lists of a calibration's size are thousands of objects the garbage collector tracks, and
+    making them while a generation runs can set off a full collection of a process holding a model."""
+    text = ["null" if not math.isfinite(value) else repr(value) for value in costs.ravel().tolist()]
+    for size in reversed(costs.shape):
+        text = ["[" + ", ".join(text[i : i + size]) + "]" for i in range(0, len(text), size)]
+    return text[0]
 
 
 def _cost_array(rows: Any, name: str) -> np.ndarray:
