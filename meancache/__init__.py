@@ -13,6 +13,7 @@ from meancache.integrations.diffusers import (
     calibrate_pipeline,
     disable_mean_cache,
     enable_mean_cache,
+    select_estimator,
     select_schedule,
     summary,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "enable_mean_cache",
     "load_digits_model",
     "sample",
+    "select_estimator",
     "select_schedule",
     "solve_pssp",
     "summary",

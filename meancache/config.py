@@ -31,12 +31,15 @@ class MeanCacheConfig:
             until ``calibration_runs`` are observed (:mod:`meancache.integrations.diffusers.first_use`). ``0``
             turns calibration off: evenly spaced computed steps with plain reuse.
         estimator: how skipped steps get their velocity, by name; ``"paper"`` is the authors' runtime rule
-            (:class:`meancache.method.estimators.PaperRuleEstimator`).
+            (:class:`meancache.method.estimators.PaperRuleEstimator`). ``None`` (the default): the estimator the
+            schedule was validated with, named in its metadata (shipped and first-use schedules are validated with
+            each of :data:`meancache.method.estimators.SELECTABLE`), else the paper's rule (published tables,
+            schedules made by hand).
     """
 
     schedule: Schedule | None = None
     budget: int | None = None
-    estimator: str = "paper"
+    estimator: str | None = None
     calibration_runs: int = DEFAULT_CALIBRATION_RUNS
 
     def __post_init__(self) -> None:
@@ -58,7 +61,7 @@ class MeanCacheConfig:
         runs = self.calibration_runs
         if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
             raise ValueError(f"calibration_runs must be an integer >= 0 (0 turns calibration off), got {runs!r}")
-        if self.estimator not in ESTIMATORS:
+        if self.estimator is not None and self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; available: {sorted(ESTIMATORS)}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,5 +72,5 @@ class MeanCacheConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MeanCacheConfig:
         schedule = Schedule.from_dict(data["schedule"]) if data.get("schedule") is not None else None
-        return cls(schedule=schedule, budget=data.get("budget"), estimator=data.get("estimator", "paper"),
+        return cls(schedule=schedule, budget=data.get("budget"), estimator=data.get("estimator"),
                    calibration_runs=data.get("calibration_runs", DEFAULT_CALIBRATION_RUNS))  # fmt: skip

@@ -20,11 +20,14 @@ from meancache.calibration import (
     replay_error,
     replay_estimator_error,
     select_by_replay,
+    select_estimator_by_replay,
 )
-from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
+from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_estimator, select_schedule
 from meancache.integrations.diffusers.first_use import first_use_schedule
 from meancache.method.estimators import (
+    ESTIMATORS,
     HISTORY_DTYPE,
+    SELECTABLE,
     DataLinearEstimator,
     ExactJVPEstimator,
     PaperRuleEstimator,
@@ -196,6 +199,17 @@ def test_select_by_replay_keeps_the_least_replay_error():
         select_by_replay([], latents, velocities, sigmas)
 
 
+def test_select_estimator_by_replay_names_the_least_replay_error_in_the_metadata():
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
+    schedule = Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2), {"source": "test"})
+    chosen = select_estimator_by_replay(schedule, latents, velocities, sigmas)
+    errors = {e.name: replay_estimator_error(e, schedule, latents, velocities, sigmas) for e in SELECTABLE}
+    assert chosen.metadata["estimator_replay_errors"] == errors and len(set(errors.values())) == len(errors)
+    assert chosen.metadata["estimator"] == min(errors, key=errors.__getitem__) and chosen.metadata["source"] == "test"
+    assert (chosen.compute_steps, chosen.spans) == (schedule.compute_steps, schedule.spans)
+
+
 @pytest.mark.parametrize("kind", ["flux", "qwen-image", "hunyuan-video"])
 def test_select_schedule_picks_the_candidate_closest_to_the_full_run(kind):
     pipe = tiny_pipeline(kind)
@@ -206,6 +220,8 @@ def test_select_schedule_picks_the_candidate_closest_to_the_full_run(kind):
     chosen = select_schedule(pipe, calls, [poor, good], num_inference_steps=12)
     assert (chosen.compute_steps, chosen.metadata["validation_candidates"]) == (good.compute_steps, 2)
     assert chosen.metadata["validation_error"] == 0.0  # the same noise each run: generators are rewound
+    errors = chosen.metadata["estimator_validation_errors"]  # all exact on an all-computed schedule: a tie
+    assert errors == dict.fromkeys((e.name for e in SELECTABLE), 0.0) and chosen.metadata["estimator"] == "paper"
     assert "step" not in pipe.scheduler.__dict__  # MeanCache is off again
     with pytest.raises(ValueError, match=r"candidates for \[20\] steps cannot run with num_inference_steps=12"):
         select_schedule(pipe, calls, [Schedule.uniform(20, 5)], 12)
@@ -213,6 +229,33 @@ def test_select_schedule_picks_the_candidate_closest_to_the_full_run(kind):
         select_schedule(pipe, [], [good], 12)
     with pytest.raises(ValueError, match=r"calls\[0\] has generator=None: each call needs a torch.Generator"):
         select_schedule(pipe, [tiny_inputs(kind)], [good], 12)
+
+
+def test_select_estimator_names_the_estimator_whose_runs_land_closest_and_runs_follow_it():
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    calls = [{**tiny_inputs("flux", seed=s), "generator": torch.Generator().manual_seed(s)} for s in range(2)]
+    schedule = Schedule(16, (0, 1, 3, 8, 15), (1, 1, 2, 3), {"source": "test"})
+    chosen = select_estimator(pipe, calls, schedule, 16)
+    errors = chosen.metadata["estimator_validation_errors"]
+    assert list(errors) == [e.name for e in SELECTABLE] and len(set(errors.values())) == len(errors)
+    assert chosen.metadata["estimator"] == min(errors, key=errors.__getitem__) and chosen.metadata["source"] == "test"
+    enable_mean_cache(pipe, MeanCacheConfig(chosen))  # the default estimator: the one the schedule names
+    pipe(**tiny_inputs("flux"), num_inference_steps=16, output_type="latent")
+    assert summary(pipe).estimator == chosen.metadata["estimator"]
+    disable_mean_cache(pipe)
+    enable_mean_cache(pipe, MeanCacheConfig(chosen, estimator="paper"))  # named in the config: that one
+    pipe(**tiny_inputs("flux"), num_inference_steps=16, output_type="latent")
+    assert summary(pipe).estimator == "paper"
+    disable_mean_cache(pipe)
+    unknown = Schedule(16, schedule.compute_steps, schedule.spans, {"estimator": "taylor"})
+    enable_mean_cache(pipe, MeanCacheConfig(unknown))
+    known = re.escape(str(sorted(ESTIMATORS)))
+    with pytest.raises(ValueError, match=rf"unknown estimator 'taylor' named by the schedule's metadata .*{known}"):
+        pipe(**tiny_inputs("flux"), num_inference_steps=16, output_type="latent")
+    disable_mean_cache(pipe)
+    with pytest.raises(ValueError, match=r"a schedule for 16 steps cannot run with num_inference_steps=12"):
+        select_estimator(pipe, calls, schedule, 12)
 
 
 def test_calibrating_a_real_pipeline(tmp_path):

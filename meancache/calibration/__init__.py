@@ -14,7 +14,12 @@ from meancache.calibration.costs import (
     StabilityCostAccumulator,
     calibrate,
 )
-from meancache.calibration.replay import replay_error, replay_estimator_error, select_by_replay
+from meancache.calibration.replay import (
+    replay_error,
+    replay_estimator_error,
+    select_by_replay,
+    select_estimator_by_replay,
+)
 from meancache.calibration.store import CalibrationStore, calibration_store, combine_calibrations
 
 __all__ = [
@@ -30,4 +35,5 @@ __all__ = [
     "replay_error",
     "replay_estimator_error",
     "select_by_replay",
+    "select_estimator_by_replay",
 ]

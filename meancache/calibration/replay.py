@@ -14,7 +14,8 @@ closed-loop drift, across interval boundaries (the per-interval costs restart fr
 computed step, so they miss how one interval's estimated velocities enter the next interval's history).
 :func:`select_by_replay` keeps the candidate with the least error. :func:`replay_estimator_error` replays one
 schedule under any other estimator (an extrapolation variant, say), driving its ``record`` / ``estimate`` step by
-step: the same error, slower (one schedule at a time), for any rule.
+step: the same error, slower (one schedule at a time), for any rule; :func:`select_estimator_by_replay` picks the
+estimator the chosen schedule runs with by it.
 
 How its picks compare with running the candidates, and with the calibration's single PSSP solution, is
 measured on the bundled models by ``benchmarks/bench_first_use_calibration.py`` (figures in
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from meancache.calibration.costs import WORKING_SET
-from meancache.method.estimators import HISTORY_DTYPE, Estimator
+from meancache.method.estimators import ESTIMATOR_KEY, HISTORY_DTYPE, SELECTABLE, Estimator
 from meancache.schedule.schedule import Schedule
 
 
@@ -200,3 +201,20 @@ def select_by_replay(
     chosen = candidates[best]
     metadata = {**chosen.metadata, "replay_error": errors[best], "replay_candidates": len(candidates)}
     return Schedule(chosen.num_steps, chosen.compute_steps, chosen.spans, metadata)
+
+
+def select_estimator_by_replay(
+    schedule: Schedule,
+    latents: Sequence[torch.Tensor],
+    velocities: Sequence[torch.Tensor],
+    sigmas: Sequence[float],
+) -> Schedule:
+    """``schedule`` with the estimator of :data:`~meancache.method.estimators.SELECTABLE` whose
+    :func:`replay_estimator_error` on the recorded run is least named in its metadata (``ESTIMATOR_KEY``, which
+    :class:`~meancache.MeanCacheConfig` follows by default), with every candidate's error
+    (``estimator_replay_errors``). On a tie the earlier candidate (the paper's rule first) is kept."""
+    errors = {estimator.name: replay_estimator_error(estimator, schedule, latents, velocities, sigmas)
+              for estimator in SELECTABLE}  # fmt: skip
+    best = min(errors, key=errors.__getitem__)
+    metadata = {**schedule.metadata, ESTIMATOR_KEY: best, "estimator_replay_errors": errors}
+    return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)

@@ -382,6 +382,49 @@ class DataLinearEstimator(TrajectoryExtrapolationEstimator):
     min_base: ClassVar[float] = 1.0
 
 
+class DataLinearLastTwoEstimator(DataLinearEstimator):
+    """:class:`DataLinearEstimator` through the last two computed steps, however close (``p`` the computed step before
+    ``c``): the slope of the latest stretch, where the trajectory's shape changes along it (late, dense schedules)."""
+
+    name: ClassVar[str] = "data-linear-last-two"
+    min_base: ClassVar[float] = 0.0
+
+
+class VelocityLinearEstimator(TrajectoryExtrapolationEstimator):
+    r"""Linear extrapolation of the velocity from two computed steps, with its exact mean over the step.
+
+    With ``c``, ``j`` and ``p`` as for :class:`DataLinearEstimator` (a base as wide as the extrapolation; none: hold
+    ``v_c``) and ``m = (v_c - v_p) / (sigma_c - sigma_p)``:
+
+    .. math::
+
+        \hat u_i = v_c + \theta\, m \left(\tfrac{\sigma_i + \sigma_{i+1}}{2} - \sigma_c\right), \qquad
+        z_{i+1} = z_i + (\sigma_{i+1} - \sigma_i)\, \hat u_i,
+
+    undamped (``theta = 1``): what wins on a smooth exact flow and at the smallest budgets of the bundled models."""
+
+    name: ClassVar[str] = "velocity-linear"
+    target: ClassVar[str] = "velocity"
+    variable: ClassVar[str] = "sigma"
+    order: ClassVar[int] = 2
+    damping: ClassVar[float] = 1.0
+    min_base: ClassVar[float] = 1.0
+
+
+class VelocityLinearDampedEstimator(VelocityLinearEstimator):
+    """:class:`VelocityLinearEstimator` with three quarters of the slope (``theta = 0.75``)."""
+
+    name: ClassVar[str] = "velocity-linear-damped"
+    damping: ClassVar[float] = 0.75
+
+
+class VelocityLinearDampedLastTwoEstimator(VelocityLinearDampedEstimator):
+    """:class:`VelocityLinearDampedEstimator` through the last two computed steps, however close."""
+
+    name: ClassVar[str] = "velocity-linear-damped-last-two"
+    min_base: ClassVar[float] = 0.0
+
+
 def _combine(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     out = tensors[0] * weights[0]
     for t, w in zip(tensors[1:], weights[1:], strict=True):
@@ -434,16 +477,35 @@ def _check_order(schedule: Schedule, logged: int, step: int, computed: bool) -> 
         raise RuntimeError(f"step {step} is {kind} in the schedule")
 
 
-ESTIMATORS: dict[str, type[Estimator]] = {
-    PaperRuleEstimator.name: PaperRuleEstimator,
-    ExactJVPEstimator.name: ExactJVPEstimator,
-    DataLinearEstimator.name: DataLinearEstimator,
-}
+SELECTABLE: tuple[type[Estimator], ...] = (
+    PaperRuleEstimator,
+    VelocityLinearEstimator,
+    VelocityLinearDampedEstimator,
+    VelocityLinearDampedLastTwoEstimator,
+    DataLinearEstimator,
+    DataLinearLastTwoEstimator,
+)
+"""The estimators a schedule is validated with (the paper's rule first): selection runs the schedule with each and
+records the best in its metadata (``ESTIMATOR_KEY``). Each is the measured best of some budget of some bundled model
+on its shipped schedule (``benchmarks/bench_estimators.py``, ``docs/schedule_study.md``)."""
+
+ESTIMATORS: dict[str, type[Estimator]] = {estimator.name: estimator for estimator in (*SELECTABLE, ExactJVPEstimator)}
 """Estimator name -> class; ``MeanCacheConfig(estimator=...)`` picks one by name."""
 
+ESTIMATOR_KEY = "estimator"
+"""The schedule metadata entry naming the estimator the schedule was validated with."""
 
-def make_estimator(name: str, schedule: Schedule) -> Estimator:
-    """The estimator registered as ``name``, following ``schedule``."""
+
+def estimator_name(requested: str | None, schedule: Schedule) -> str:
+    """``requested``, or when None the estimator ``schedule`` was validated with (its metadata's ``ESTIMATOR_KEY``),
+    else the paper's rule (published tables, schedules made by hand)."""
+    name = requested if requested is not None else schedule.metadata.get(ESTIMATOR_KEY, PaperRuleEstimator.name)
     if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; available: {sorted(ESTIMATORS)}")
-    return ESTIMATORS[name](schedule)
+        whose = "requested" if requested is not None else f"named by the schedule's metadata ({ESTIMATOR_KEY!r})"
+        raise ValueError(f"unknown estimator {name!r} {whose}; available: {sorted(ESTIMATORS)}")
+    return name
+
+
+def make_estimator(name: str | None, schedule: Schedule) -> Estimator:
+    """The estimator registered as ``name`` (None: :func:`estimator_name`'s choice), following ``schedule``."""
+    return ESTIMATORS[estimator_name(name, schedule)](schedule)

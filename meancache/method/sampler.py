@@ -22,7 +22,7 @@ def sample(
     latents: torch.Tensor,
     sigmas: Sequence[float] | torch.Tensor,
     schedule: Schedule,
-    estimator: str = "paper",
+    estimator: str | None = None,
 ) -> torch.Tensor:
     r"""Integrate ``dz/dsigma = v(z, sigma)`` from ``sigmas[0]`` to ``sigmas[-1]`` with MeanCache.
 

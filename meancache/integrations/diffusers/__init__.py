@@ -28,7 +28,7 @@ from meancache.integrations.diffusers.pipeline import (
     is_mean_cache_enabled,
     summary,
 )
-from meancache.integrations.diffusers.selection import select_schedule
+from meancache.integrations.diffusers.selection import select_estimator, select_schedule
 
 __all__ = [
     "MeanCacheSummary",
@@ -36,6 +36,7 @@ __all__ = [
     "disable_mean_cache",
     "enable_mean_cache",
     "is_mean_cache_enabled",
+    "select_estimator",
     "select_schedule",
     "summary",
 ]

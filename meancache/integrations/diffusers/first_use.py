@@ -17,7 +17,10 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
   :meth:`~meancache.calibration.Calibration.candidate_schedules` (closed-loop PSSP over gamma 1.5/2/3, spans up
   to 3..5, gaps up to 6..8 and the shortest the budget can bridge) are replayed on that trajectory with no
   transformer call (:func:`~meancache.calibration.select_by_replay`), and the one with the least replay error
-  is stored in the calibration's metadata (``selected``, by budget).
+  is stored in the calibration's metadata (``selected``, by budget), with the estimator it runs with: of
+  :data:`~meancache.method.estimators.SELECTABLE`, the one with the least replay error on the chosen schedule
+  (:func:`~meancache.calibration.select_estimator_by_replay`; the schedule's ``estimator`` metadata, which
+  ``MeanCacheConfig`` follows unless it names one).
 * The run's schedule is the selected one for its budget (:func:`first_use_schedule`); another budget, for which
   no trajectory was kept, gets the PSSP
   solution with closed-loop costs, gamma ``GAMMA`` (2), spans up to ``SOLVER_MAX_SPAN`` (3) and gaps up to
@@ -52,10 +55,12 @@ from meancache.calibration import (
     StabilityCostAccumulator,
     combine_calibrations,
     select_by_replay,
+    select_estimator_by_replay,
 )
 from meancache.calibration.store import key_digest
 from meancache.integrations.diffusers.guidance import observed_guidance
 from meancache.integrations.diffusers.key import WeightsFingerprint, calibration_key
+from meancache.method.estimators import ESTIMATOR_KEY
 from meancache.schedule import Schedule
 from meancache.schedule.pssp import solve_pssp
 
@@ -266,8 +271,9 @@ class GenerationCalibration:
             latents, velocities = self.trajectory
             chosen = select_by_replay(calibration.candidate_schedules(self.budget), latents, velocities,
                                       calibration.sigmas)  # fmt: skip
+            chosen = select_estimator_by_replay(chosen, latents, velocities, calibration.sigmas)
             entry = {name: chosen.metadata[name] for name in ("gamma", "max_gap", "max_span", "replay_error",
-                                                                "replay_candidates")}  # fmt: skip
+                                                                "replay_candidates", ESTIMATOR_KEY)}  # fmt: skip
             entry |= {"compute_steps": list(chosen.compute_steps), "spans": list(chosen.spans)}
             calibration.metadata[SELECTED] = {**_selected(calibration), str(self.budget): entry}
         self.owner.store.save(self.key, calibration)

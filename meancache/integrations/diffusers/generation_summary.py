@@ -23,6 +23,8 @@ class MeanCacheSummary:
     controlnet_calls: int = 0
     """ControlNet forwards that ran (ControlNet pipelines: the ControlNet runs on computed steps only)."""
     skipped_controlnet_calls: int = 0
+    estimator: str = "paper"
+    """The estimator of the skipped steps (:data:`meancache.method.estimators.ESTIMATORS`)."""
 
     @property
     def computed_steps(self) -> int:
@@ -59,6 +61,6 @@ class MeanCacheSummary:
         return (
             f"MeanCache: {self.steps_run} steps{unfinished}{origin}, {self.computed_steps} computed, "
             f"{self.reused_steps} reused (spans {spans}); transformer calls: {self.transformer_calls} run{jvp}, "
-            f"{self.skipped_calls} skipped{controlnet_text}; ideal speedup {self.ideal_speedup:.2f}x"
-            + (f"; schedule: {source}" if source else "")
+            f"{self.skipped_calls} skipped{controlnet_text}; estimator {self.estimator}; ideal speedup "
+            f"{self.ideal_speedup:.2f}x" + (f"; schedule: {source}" if source else "")
         )

@@ -119,7 +119,7 @@ class GenerationRun:
         calls = self.log.calls
         return MeanCacheSummary(
             self.num_steps, self.steps_run, self.schedule, calls["transformer"], calls["transformer skipped"],
-            self.log.derivative_calls, calls["controlnet"], calls["controlnet skipped"],
+            self.log.derivative_calls, calls["controlnet"], calls["controlnet skipped"], self.estimator.name,
         )  # fmt: skip
 
 

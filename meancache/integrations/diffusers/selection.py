@@ -1,4 +1,4 @@
-"""Validated selection: the candidate schedule whose runs land closest to the full runs."""
+"""Validated selection: the candidate schedule, and then the estimator, whose runs land closest to the full runs."""
 
 from __future__ import annotations
 
@@ -10,59 +10,94 @@ from diffusers import DiffusionPipeline
 
 from meancache.config import MeanCacheConfig
 from meancache.integrations.diffusers.pipeline import disable_mean_cache, enable_mean_cache
+from meancache.method.estimators import ESTIMATOR_KEY, SELECTABLE, PaperRuleEstimator
 from meancache.schedule import Schedule
 
 
 def select_schedule(
     pipe: DiffusionPipeline, calls: Sequence[dict[str, Any]], candidates: Sequence[Schedule], num_inference_steps: int
 ) -> Schedule:
-    """The candidate whose MeanCache runs of ``calls`` land closest to the full runs' final latents.
+    """The candidate whose MeanCache runs of ``calls`` land closest to the full runs' final latents, with the
+    estimator it runs best with (:func:`select_estimator`).
 
-    Each call (pipeline keyword arguments, seeds via ``generator``) runs once in full and once per candidate,
-    from the same noise (generators are rewound). The error of a candidate is the mean over calls of
-    ``||z_hat - z|| / ||z||`` on the final latents; it is stored in the returned schedule's metadata
+    Each call (pipeline keyword arguments, seeds via ``generator``) runs once in full and once per candidate under
+    the paper's rule, from the same noise (generators are rewound). The error of a candidate is the mean over calls
+    of ``||z_hat - z|| / ||z||`` on the final latents; it is stored in the returned schedule's metadata
     (``validation_error``, with ``validation_candidates``). Use calls disjoint from those you evaluate on.
     """
-    if not calls:
-        raise ValueError("calls is empty: nothing to validate the candidates on")
     if not candidates:
         raise ValueError("candidates is empty: nothing to select from")
     wrong = sorted({c.num_steps for c in candidates} - {num_inference_steps})
     if wrong:
         raise ValueError(f"candidates for {wrong} steps cannot run with num_inference_steps={num_inference_steps}")
-    seeded = []  # per call: its generators and their states, to rewind before each run
-    for index, kwargs in enumerate(calls):
-        generator = kwargs.get("generator")
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(isinstance(g, torch.Generator) for g in generators):
-            raise ValueError(
-                f"calls[{index}] has generator={generator!r}: each call needs a torch.Generator (or a list of "
-                "them) so that every candidate starts from the same noise"
-            )
-        seeded.append([(g, g.get_state()) for g in generators])
+    validation = _Validation(pipe, calls, num_inference_steps)
+    errors = [validation.error(candidate, PaperRuleEstimator.name) for candidate in candidates]
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    chosen = candidates[best]
+    metadata = {**chosen.metadata, "validation_error": errors[best], "validation_candidates": len(candidates)}
+    chosen = Schedule(chosen.num_steps, chosen.compute_steps, chosen.spans, metadata)
+    return _with_estimator(chosen, validation, {PaperRuleEstimator.name: errors[best]})
 
-    def final_latents() -> list[torch.Tensor]:
+
+def select_estimator(
+    pipe: DiffusionPipeline, calls: Sequence[dict[str, Any]], schedule: Schedule, num_inference_steps: int
+) -> Schedule:
+    """``schedule`` with the estimator of :data:`~meancache.method.estimators.SELECTABLE` whose runs of ``calls``
+    land closest to the full runs (the error of :func:`select_schedule`) named in its metadata (``ESTIMATOR_KEY``,
+    which :class:`~meancache.MeanCacheConfig` follows by default), with every candidate's error
+    (``estimator_validation_errors``). On a tie the earlier candidate (the paper's rule first) is kept."""
+    if schedule.num_steps != num_inference_steps:
+        raise ValueError(
+            f"a schedule for {schedule.num_steps} steps cannot run with num_inference_steps={num_inference_steps}"
+        )
+    return _with_estimator(schedule, _Validation(pipe, calls, num_inference_steps), {})
+
+
+def _with_estimator(schedule: Schedule, validation: _Validation, known: dict[str, float]) -> Schedule:
+    """``schedule`` with the estimator :func:`select_estimator` picks (``known``: errors already measured)."""
+    errors = {e.name: known[e.name] if e.name in known else validation.error(schedule, e.name) for e in SELECTABLE}
+    best = min(errors, key=errors.__getitem__)
+    metadata = {**schedule.metadata, ESTIMATOR_KEY: best, "estimator_validation_errors": errors}
+    return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
+
+
+class _Validation:
+    """The full runs of validation ``calls`` and the error of a MeanCache run against them (each call from the same
+    noise: its generators are rewound before every run)."""
+
+    def __init__(self, pipe: DiffusionPipeline, calls: Sequence[dict[str, Any]], num_inference_steps: int) -> None:
+        if not calls:
+            raise ValueError("calls is empty: nothing to validate the candidates on")
+        self.pipe, self.calls, self.num_inference_steps = pipe, calls, num_inference_steps
+        self.seeded = []  # per call: its generators and their states, to rewind before each run
+        for index, kwargs in enumerate(calls):
+            generator = kwargs.get("generator")
+            generators = generator if isinstance(generator, list) else [generator]
+            if not all(isinstance(g, torch.Generator) for g in generators):
+                raise ValueError(
+                    f"calls[{index}] has generator={generator!r}: each call needs a torch.Generator (or a list of "
+                    "them) so that every candidate starts from the same noise"
+                )
+            self.seeded.append([(g, g.get_state()) for g in generators])
+        self.references = self._final_latents()
+
+    def error(self, schedule: Schedule, estimator: str) -> float:
+        """Mean over the calls of ``||z_hat - z|| / ||z||`` of ``schedule`` run with ``estimator``."""
+        enable_mean_cache(self.pipe, MeanCacheConfig(schedule, estimator=estimator))
+        try:
+            latents = self._final_latents()
+        finally:
+            disable_mean_cache(self.pipe)
+        total = sum(float((z - r).norm() / r.norm()) for z, r in zip(latents, self.references, strict=True))
+        return total / len(self.calls)
+
+    def _final_latents(self) -> list[torch.Tensor]:
         latents = []
-        for kwargs, states in zip(calls, seeded, strict=True):
+        for kwargs, states in zip(self.calls, self.seeded, strict=True):
             for generator, state in states:
                 generator.set_state(state)
             # the pipeline's own no_grad, not inference_mode: a compiled transformer keeps the graph of plain calls
-            out = pipe(**{**kwargs, "output_type": "latent", "num_inference_steps": num_inference_steps,
-                          "return_dict": False})  # fmt: skip
+            out = self.pipe(**{**kwargs, "output_type": "latent", "num_inference_steps": self.num_inference_steps,
+                               "return_dict": False})  # fmt: skip
             latents.append(out[0].float())
         return latents
-
-    references = final_latents()
-    errors = []
-    for candidate in candidates:
-        enable_mean_cache(pipe, MeanCacheConfig(candidate))
-        try:
-            latents = final_latents()
-        finally:
-            disable_mean_cache(pipe)
-        errors.append(sum(float((z - r).norm() / r.norm()) for z, r in zip(latents, references, strict=True)))
-    best = min(range(len(candidates)), key=errors.__getitem__)
-    chosen = candidates[best]
-    metadata = {**chosen.metadata, "validation_error": errors[best] / len(calls),
-                "validation_candidates": len(candidates)}  # fmt: skip
-    return Schedule(chosen.num_steps, chosen.compute_steps, chosen.spans, metadata)
