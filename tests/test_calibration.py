@@ -18,11 +18,18 @@ from meancache.calibration import (
     costs,
     replay,
     replay_error,
+    replay_estimator_error,
     select_by_replay,
 )
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_schedule
 from meancache.integrations.diffusers.first_use import first_use_schedule
-from meancache.method.estimators import HISTORY_DTYPE, PaperRuleEstimator
+from meancache.method.estimators import (
+    HISTORY_DTYPE,
+    DataLinearEstimator,
+    ExactJVPEstimator,
+    PaperRuleEstimator,
+    TrajectoryExtrapolationEstimator,
+)
 from meancache.ops import average_velocity_step
 from meancache.schedule.pssp import solve_pssp
 from meancache.testing import tiny_inputs, tiny_pipeline
@@ -377,10 +384,10 @@ class StepByStepCosts:
                 z_hat, _ = estimator.estimate(m - first, z_hat, s[m], s[m + 1])
 
 
-def step_by_step_replay_error(schedule, latents, velocities, sigmas):
+def step_by_step_replay_error(schedule, latents, velocities, sigmas, estimator_class=PaperRuleEstimator):
     """``replay_error`` one candidate at a time with the runtime estimator (the reference of the batched one)."""
     n = len(sigmas) - 1
-    estimator = PaperRuleEstimator(schedule)
+    estimator = estimator_class(schedule)
     z = latents[0].to(HISTORY_DTYPE)
     error = torch.zeros((), dtype=torch.float64)
     for step in range(n):
@@ -469,6 +476,51 @@ def test_batched_replay_reproduces_the_step_by_step_one(shape, n):
     best = min(range(len(candidates)), key=expected.__getitem__)
     assert (chosen.compute_steps, chosen.spans) == (candidates[best].compute_steps, candidates[best].spans)
     assert chosen.metadata["replay_error"] == pytest.approx(expected[best], rel=1e-5)
+
+
+def replay_cases(n):
+    """A run of ``n`` steps and schedules to replay on it: PSSP candidates, uniform, the ends only, and full."""
+    sigmas = shifted_sigmas(n)
+    latents, velocities = random_trajectory((2, 16, 4), sigmas, 2)
+    calibration = calibrate(toy_velocity, [torch.randn(2, 16, 4)], sigmas, max_gap=8, max_span=5)
+    candidates = [*calibration.candidate_schedules(max(n // 5, 3)), Schedule.uniform(n, 4, span=3)]
+    candidates += [Schedule(n, (0, n - 1), (5,)), Schedule(n, tuple(range(n)), (1,) * (n - 1))]
+    return candidates, latents, velocities, sigmas
+
+
+@pytest.mark.parametrize("n", [13, 50])
+def test_estimator_replay_of_the_paper_rule_is_the_batched_replay(n):
+    candidates, latents, velocities, sigmas = replay_cases(n)
+    batched = [replay_error(c, latents, velocities, sigmas) for c in candidates]
+    driven = [replay_estimator_error(PaperRuleEstimator, c, latents, velocities, sigmas) for c in candidates]
+    np.testing.assert_allclose(driven, batched, rtol=1e-5, atol=1e-7)
+    assert driven[-1] == 0.0  # a full schedule replays the run itself
+
+
+VARIANTS = {
+    "data-linear": DataLinearEstimator,
+    "velocity, undamped, last two": type("V", (TrajectoryExtrapolationEstimator,), {"target": "velocity"}),
+    "data, damping 0.75, wide base": type("D", (TrajectoryExtrapolationEstimator,), {"damping": 0.75, "min_base": 1.0}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_estimator_replay_drives_an_extrapolation_variant_as_a_hand_loop(variant):
+    candidates, latents, velocities, sigmas = replay_cases(50)
+    estimator_class = VARIANTS[variant]
+    driven = [replay_estimator_error(estimator_class, c, latents, velocities, sigmas) for c in candidates]
+    by_hand = [step_by_step_replay_error(c, latents, velocities, sigmas, estimator_class) for c in candidates]
+    np.testing.assert_allclose(driven, by_hand, rtol=1e-6)
+    paper = [replay_error(c, latents, velocities, sigmas) for c in candidates]
+    assert driven[-1] == 0.0 and driven[:-1] != pytest.approx(paper[:-1], rel=1e-3)  # another rule, other errors
+
+
+def test_estimator_replay_refuses_derivatives_and_mismatched_runs():
+    candidates, latents, velocities, sigmas = replay_cases(13)
+    with pytest.raises(ValueError, match="dv/dsigma"):
+        replay_estimator_error(ExactJVPEstimator, candidates[0], latents, velocities, sigmas)
+    with pytest.raises(ValueError, match="cannot replay"):
+        replay_estimator_error(DataLinearEstimator, candidates[0], latents[:-1], velocities[:-1], sigmas[:-1])
 
 
 def test_chunked_costs_and_replay_match_the_whole_latent_at_once(monkeypatch):

@@ -14,7 +14,7 @@ from meancache.calibration.costs import (
     StabilityCostAccumulator,
     calibrate,
 )
-from meancache.calibration.replay import replay_error, select_by_replay
+from meancache.calibration.replay import replay_error, replay_estimator_error, select_by_replay
 from meancache.calibration.store import CalibrationStore, calibration_store, combine_calibrations
 
 __all__ = [
@@ -28,5 +28,6 @@ __all__ = [
     "calibration_store",
     "combine_calibrations",
     "replay_error",
+    "replay_estimator_error",
     "select_by_replay",
 ]

@@ -12,7 +12,9 @@ from ``z_hat_0 = z_0``,
 The replay error of the candidate is ``sum_i mean|z_hat_{i+1} - z_{i+1}|`` over the ``N`` steps: the whole
 closed-loop drift, across interval boundaries (the per-interval costs restart from the reference at each
 computed step, so they miss how one interval's estimated velocities enter the next interval's history).
-:func:`select_by_replay` keeps the candidate with the least error.
+:func:`select_by_replay` keeps the candidate with the least error. :func:`replay_estimator_error` replays one
+schedule under any other estimator (an extrapolation variant, say), driving its ``record`` / ``estimate`` step by
+step: the same error, slower (one schedule at a time), for any rule.
 
 How its picks compare with running the candidates, and with the calibration's single PSSP solution, is
 measured on the bundled models by ``benchmarks/bench_first_use_calibration.py`` (figures in
@@ -23,13 +25,13 @@ look-back anchored at step 0, the candidates leave out
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from meancache.calibration.costs import WORKING_SET
-from meancache.method.estimators import HISTORY_DTYPE
+from meancache.method.estimators import HISTORY_DTYPE, Estimator
 from meancache.schedule.schedule import Schedule
 
 
@@ -60,18 +62,66 @@ def replay_errors(
 
     (the fused kernel's form of the module docstring's rule). The errors stay on the device until the end. Groups
     of at most ``WORKING_SET`` latent elements replay at a time."""
-    n = len(sigmas) - 1
     for schedule in schedules:
-        if schedule.num_steps != n or len(latents) != n or len(velocities) != n:
-            raise ValueError(
-                f"a {schedule.num_steps}-step schedule cannot replay {len(latents)} latents and {len(velocities)} "
-                f"velocities over {n} steps"
-            )
+        _check_run(schedule, latents, velocities, sigmas)
     group = max(1, WORKING_SET // latents[0].numel()) if latents else 1
     errors = []
     for begin in range(0, len(schedules), group):
         errors += _replay_group(schedules[begin : begin + group], latents, velocities, sigmas)
     return errors
+
+
+def replay_estimator_error(
+    estimator: Callable[[Schedule], Estimator],
+    schedule: Schedule,
+    latents: Sequence[torch.Tensor],
+    velocities: Sequence[torch.Tensor],
+    sigmas: Sequence[float],
+) -> float:
+    r"""The replay error of ``schedule`` under any estimator: ``estimator(schedule)`` (a class of
+    :mod:`meancache.method.estimators`, or any factory of one) is driven step by step on the full run, as the
+    samplers drive it. From ``z_hat_0 = z_0``, step ``i`` (``h = sigma_{i+1} - sigma_i``) is
+
+    .. math::
+
+        \hat z_{i+1} = \hat z_i + h\, v_i \quad \text{(computed: } \texttt{record}(i, \hat z_i, \sigma_i, v_i)
+        \text{)}, \qquad
+        \hat z_{i+1} = \texttt{estimate}(i, \hat z_i, \sigma_i, \sigma_{i+1}) \quad \text{(skipped)},
+
+    the recorded ``v_i`` standing in for the model's velocity at ``z_hat_i``, and the error is
+    ``sum_i mean|z_hat_{i+1} - z_{i+1}|`` (``z_N`` as in :func:`replay_error`), in float32 on the latents' device.
+    With :class:`~meancache.method.estimators.PaperRuleEstimator` it is :func:`replay_error` up to float32
+    rounding. Estimators that need ``dv/dsigma`` on a computed step cannot be replayed (``ValueError``)."""
+    _check_run(schedule, latents, velocities, sigmas)
+    n = len(sigmas) - 1
+    cache = estimator(schedule)
+    z = latents[0].to(HISTORY_DTYPE)
+    error = 0.0
+    for step in range(n):
+        v = velocities[step].to(z.device, HISTORY_DTYPE)
+        h = sigmas[step + 1] - sigmas[step]
+        if schedule.is_computed(step):
+            if cache.needs_derivative(step):
+                raise ValueError(f"the {cache.name!r} estimator needs dv/dsigma at step {step}: a replay has none")
+            cache.record(step, z, sigmas[step], v)
+            z = z + h * v
+        else:
+            z = cache.estimate(step, z, sigmas[step], sigmas[step + 1])[0]
+        reference = latents[step + 1] if step + 1 < n else latents[n - 1].to(HISTORY_DTYPE) + h * v
+        error += float(torch.mean((z - reference.to(z.device, HISTORY_DTYPE)).abs_()))
+    return error
+
+
+def _check_run(
+    schedule: Schedule, latents: Sequence[torch.Tensor], velocities: Sequence[torch.Tensor], sigmas: Sequence[float]
+) -> None:
+    """Raise ``ValueError`` unless ``schedule`` and the recorded run have the same number of steps."""
+    n = len(sigmas) - 1
+    if schedule.num_steps != n or len(latents) != n or len(velocities) != n:
+        raise ValueError(
+            f"a {schedule.num_steps}-step schedule cannot replay {len(latents)} latents and {len(velocities)} "
+            f"velocities over {n} steps"
+        )
 
 
 def _replay_group(
