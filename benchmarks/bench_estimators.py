@@ -18,6 +18,14 @@ calls :func:`meancache.models.train.calibration_calls` makes), scored as ``selec
 over both image models and all budgets is the pick (``selection`` in the results); the registered ``data-linear``
 estimator must be it. ``digits-video`` is held out: never used to choose, measured for the pick, paper and solvers.
 Results: ``benchmarks/results/estimators_digits.json``.
+
+Per budget (:func:`test_estimator_per_budget`, ``benchmarks/results/estimators_per_budget.json``): no grid point
+wins at every budget, so the variant is chosen per model and budget, on the shipped schedule, among the paper's rule
+and ``PER_BUDGET_GRID`` (target x damping 0.5 / 0.75 / 1 x wide base / last two nodes), three ways: (a) the least
+replay error (:func:`~meancache.calibration.replay_estimator_error`, summed over recorded full runs of the
+calibration calls, kept as first use keeps its trajectory), (b) the least calibration-seed error of real runs (the
+``select_schedule`` score above), (c) the evaluation seeds' best (oracle, for reference). ``digits-video`` is measured
+as the image models are; no rule is fitted on it.
 """
 
 from __future__ import annotations
@@ -33,11 +41,14 @@ import torch
 
 from benchmarks.helpers import FLOW_MULTISTEP_SCHEDULERS, RESULTS_DIR, write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache
+from meancache.calibration import replay_estimator_error
+from meancache.integrations.diffusers.calibration import observe_steps
+from meancache.integrations.diffusers.first_use import TRAJECTORY_DTYPE
 from meancache.method.estimators import ESTIMATORS, DataLinearEstimator, TrajectoryExtrapolationEstimator
 from meancache.models import bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
 from meancache.models.quality import image_metrics
-from meancache.models.train import calibration_calls
+from meancache.models.train import CALIBRATION_SEEDS, calibration_calls
 
 STEPS = 50
 SEEDS = (0, 1, 2)
@@ -52,6 +63,12 @@ GRID = {
 ABLATIONS = {
     "data-linear, last two computed steps as nodes": {"target": "data", "damping": 0.5, "min_base": 0.0},
     "velocity-linear, last two computed steps, undamped": {"target": "velocity", "damping": 1.0, "min_base": 0.0},
+}
+PER_BUDGET_GRID = {
+    f"{target}-linear damping={damping:g}, {nodes}": {"target": target, "damping": damping, "min_base": min_base}
+    for target in ("velocity", "data")
+    for damping in (0.5, 0.75, 1.0)
+    for nodes, min_base in (("wide base", 1.0), ("last two", 0.0))
 }
 SOLVERS = {"fewer steps: Euler": None, **{f"fewer steps: {n}": make for n, make in FLOW_MULTISTEP_SCHEDULERS.items()}}
 
@@ -78,6 +95,11 @@ def best_peer_rows(model_name: str) -> dict[int, dict[str, Any]]:
         chosen = max(peers, key=lambda r: r["psnr"])
         best[budget] = {"method": chosen["method"], "psnr": chosen["psnr"], "nfe": chosen["nfe"]}
     return best
+
+
+def shipped_schedule(model_name: str, budget: int) -> Schedule:
+    """The schedule ``MeanCacheConfig(budget=budget)`` uses on the bundled model."""
+    return Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
 
 
 def measure(model_name: str, estimators: list[str], calibrate: bool) -> dict[str, Any]:
@@ -111,7 +133,7 @@ def measure(model_name: str, estimators: list[str], calibrate: bool) -> dict[str
     rows = []
     peers = best_peer_rows(model_name)
     for budget in BUDGETS:
-        shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
+        shipped = shipped_schedule(model_name, budget)
         for method, make in SOLVERS.items():
             pipe.scheduler = make() if make else euler
             rows.append({"method": method, "budget": budget, "nfe": budget, "psnr": psnr(evaluation(budget))})
@@ -199,7 +221,7 @@ def selected_schedule_rows(model_name: str) -> list[dict[str, Any]]:
     calibration_references = [latents(call) for call in calibration_calls(model)]
     rows = []
     for budget in BUDGETS:
-        shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
+        shipped = shipped_schedule(model_name, budget)
         found = [shipped, Schedule.uniform(STEPS, budget), *calibration.candidate_schedules(budget)]
         candidates = {s.compute_steps: s for s in reversed(found)}  # the shipped one wins a tie of computed steps
         errors = {}
@@ -227,5 +249,89 @@ def test_schedule_selected_for_data_linear(benchmark):
                                  rounds=1, iterations=1)  # fmt: skip
     write_results("estimators_selected_schedule", {
         "steps": STEPS, "seeds": list(SEEDS), "budgets": list(BUDGETS), "estimator": DataLinearEstimator.name,
+        "models": results,
+    })  # fmt: skip
+
+
+def replay_errors_per_budget(model_name: str, estimators: list[str]) -> dict[int, dict[str, float]]:
+    """Per budget and estimator: the replay error of the shipped schedule, summed over full runs of the calibration
+    calls recorded as first use records its trajectory (``observe_steps``, kept in ``TRAJECTORY_DTYPE``)."""
+    model = load_digits_model(model_name)
+    pipe = model.pipe
+    pipe.set_progress_bar_config(disable=True)
+    runs: list[tuple[list[torch.Tensor], list[torch.Tensor], list[float]]] = []
+
+    def observer(step: int, z: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor) -> None:
+        latents, velocities, _ = runs[-1]
+        latents.append(z.detach().to("cpu", TRAJECTORY_DTYPE))
+        velocities.append(v.detach().to("cpu", TRAJECTORY_DTYPE))
+        runs[-1] = (latents, velocities, sigmas.tolist())
+
+    with observe_steps(pipe, observer), torch.inference_mode():
+        for call in calibration_calls(model):
+            runs.append(([], [], []))
+            pipe(**call, num_inference_steps=STEPS, output_type="latent")
+    return {
+        budget: {name: sum(replay_estimator_error(ESTIMATORS[name], shipped_schedule(model_name, budget), *run)
+                           for run in runs) for name in estimators}
+        for budget in BUDGETS
+    }  # fmt: skip
+
+
+def per_budget_picks(rows: list[dict[str, Any]], replayed: dict[int, dict[str, float]]) -> dict[int, dict[str, Any]]:
+    """Per budget: the best non-MeanCache row and the estimators picked by (a) least replay error, (b) least
+    calibration-seed error of real runs and (c) best evaluation PSNR, each with its PSNR and margin over that row."""
+    picks = {}
+    for budget in BUDGETS:
+        at = [r for r in rows if r["budget"] == budget]
+        peer = max((r for r in at if "estimator" not in r), key=lambda r: r["psnr"])
+        psnr = {r["estimator"]: r["psnr"] for r in at if "estimator" in r}
+        chosen = {
+            "replay": min(replayed[budget], key=replayed[budget].__getitem__),
+            "calibration_runs": min(psnr, key=lambda n: next(r["calibration_error"] for r in at
+                                                              if r.get("estimator") == n)),
+            "oracle": max(psnr, key=psnr.__getitem__),
+        }  # fmt: skip
+        picks[budget] = {"best_non_meancache": {"method": peer["method"], "psnr": peer["psnr"]}} | {
+            how: {"estimator": name, "psnr": psnr[name], "margin": psnr[name] - peer["psnr"]}
+            for how, name in chosen.items()
+        }
+    return picks
+
+
+def rule_summary(picks: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per selection rule over the budgets: the least margin, the cells at +2 dB or more, the cells where it picks
+    the oracle's estimator and the summed PSNR it leaves below the oracle."""
+    return {
+        how: {"least_margin": min(p[how]["margin"] for p in picks.values()),
+              "cells_over_2_db": sum(p[how]["margin"] >= 2.0 for p in picks.values()),
+              "oracle_picks": sum(p[how]["estimator"] == p["oracle"]["estimator"] for p in picks.values()),
+              "shortfall_db": sum(p["oracle"]["psnr"] - p[how]["psnr"] for p in picks.values())}
+        for how in ("replay", "calibration_runs", "oracle")
+    }  # fmt: skip
+
+
+def test_estimator_per_budget(benchmark):
+    """The extrapolation variant chosen per model and budget (module docstring); writes
+    ``benchmarks/results/estimators_per_budget.json``."""
+    torch.manual_seed(0)
+    names = ["paper", *PER_BUDGET_GRID]
+
+    def run() -> dict[str, Any]:
+        results = {}
+        with registered(PER_BUDGET_GRID):
+            for model_name in (*SELECTION_MODELS, *HELD_OUT):
+                rows = measure(model_name, names, True)["rows"]
+                replayed = replay_errors_per_budget(model_name, names)
+                picks = per_budget_picks(rows, replayed)
+                results[model_name] = {"rows": rows, "replay_error": replayed, "picks": picks,
+                                       "rules": rule_summary(picks)}  # fmt: skip
+        return results
+
+    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    write_results("estimators_per_budget", {
+        "steps": STEPS, "seeds": list(SEEDS), "classes": CLASSES, "budgets": list(BUDGETS),
+        "calibration_seeds": list(CALIBRATION_SEEDS), "trajectory_dtype": str(TRAJECTORY_DTYPE),
+        "selection_models": list(SELECTION_MODELS), "held_out": list(HELD_OUT), "grid": PER_BUDGET_GRID,
         "models": results,
     })  # fmt: skip
