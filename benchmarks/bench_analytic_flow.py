@@ -12,6 +12,8 @@ approximates; the digits benchmarks' reference). Rows at B = 8, 10, 13, 17, 25 e
 * the paper's rule on uniform steps (spans 1, 2, 3), on the single PSSP solution (closed-loop costs, gamma 2), and on
   the calibration's candidate schedules picked by replay on the calibration trajectories (the analogue of the shipped
   schedules);
+* what first use does by default: that replay-picked schedule with the estimator of
+  :data:`~meancache.method.estimators.SELECTABLE` whose replay on the calibration trajectories errs least;
 * extrapolation estimators (:class:`~meancache.method.estimators.TrajectoryExtrapolationEstimator`) on the same
   replay-picked schedule and on uniform steps: the registered ``data-linear`` and the variants of the digits grid.
 
@@ -28,7 +30,7 @@ import torch
 from benchmarks.bench_estimators import registered
 from benchmarks.helpers import write_results
 from meancache import Schedule, sample
-from meancache.calibration import calibrate, select_by_replay
+from meancache.calibration import calibrate, select_by_replay, select_estimator_by_replay
 from meancache.method.analytic_flow import (
     GaussianMixtureFlow,
     dpm_solver_pp_2m,
@@ -110,6 +112,10 @@ def test_analytic_flow(benchmark):
                 for label, schedule in schedules.items():
                     rows.append(row(f"paper: {label}", budget, sample(velocity32, z0.float(), sigmas, schedule),
                                     schedule))  # fmt: skip
+                default = select_estimator_by_replay(picked, latents, velocities, sigmas)
+                rows.append({**row("default (first use): replay pick, then the estimator picked by replay", budget,
+                                   sample(velocity32, z0.float(), sigmas, default), default),
+                             "estimator": default.metadata["estimator"]})  # fmt: skip
                 for name in (DataLinearEstimator.name, *VARIANTS):
                     for label, schedule in (("pssp candidates, replay pick", picked), ("uniform", uniform)):
                         out = sample(velocity32, z0.float(), sigmas, schedule, estimator=name)

@@ -11,6 +11,7 @@ import torch
 from meancache.calibration import AGGREGATES, COST_KINDS, Calibration
 from meancache.cli.arguments import check_device, check_model, check_output_dir, check_output_file, check_prompts
 from meancache.cli.pipelines import DTYPES, load_pipeline
+from meancache.method.estimators import SELECTABLE
 from meancache.models import BUNDLED_MODELS
 from meancache.schedule import Schedule
 from meancache.validation import MAX_STEPS, check_int
@@ -94,8 +95,9 @@ def run_calibrate(args: argparse.Namespace) -> None:
     )
     for budget in args.select or ():
         candidates = calibration.candidate_schedules(budget)
-        print(f"B={budget}: running {len(candidates)} candidate schedules and the full runs on {len(jobs)} "
-              "generation(s) each", flush=True)  # fmt: skip
+        print(f"B={budget}: running {len(candidates)} candidate schedules, then the chosen one with each of "
+              f"{len(SELECTABLE)} estimators, and the full runs on {len(jobs)} generation(s) each",
+              flush=True)  # fmt: skip
         schedule = select_schedule(pipe, list(calls()), candidates, args.steps)
         _write_schedule(schedule, args.out.parent / f"schedule_B{budget}.json")
 
@@ -117,7 +119,9 @@ def run_schedule(args: argparse.Namespace) -> None:
 def _write_schedule(schedule: Schedule, path: Path) -> None:
     schedule.save(path)
     if "validation_error" in schedule.metadata:
-        score = f"validation error {schedule.metadata['validation_error']:.4g}"
+        errors = schedule.metadata["estimator_validation_errors"]
+        estimator = schedule.metadata["estimator"]
+        score = f"validation error {errors[estimator]:.4g} with estimator {estimator}"
     else:
         score = f"worst edge {schedule.metadata['worst_edge_cost']:.4g}"
     print(
