@@ -144,6 +144,7 @@ def test_first_generations(benchmark, tmp_path, monkeypatch, name):
                 assert index == 0 and np.array_equal(images, first_uncached), f"generation {index} ran in full"
             psnr = float("inf") if full else float(image_metrics(images, reference)[0])
             generations.append({"generation": index + 1, "computed_steps": report.computed_steps, "psnr": psnr,
+                                "estimator": report.estimator,
                                 "source": report.schedule.metadata.get("source", "")})  # fmt: skip
         disable_mean_cache(pipe)
         cached_psnr = [g["psnr"] for g in generations if np.isfinite(g["psnr"])]
