@@ -23,6 +23,7 @@ from meancache.calibration import (
     select_estimator_by_replay,
 )
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_estimator, select_schedule
+from meancache.integrations.diffusers.calibration import observe_steps
 from meancache.integrations.diffusers.first_use import first_use_schedule
 from meancache.method.estimators import (
     ESTIMATORS,
@@ -220,7 +221,7 @@ def test_select_schedule_picks_the_candidate_closest_to_the_full_run(kind):
     chosen = select_schedule(pipe, calls, [poor, good], num_inference_steps=12)
     assert (chosen.compute_steps, chosen.metadata["validation_candidates"]) == (good.compute_steps, 2)
     assert chosen.metadata["validation_error"] == 0.0  # the same noise each run: generators are rewound
-    errors = chosen.metadata["estimator_validation_errors"]  # all exact on an all-computed schedule: a tie
+    errors = chosen.metadata["estimator_replay_errors"]  # all exact on an all-computed schedule: a tie
     assert errors == dict.fromkeys((e.name for e in SELECTABLE), 0.0) and chosen.metadata["estimator"] == "paper"
     assert "step" not in pipe.scheduler.__dict__  # MeanCache is off again
     with pytest.raises(ValueError, match=r"candidates for \[20\] steps cannot run with num_inference_steps=12"):
@@ -237,8 +238,22 @@ def test_select_estimator_names_the_estimator_whose_runs_land_closest_and_runs_f
     calls = [{**tiny_inputs("flux", seed=s), "generator": torch.Generator().manual_seed(s)} for s in range(2)]
     schedule = Schedule(16, (0, 1, 3, 8, 15), (1, 1, 2, 3), {"source": "test"})
     chosen = select_estimator(pipe, calls, schedule, 16)
-    errors = chosen.metadata["estimator_validation_errors"]
+    errors = chosen.metadata["estimator_replay_errors"]
     assert list(errors) == [e.name for e in SELECTABLE] and len(set(errors.values())) == len(errors)
+    runs = []  # the full runs, recorded step by step, replayed under each estimator
+
+    def observe(step, z, v, sigmas):
+        if step == 0:
+            runs.append(([], [], sigmas.tolist()))
+        runs[-1][0].append(z.float())
+        runs[-1][1].append(v.float())
+
+    for call in calls:
+        call["generator"].manual_seed(call["generator"].initial_seed())
+        with observe_steps(pipe, observe):
+            pipe(**call, num_inference_steps=16, output_type="latent")
+    expected = {e.name: sum(replay_estimator_error(e, schedule, *run) for run in runs) for e in SELECTABLE}
+    assert errors == pytest.approx(expected, rel=1e-6)
     assert chosen.metadata["estimator"] == min(errors, key=errors.__getitem__) and chosen.metadata["source"] == "test"
     enable_mean_cache(pipe, MeanCacheConfig(chosen))  # the default estimator: the one the schedule names
     pipe(**tiny_inputs("flux"), num_inference_steps=16, output_type="latent")

@@ -95,8 +95,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
     )
     for budget in args.select or ():
         candidates = calibration.candidate_schedules(budget)
-        print(f"B={budget}: running {len(candidates)} candidate schedules, then the chosen one with each of "
-              f"{len(SELECTABLE)} estimators, and the full runs on {len(jobs)} generation(s) each",
+        print(f"B={budget}: running {len(candidates)} candidate schedules and the full runs on {len(jobs)} "
+              f"generation(s) each, then replaying the chosen one with each of {len(SELECTABLE)} estimators",
               flush=True)  # fmt: skip
         schedule = select_schedule(pipe, list(calls()), candidates, args.steps)
         _write_schedule(schedule, args.out.parent / f"schedule_B{budget}.json")
@@ -119,9 +119,8 @@ def run_schedule(args: argparse.Namespace) -> None:
 def _write_schedule(schedule: Schedule, path: Path) -> None:
     schedule.save(path)
     if "validation_error" in schedule.metadata:
-        errors = schedule.metadata["estimator_validation_errors"]
-        estimator = schedule.metadata["estimator"]
-        score = f"validation error {errors[estimator]:.4g} with estimator {estimator}"
+        metadata = schedule.metadata
+        score = f"validation error {metadata['validation_error']:.4g}, estimator {metadata['estimator']}"
     else:
         score = f"worst edge {schedule.metadata['worst_edge_cost']:.4g}"
     print(
