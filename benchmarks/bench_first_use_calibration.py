@@ -24,20 +24,22 @@ three generations of all ten digits (30 trajectories, as the shipped calibration
 own seeds and on others. Overhead: the median wall time of a calibrating generation over a plain generation of
 the same one-digit call, for the calibrating generations that only measure costs and for the last ones, which
 also select by replay.
-Results: ``benchmarks/results/first_use_calibration_<model>.json``.
+Results: ``benchmarks/results/first_use_calibration_<model>.json`` and the plot of PSNR against measured speed with
+the first-use schedules, ``first_use_calibration_<model>_measured.png`` (speeds from ``quality_<model>.json``).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench_quality import SEEDS, SOLVERS, STEPS
-from benchmarks.helpers import write_results
+from benchmarks.bench_quality import SEEDS, SHIPPED, SOLVERS, STEPS
+from benchmarks.helpers import RESULTS_DIR, write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration, calibration_store
 from meancache.config import DEFAULT_CALIBRATION_RUNS
@@ -180,6 +182,44 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
         "calibration_draws": "draw d, generation i: digit (2d + i) mod 10, seed 1000 + 100 d + i",
         "overhead": overhead, "summary": over_draws(rows), "rows": rows,
     })  # fmt: skip
+    plot_measured_speed(model_name, over_draws(rows))
+
+
+def plot_measured_speed(model_name: str, summary: list[dict]) -> None:
+    """PSNR against measured speed with first-use schedules: the default first use's mean and worst draw over
+    calibrations, at the measured eager speedup of MeanCache with the same number of computed steps (the shipped
+    schedule's in ``quality_<model>.json``: same steps, same estimators, so the same cost), beside every timed row of
+    that benchmark (solvers and peers, at their own measured speed). ``first_use_calibration_<model>_measured.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality = [r for r in json.loads((RESULTS_DIR / f"quality_{model_name}.json").read_text())["rows"]
+               if "speedup_eager" in r and np.isfinite(r["psnr"])]  # fmt: skip
+    speed = {r["budget"]: r["speedup_eager"] for r in quality if r["method"] == SHIPPED}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    first_use = sorted((s for s in summary if s["default"] and s["method"].startswith("calibrate on first use")),
+                       key=lambda s: s["budget"])  # fmt: skip
+    for key, style, label in (("psnr_mean", "-", "mean of 5 calibrations"), ("psnr_min", "--", "worst calibration")):
+        ax.plot([speed[s["budget"]] for s in first_use], [s[key] for s in first_use], style, marker="o", linewidth=3,
+                color="tab:red", label=f"MeanCache, first use (default), {label}")  # fmt: skip
+    families: dict[str, list[dict]] = {}
+    for r in quality:
+        families.setdefault("MeanCache (shipped schedule)" if r["method"] == SHIPPED else r["family"], []).append(r)
+    colors = iter(c for i, c in enumerate(plt.get_cmap("tab20").colors) if i not in (6, 7))  # red: first use
+    for name, points in sorted(families.items()):
+        points = sorted(points, key=lambda r: r["speedup_eager"])
+        ax.plot([p["speedup_eager"] for p in points], [p["psnr"] for p in points], marker="o", linewidth=1,
+                color=next(colors), label=name)  # fmt: skip
+    ax.set_xlabel(f"measured eager speedup over the full {STEPS}-step run (quality benchmark's timings)")
+    ax.set_ylabel(f"PSNR against the full {STEPS}-step run (dB)")
+    ax.set_title(f"{model_name}: first-use schedules against measured speed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"first_use_calibration_{model_name}_measured.png", dpi=120)
+    plt.close(fig)
 
 
 def keep_spans(calibration: Calibration, solved: Schedule, max_span: int) -> Schedule:

@@ -370,8 +370,9 @@ class DataLinearEstimator(TrajectoryExtrapolationEstimator):
     prediction. In closed form the integral is ``(1 - sigma_{i+1}/sigma_i) (x0_c - m' sigma_c) + m' sigma_{i+1}
     log(sigma_i / sigma_{i+1})`` with ``m' = m / 2``. The damping 1/2 and the wide base were chosen on the bundled
     models' calibration seeds (``benchmarks/bench_estimators.py``; ``docs/schedule_study.md``, "Estimators between
-    computed steps"). Opt in with ``MeanCacheConfig(estimator="data-linear")``; computed steps are untouched, so a
-    full budget is the plain sampler. Holds four float32 predictions and the last velocity.
+    computed steps"). Selection picks it per schedule (``SELECTABLE``), or name it:
+    ``MeanCacheConfig(estimator="data-linear")``; computed steps are untouched, so a full budget is the plain sampler.
+    Holds four float32 predictions and the last velocity.
     """
 
     name: ClassVar[str] = "data-linear"
@@ -485,9 +486,10 @@ SELECTABLE: tuple[type[Estimator], ...] = (
     DataLinearEstimator,
     DataLinearLastTwoEstimator,
 )
-"""The estimators a schedule is validated with (the paper's rule first): selection runs the schedule with each and
-records the best in its metadata (``ESTIMATOR_KEY``). Each is the measured best of some budget of some bundled model
-on its shipped schedule (``benchmarks/bench_estimators.py``, ``docs/schedule_study.md``)."""
+"""The estimators a schedule is validated with (the paper's rule first): selection replays the schedule under each
+on recorded full runs and records the best in its metadata (``ESTIMATOR_KEY``;
+:func:`meancache.calibration.select_estimator_by_replay`). Each is the measured best of some budget of some bundled
+model on its shipped schedule (``benchmarks/bench_estimators.py``, ``docs/schedule_study.md``)."""
 
 ESTIMATORS: dict[str, type[Estimator]] = {estimator.name: estimator for estimator in (*SELECTABLE, ExactJVPEstimator)}
 """Estimator name -> class; ``MeanCacheConfig(estimator=...)`` picks one by name."""
