@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from benchmarks.bench_quality import SEEDS, SHIPPED, SOLVERS, STEPS
-from benchmarks.helpers import RESULTS_DIR, write_results
+from benchmarks.helpers import RESULTS_DIR, save_plot, write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration, calibration_store
 from meancache.config import DEFAULT_CALIBRATION_RUNS
@@ -212,14 +212,10 @@ def plot_measured_speed(model_name: str, summary: list[dict]) -> None:
         points = sorted(points, key=lambda r: r["speedup_eager"])
         ax.plot([p["speedup_eager"] for p in points], [p["psnr"] for p in points], marker="o", linewidth=1,
                 color=next(colors), label=name)  # fmt: skip
-    ax.set_xlabel(f"measured eager speedup over the full {STEPS}-step run (quality benchmark's timings)")
-    ax.set_ylabel(f"PSNR against the full {STEPS}-step run (dB)")
-    ax.set_title(f"{model_name}: first-use schedules against measured speed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"first_use_calibration_{model_name}_measured.png", dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, f"measured eager speedup over the full {STEPS}-step run (quality benchmark's timings)",
+              f"PSNR against the full {STEPS}-step run (dB)",
+              f"{model_name}: first-use schedules against measured speed",
+              f"first_use_calibration_{model_name}_measured")  # fmt: skip
 
 
 def keep_spans(calibration: Calibration, solved: Schedule, max_span: int) -> Schedule:

@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.helpers import FLOW_MULTISTEP_SCHEDULERS, RESULTS_DIR, write_results
+from benchmarks.helpers import FLOW_MULTISTEP_SCHEDULERS, save_plot, write_results
 from benchmarks.quality_peers import attention_caches, block_caches, magcache_ratios
 from benchmarks.quality_speed import BlockCounter, FlopCounter, Setup, median_seconds
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
@@ -161,14 +161,10 @@ def plot_quality(model_name: str, rows: list[dict], sweep: list[dict]) -> None:
         }.get(name, {"linewidth": 1, "linestyle": "--", "marker": "o"})
         ax.plot([STEPS / p["nfe"] for p in points], [p["psnr"] for p in points], label=name, color=next(colors),
                 **style)  # fmt: skip
-    ax.set_xlabel(f"speedup in transformer compute ({STEPS} / model evaluations)")
-    ax.set_ylabel(f"PSNR against the full {STEPS}-step run (dB)")
-    ax.set_title(f"{model_name}: quality against compute (MeanCache rows at B = {', '.join(map(str, BUDGETS))})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"quality_{model_name}.png", dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, f"speedup in transformer compute ({STEPS} / model evaluations)",
+              f"PSNR against the full {STEPS}-step run (dB)",
+              f"{model_name}: quality against compute (MeanCache rows at B = {', '.join(map(str, BUDGETS))})",
+              f"quality_{model_name}")  # fmt: skip
 
 
 def plot_measured_speed(model_name: str, rows: list[dict]) -> None:
@@ -191,16 +187,10 @@ def plot_measured_speed(model_name: str, rows: list[dict]) -> None:
             ordered = sorted((p for p in points if f"speedup_{mode}" in p), key=lambda p: p[f"speedup_{mode}"])
             ax.plot([p[f"speedup_{mode}"] for p in ordered], [p["psnr"] for p in ordered], marker="o", color=color,
                     linewidth=3 if name == family(SHIPPED) else 1, label=f"{name} ({mode})", **style)  # fmt: skip
-    ax.set_xlabel(f"measured speedup over the full {STEPS}-step run (denoising loop, median of 5)")
-    ax.set_ylabel(f"PSNR against the full {STEPS}-step run (dB)")
-    ax.set_title(
-        f"{model_name}: quality against measured speed, eager and compiled (B = {', '.join(map(str, BUDGETS))})"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"quality_{model_name}_measured.png", dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, f"measured speedup over the full {STEPS}-step run (denoising loop, median of 5)",
+              f"PSNR against the full {STEPS}-step run (dB)",
+              f"{model_name}: quality against measured speed, eager and compiled (B = {', '.join(map(str, BUDGETS))})",
+              f"quality_{model_name}_measured", legend_columns=2)  # every family twice: eager, compiled  # fmt: skip
 
 
 @pytest.mark.parametrize("model_name", sorted(BUNDLED_MODELS))

@@ -115,3 +115,18 @@ def peak_memory_bytes(fn: Any) -> int:
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def save_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, name: str, legend_columns: int = 1) -> None:
+    """Label, grid and legend ``ax`` (in ``legend_columns``), and write ``fig`` as ``benchmarks/results/<name>.png``
+    (and close it)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7 if legend_columns == 1 else 6, loc="upper right", ncol=legend_columns)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=120)
+    plt.close(fig)

@@ -375,10 +375,7 @@ class DataLinearEstimator(TrajectoryExtrapolationEstimator):
     Holds four float32 predictions and the last velocity.
     """
 
-    name: ClassVar[str] = "data-linear"
-    target: ClassVar[str] = "data"
-    variable: ClassVar[str] = "sigma"
-    order: ClassVar[int] = 2
+    name: ClassVar[str] = "data-linear"  # target "data", variable "sigma", order 2: the base's
     damping: ClassVar[float] = 0.5
     min_base: ClassVar[float] = 1.0
 
@@ -404,11 +401,8 @@ class VelocityLinearEstimator(TrajectoryExtrapolationEstimator):
 
     undamped (``theta = 1``): what wins on a smooth exact flow and at the smallest budgets of the bundled models."""
 
-    name: ClassVar[str] = "velocity-linear"
+    name: ClassVar[str] = "velocity-linear"  # variable "sigma", order 2, undamped: the base's
     target: ClassVar[str] = "velocity"
-    variable: ClassVar[str] = "sigma"
-    order: ClassVar[int] = 2
-    damping: ClassVar[float] = 1.0
     min_base: ClassVar[float] = 1.0
 
 
