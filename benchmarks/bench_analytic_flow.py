@@ -112,7 +112,7 @@ def test_analytic_flow(benchmark):
                 for label, schedule in schedules.items():
                     rows.append(row(f"paper: {label}", budget, sample(velocity32, z0.float(), sigmas, schedule),
                                     schedule))  # fmt: skip
-                default = select_estimator_by_replay(picked, latents, velocities, sigmas)
+                default = select_estimator_by_replay(picked, [(latents, velocities, sigmas)])
                 rows.append({**row("default (first use): replay pick, then the estimator picked by replay", budget,
                                    sample(velocity32, z0.float(), sigmas, default), default),
                              "estimator": default.metadata["estimator"]})  # fmt: skip

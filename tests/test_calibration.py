@@ -204,7 +204,7 @@ def test_select_estimator_by_replay_names_the_least_replay_error_in_the_metadata
     sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
     latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
     schedule = Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2), {"source": "test"})
-    chosen = select_estimator_by_replay(schedule, latents, velocities, sigmas)
+    chosen = select_estimator_by_replay(schedule, [(latents, velocities, sigmas)])
     errors = {e.name: replay_estimator_error(e, schedule, latents, velocities, sigmas) for e in SELECTABLE}
     assert chosen.metadata["estimator_replay_errors"] == errors and len(set(errors.values())) == len(errors)
     assert chosen.metadata["estimator"] == min(errors, key=errors.__getitem__) and chosen.metadata["source"] == "test"

@@ -204,16 +204,14 @@ def select_by_replay(
 
 
 def select_estimator_by_replay(
-    schedule: Schedule,
-    latents: Sequence[torch.Tensor],
-    velocities: Sequence[torch.Tensor],
-    sigmas: Sequence[float],
+    schedule: Schedule, runs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]]
 ) -> Schedule:
     """``schedule`` with the estimator of :data:`~meancache.method.estimators.SELECTABLE` whose
-    :func:`replay_estimator_error` on the recorded run is least named in its metadata (``ESTIMATOR_KEY``, which
-    :class:`~meancache.MeanCacheConfig` follows by default), with every candidate's error
-    (``estimator_replay_errors``). On a tie the earlier candidate (the paper's rule first) is kept."""
-    errors = {estimator.name: replay_estimator_error(estimator, schedule, latents, velocities, sigmas)
+    :func:`replay_estimator_error`, summed over the recorded ``runs`` (each ``(latents, velocities, sigmas)``), is
+    least named in its metadata (``ESTIMATOR_KEY``, which :class:`~meancache.MeanCacheConfig` follows by default),
+    with every candidate's error (``estimator_replay_errors``). On a tie the earlier candidate (the paper's rule
+    first) is kept."""
+    errors = {estimator.name: sum(replay_estimator_error(estimator, schedule, *run) for run in runs)
               for estimator in SELECTABLE}  # fmt: skip
     best = min(errors, key=errors.__getitem__)
     metadata = {**schedule.metadata, ESTIMATOR_KEY: best, "estimator_replay_errors": errors}

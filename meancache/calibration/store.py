@@ -88,9 +88,10 @@ class CalibrationStore:
         """Every calibration this process saved or loaded, by digest (all of them when the folder is unusable)."""
         self._uses: dict[str, int] = {}
         """Per digest, :meth:`uses` when the folder is unusable."""
-        self._read: dict[str, tuple[tuple[int, int], Calibration]] = {}
-        """Per digest, the file's ``(st_mtime_ns, st_size)`` when last read and what it held: every generation of a
-        key resolves its calibration, and parsing the file again each time allocates thousands of lists."""
+        self._versions: dict[str, tuple[int, int]] = {}
+        """Per digest, the file's ``(st_mtime_ns, st_size)`` when ``_memory`` last took its calibration from it or
+        wrote it there: every generation of a key resolves its calibration, and parsing the file again each time
+        allocates thousands of lists."""
         self._writable = root is not None
 
     def path(self, key: Mapping[str, Any]) -> Path | None:
@@ -101,15 +102,14 @@ class CalibrationStore:
         """The calibration stored for ``key``, or None (absent, or unusable: warned)."""
         digest = key_digest(key)
         path = self.path(key)
-        try:
-            stat = path.stat() if path is not None else None
-        except OSError:
-            stat = None
-        if path is None or stat is None:
+        if path is None:
             return self._memory.get(digest)
-        version = (stat.st_mtime_ns, stat.st_size)
-        if digest in self._read and self._read[digest][0] == version:
-            return self._read[digest][1]
+        try:
+            version = _version(path)
+        except OSError:  # no file (yet)
+            return self._memory.get(digest)
+        if self._versions.get(digest) == version and digest in self._memory:
+            return self._memory[digest]
         try:
             calibration = Calibration.load(path)
         except (OSError, ValueError, TypeError, KeyError) as e:
@@ -120,7 +120,7 @@ class CalibrationStore:
             logger.warning("MeanCache: ignoring %s: it holds the calibration of another key; calibrating again", path)
             return self._memory.get(digest)
         self._memory[digest] = calibration
-        self._read[digest] = (version, calibration)
+        self._versions[digest] = version
         return calibration
 
     def save(self, key: Mapping[str, Any], calibration: Calibration) -> Path | None:
@@ -139,8 +139,7 @@ class CalibrationStore:
             try:
                 calibration.save(temporary)
                 os.replace(temporary, path)
-                stat = path.stat()
-                self._read[digest] = ((stat.st_mtime_ns, stat.st_size), calibration)
+                self._versions[digest] = _version(path)
                 (self.folder / f"{digest}.uses").unlink(missing_ok=True)
             finally:
                 if os.path.exists(temporary):
@@ -202,8 +201,14 @@ class CalibrationStore:
             path.with_suffix(".uses").unlink(missing_ok=True)
             self._memory.pop(path.stem, None)
             self._uses.pop(path.stem, None)
-            self._read.pop(path.stem, None)
+            self._versions.pop(path.stem, None)
         return targets
+
+
+def _version(path: Path) -> tuple[int, int]:
+    """What changes when a file is rewritten: its modification time (ns) and size."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
 
 
 _STORES: dict[Path | None, CalibrationStore] = {}

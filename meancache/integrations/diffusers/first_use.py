@@ -271,7 +271,7 @@ class GenerationCalibration:
             latents, velocities = self.trajectory
             chosen = select_by_replay(calibration.candidate_schedules(self.budget), latents, velocities,
                                       calibration.sigmas)  # fmt: skip
-            chosen = select_estimator_by_replay(chosen, latents, velocities, calibration.sigmas)
+            chosen = select_estimator_by_replay(chosen, [(latents, velocities, calibration.sigmas)])
             entry = {name: chosen.metadata[name] for name in ("gamma", "max_gap", "max_span", "replay_error",
                                                                 "replay_candidates", ESTIMATOR_KEY)}  # fmt: skip
             entry |= {"compute_steps": list(chosen.compute_steps), "spans": list(chosen.spans)}

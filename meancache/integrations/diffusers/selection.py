@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from meancache.calibration import replay_estimator_error
+from meancache.calibration import select_estimator_by_replay
 from meancache.config import MeanCacheConfig
 from meancache.integrations.diffusers.calibration import observe_steps
 from meancache.integrations.diffusers.pipeline import disable_mean_cache, enable_mean_cache
-from meancache.method.estimators import ESTIMATOR_KEY, SELECTABLE, PaperRuleEstimator
+from meancache.method.estimators import PaperRuleEstimator
 from meancache.schedule import Schedule
 
 
@@ -38,17 +38,14 @@ def select_schedule(
     chosen = candidates[best]
     metadata = {**chosen.metadata, "validation_error": errors[best], "validation_candidates": len(candidates)}
     chosen = Schedule(chosen.num_steps, chosen.compute_steps, chosen.spans, metadata)
-    return _with_estimator(chosen, validation)
+    return select_estimator_by_replay(chosen, validation.trajectories)
 
 
 def select_estimator(
     pipe: DiffusionPipeline, calls: Sequence[dict[str, Any]], schedule: Schedule, num_inference_steps: int
 ) -> Schedule:
-    """``schedule`` with the estimator of :data:`~meancache.method.estimators.SELECTABLE` whose replay on the full
-    runs of ``calls`` errs least (:func:`~meancache.calibration.replay_estimator_error`, summed over the calls)
-    named in its metadata (``ESTIMATOR_KEY``, which :class:`~meancache.MeanCacheConfig` follows by default), with
-    every candidate's error (``estimator_replay_errors``). On a tie the earlier candidate (the paper's rule first)
-    is kept.
+    """``schedule`` with the estimator :func:`~meancache.calibration.select_estimator_by_replay` picks on the full
+    runs of ``calls``, recorded step by step (the estimator's name and every candidate's error in its metadata).
 
     Replay, not MeanCache runs scored on their final latents as :func:`select_schedule` scores schedules: on the
     bundled models the replay's picks are the evaluation seeds' best at 9 of 10 image cells and lose 3.0 dB in
@@ -58,18 +55,7 @@ def select_estimator(
         raise ValueError(
             f"a schedule for {schedule.num_steps} steps cannot run with num_inference_steps={num_inference_steps}"
         )
-    return _with_estimator(schedule, _Validation(pipe, calls, num_inference_steps))
-
-
-def _with_estimator(schedule: Schedule, validation: _Validation) -> Schedule:
-    """``schedule`` with the estimator :func:`select_estimator` picks on ``validation``'s full runs."""
-    errors = {
-        estimator.name: sum(replay_estimator_error(estimator, schedule, *run) for run in validation.trajectories)
-        for estimator in SELECTABLE
-    }
-    best = min(errors, key=errors.__getitem__)
-    metadata = {**schedule.metadata, ESTIMATOR_KEY: best, "estimator_replay_errors": errors}
-    return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
+    return select_estimator_by_replay(schedule, _Validation(pipe, calls, num_inference_steps).trajectories)
 
 
 class _Validation:
