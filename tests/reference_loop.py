@@ -51,6 +51,23 @@ def toy_velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.sin(3.0 * sigma + z) - (1.0 + sigma) * z
 
 
+def history_peak_bytes(estimator, z, sigmas, each_step=None):
+    """Drive ``estimator`` over its schedule on :func:`toy_velocity` from ``z`` (record on computed steps, estimate
+    on skipped ones) and return the most history bytes it held; ``each_step(estimator)`` runs after every step."""
+    peak = 0
+    for i in range(estimator.schedule.num_steps):
+        if estimator.schedule.is_computed(i):
+            v = toy_velocity(z, sigmas[i])
+            estimator.record(i, z, sigmas[i], v)
+            z = z + (sigmas[i + 1] - sigmas[i]) * v
+        else:
+            z, _ = estimator.estimate(i, z, sigmas[i], sigmas[i + 1])
+        peak = max(peak, estimator.history_bytes())
+        if each_step is not None:
+            each_step(estimator)
+    return peak
+
+
 @contextlib.contextmanager
 def reference_steps(scheduler, compute_steps, spans):
     """While active, an (uncached) diffusers pipeline's ``scheduler`` steps with the reference rule's velocity:

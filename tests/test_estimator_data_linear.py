@@ -8,7 +8,7 @@ import torch
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, sample
 from meancache.method.estimators import ESTIMATORS, DataLinearEstimator, TrajectoryExtrapolationEstimator
 from meancache.testing import PIPELINE_KINDS, generate_latents, tiny_inputs, tiny_pipeline
-from tests.reference_loop import toy_velocity
+from tests.reference_loop import history_peak_bytes, toy_velocity
 
 SCHEDULE = Schedule(30, (0, 1, 2, 5, 9, 14, 20, 23, 29), (1, 1, 2, 3, 4, 5, 1, 5))
 
@@ -126,18 +126,8 @@ def test_full_budget_is_the_plain_sampler():
 
 def test_history_is_bounded():
     schedule = Schedule.preset("z-image", 20).for_steps(200)
-    estimator = DataLinearEstimator(schedule)
-    sigmas = _sigmas(200)
     z = torch.randn(64, 16)
-    peak = 0
-    for i in range(200):
-        if schedule.is_computed(i):
-            v = toy_velocity(z, sigmas[i])
-            estimator.record(i, z, sigmas[i], v)
-            z = z + (sigmas[i + 1] - sigmas[i]) * v
-        else:
-            z, _ = estimator.estimate(i, z, sigmas[i], sigmas[i + 1])
-        peak = max(peak, estimator.history_bytes())
+    peak = history_peak_bytes(DataLinearEstimator(schedule), z, _sigmas(200))
     assert peak <= 5 * z.numel() * 4  # four predictions and the last velocity
 
 

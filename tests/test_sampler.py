@@ -5,7 +5,7 @@ import torch
 
 from meancache import Schedule, sample
 from meancache.method.estimators import PaperRuleEstimator, make_estimator
-from tests.reference_loop import reference_sample, toy_velocity
+from tests.reference_loop import history_peak_bytes, reference_sample, toy_velocity
 
 SPANS_1_TO_5 = Schedule(30, (0, 1, 2, 5, 9, 14, 20, 23, 29), (1, 1, 2, 3, 4, 5, 1, 5))
 
@@ -63,20 +63,13 @@ def test_velocity_fn_runs_only_on_computed_steps():
 @pytest.mark.parametrize("num_steps", [50, 200])
 def test_history_memory_is_bounded_by_the_largest_span(num_steps):
     schedule = Schedule.preset("z-image", 20).for_steps(num_steps)
-    estimator = make_estimator("paper", schedule)
-    sigmas = _sigmas(num_steps).tolist()
     z = torch.randn(64, 16)
     latent_bytes = z.numel() * 4
-    peak = 0
-    for i in range(num_steps):
-        if schedule.is_computed(i):
-            v = toy_velocity(z, sigmas[i])
-            estimator.record(i, z, sigmas[i], v)
-            z = z + (sigmas[i + 1] - sigmas[i]) * v
-        else:
-            z, _ = estimator.estimate(i, z, sigmas[i], sigmas[i + 1])
-        peak = max(peak, estimator.history_bytes())
+
+    def bounded(estimator):
         assert estimator.history_size <= schedule.max_span
+
+    peak = history_peak_bytes(make_estimator("paper", schedule), z, _sigmas(num_steps).tolist(), bounded)
     assert schedule.max_span == 5
     assert peak == (2 * (5 + 1) + 1) * latent_bytes  # a ring of max_span + 1 latents and velocities, and z_{i+1}
 
