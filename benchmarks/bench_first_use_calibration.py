@@ -2,28 +2,28 @@
 
 For each bundled model, with its shipped schedules hidden (the pipeline's ``name_or_path`` is renamed, so
 ``MeanCacheConfig(budget=B)`` finds no schedule in the model folder) and the presets matched by transformer
-family hidden (digits-qwen runs Qwen-Image's transformer class), ``calibration_runs`` R = 1, 2, 4, each budget B
-and five calibration draws (a fresh calibration store each, since the last calibrating generation selects the
-schedule for its own budget): R generations of one digit each (draw ``d``, generation ``i``: digit
-``(2 d + i) mod 10``, seed ``1000 + 100 d + i``; draw 0 is digits 0, 1, ... with seeds 1000, 1001, ...; all
-disjoint from the evaluation seeds 0-2 and the shipped calibration's 100-102) run in full while MeanCache
-calibrates, the last one also selecting by replay (:mod:`meancache.calibration.replay`); then B runs the
-schedule ``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the store. The same calibration's PSSP
-solution with the default solver settings (what a budget gets without a replayed selection) is a row too, and,
-for the default R, the selection as it was before candidates stopped anchoring look-backs at step 0
-(:meth:`~meancache.calibration.Calibration.without_step_0_anchor` undone). ``summary`` holds each method's mean,
-lowest and highest PSNR over the draws. First use is progressive (one full generation, then a full one every
-``FULL_RUN_EVERY``-th); here every generation until R calibrates (``FULL_RUN_EVERY`` set to 1), so R = 1 is the
-schedule a user's generations 2-10 get and R = ``calibration_runs`` the one they get from then on. The rows of the
-default ``calibration_runs`` carry ``"default": true`` (and so do their entries in ``summary``).
+family hidden (digits-qwen runs Qwen-Image's transformer class), ``calibration_runs`` R = 1, 2, 4 (digits-video:
+the default only) and five calibration draws (a fresh calibration store each): R generations of one digit each
+(draw ``d``, generation ``i``: digit ``(2 d + i) mod 10``, seed ``1000 + 100 d + i``; draw 0 is digits 0, 1, ... with
+seeds 1000, 1001, ...; all disjoint from the evaluation seeds 0-2 and the shipped calibration's 100-102) run in full
+at B = 8 while MeanCache calibrates and records their runs, the last one also selecting schedule and estimator by
+replay (:func:`meancache.calibration.select_by_replay`, refined); then each budget B runs the schedule
+``MeanCacheConfig(budget=B, calibration_runs=R)`` resolves from the store (another budget than the calibrating
+one is selected the same way, on the stored runs, when first asked for). Rows of the same calibration: its PSSP
+solution with the default solver settings (what a budget gets without recorded runs) and, for R = 1, the unrefined
+pick on its one run, what a user's generations 2-10 get while the default R = 4 is provisional. ``summary`` holds
+each method's mean, lowest and highest PSNR over the draws. First use is progressive (one full generation, then a
+full one every ``FULL_RUN_EVERY``-th); here every generation until R calibrates (``FULL_RUN_EVERY`` set to 1). The
+rows of the default ``calibration_runs`` carry ``"default": true`` (and so do their entries in ``summary``).
 
 Rows at B = 8, 10, 13, 17, 25, against the full 50-step run over digits 0-9 x seeds 0-2 (PSNR, SSIM): the shipped
 validated schedule, a single PSSP solution (closed-loop, gamma 2) of the shipped 30-trajectory calibration,
 uniform plain reuse (K = 1), and DPM-Solver++ 2M at B steps. How much the calibration data matters: first use on
 three generations of all ten digits (30 trajectories, as the shipped calibration), on the shipped calibration's
-own seeds and on others. Overhead: the median wall time of a calibrating generation over a plain generation of
-the same one-digit call, for the calibrating generations that only measure costs and for the last ones, which
-also select by replay.
+own seeds and on others (image models). Overhead: the median wall time of a calibrating generation over a plain
+generation of the same one-digit call, for the calibrating generations that only measure costs (and make the
+provisional pick) and for the last ones, which also select and refine by replay; and the first generation at
+another budget, which selects for it.
 Results: ``benchmarks/results/first_use_calibration_<model>.json`` and the plot of PSNR against measured speed with
 the first-use schedules, ``first_use_calibration_<model>_measured.png`` (speeds from ``quality_<model>.json``).
 """
@@ -41,23 +41,23 @@ import torch
 from benchmarks.bench_quality import SEEDS, SHIPPED, SOLVERS, STEPS
 from benchmarks.helpers import RESULTS_DIR, save_plot, write_results
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
-from meancache.calibration import Calibration, calibration_store
+from meancache.calibration import Calibration, calibration_store, select_by_replay
 from meancache.config import DEFAULT_CALIBRATION_RUNS
 from meancache.integrations.diffusers import first_use as first_use_module
 from meancache.integrations.diffusers.first_use import SELECTED, first_use_schedule
-from meancache.models import IMAGE_MODELS, bundled_model_path, load_digits_model
+from meancache.models import BUNDLED_MODELS, IMAGE_MODELS, bundled_model_path, load_digits_model
 from meancache.models.digits import CLASSES
 from meancache.models.quality import image_metrics
 from meancache.schedule import defaults
 
 BUDGETS = (8, 10, 13, 17, 25)
 RUNS = (1, 2, 4)
-DEFAULT_RUNS = 2
 DRAWS = range(5)
 BATCHED = ((3, (100, 101, 102)), (3, (1000, 1001, 1002)))
 """First use on 30 trajectories: R = 3 generations of all ten digits, on the shipped calibration's own seeds
 (100-102) and on others."""
 DPM = "fewer steps: DPM-Solver++ 2M"
+PROVISIONAL = "first use after one generation, unrefined (generations 2-10 of the default calibration_runs)"
 
 
 def draw_calls(draw: int, runs: int) -> list[tuple[int, int]]:
@@ -65,8 +65,9 @@ def draw_calls(draw: int, runs: int) -> list[tuple[int, int]]:
     return [((2 * draw + i) % 10, 1000 + 100 * draw + i) for i in range(runs)]
 
 
-@pytest.mark.parametrize("model_name", IMAGE_MODELS)
+@pytest.mark.parametrize("model_name", BUNDLED_MODELS)
 def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
+    video = model_name not in IMAGE_MODELS
     model = load_digits_model(model_name)
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
@@ -78,8 +79,9 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
 
     def generate(inputs: dict, seed: int, steps: int = STEPS) -> np.ndarray:
         with torch.inference_mode():
-            return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                        output_type="np").images[..., 0]  # fmt: skip
+            latents = pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                           output_type="latent", return_dict=False)[0]  # fmt: skip
+        return model.decode(latents)
 
     def evaluate(steps: int = STEPS) -> dict[int, np.ndarray]:
         return {seed: generate(model.inputs(CLASSES), seed, steps) for seed in SEEDS}
@@ -97,65 +99,66 @@ def test_first_use_calibration(benchmark, tmp_path, monkeypatch, model_name):
             disable_mean_cache(pipe)
 
     def schedule_row(method: str, budget: int, schedule: Schedule, references: dict, **extra) -> dict:
-        """``row`` of ``schedule``'s images, naming its computed steps and spans."""
+        """``row`` of ``schedule``'s images, naming its computed steps, spans and estimator."""
         return row(method, budget, run_schedule(schedule), references, compute_steps=list(schedule.compute_steps),
-                   spans=list(schedule.spans), **extra)  # fmt: skip
+                   spans=list(schedule.spans), estimator=schedule.metadata.get("estimator", "paper"),
+                   **extra)  # fmt: skip
 
     def measure() -> tuple[list[dict], dict]:
         references = evaluate()
         rows: list[dict] = []
-        seconds: dict[str, list[float]] = {"plain": [], "calibrating": [], "selecting": []}
+        seconds: dict[str, list[float]] = {"plain": [], "calibrating": [], "selecting": [], "another_budget": []}
         for _ in range(3):
             start = time.perf_counter()
             generate(model.inputs([0]), 1000)
             seconds["plain"].append(time.perf_counter() - start)
 
-        def first_use(runs: int, budget: int, draw: int, label: str) -> Schedule:
-            """The schedule first use resolves after calibrating on ``draw``, timing its generations."""
-            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_{label}_R{runs}_B{budget}_draw{draw}"))
-            config = MeanCacheConfig(budget=budget, calibration_runs=runs)
-            enable_mean_cache(pipe, config)
-            for i, (digit, seed) in enumerate(draw_calls(draw, runs)):
+        def first_use(calls: list[tuple[list[int], int]], runs: int, label: str) -> dict[int, Schedule]:
+            """Per budget, the schedule first use resolves after calibrating on ``calls`` (classes, seed) with
+            ``calibration_runs=runs`` at the first budget, timing its generations (module docstring)."""
+            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_{label}"))
+            schedules = {}
+            for budget in BUDGETS:
+                config = MeanCacheConfig(budget=budget, calibration_runs=runs)
+                enable_mean_cache(pipe, config)
+                if budget == BUDGETS[0]:
+                    for i, (classes, seed) in enumerate(calls):
+                        start = time.perf_counter()
+                        generate(model.inputs(classes), seed)
+                        seconds["selecting" if i == runs - 1 else "calibrating"].append(time.perf_counter() - start)
+                        assert summary(pipe).schedule.metadata["source"].startswith("calibrating on first use")
                 start = time.perf_counter()
-                generate(model.inputs([digit]), seed)
-                seconds["selecting" if i == runs - 1 else "calibrating"].append(time.perf_counter() - start)
-                assert summary(pipe).schedule.metadata["source"].startswith("calibrating on first use")
-            disable_mean_cache(pipe)
-            enable_mean_cache(pipe, config)
-            generate(model.inputs([0]), 0)
-            report = summary(pipe)
-            disable_mean_cache(pipe)
-            assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay"), report
-            assert report.computed_steps == budget
-            return report.schedule
+                generate(model.inputs([0]), 0)
+                if budget != BUDGETS[0]:
+                    seconds["another_budget"].append(time.perf_counter() - start)
+                report = summary(pipe)
+                disable_mean_cache(pipe)
+                assert report.schedule.metadata["source"].startswith("calibrated on first use (validated by replay")
+                assert report.computed_steps == budget, report
+                schedules[budget] = report.schedule
+            return schedules
 
-        for runs, budget, draw in itertools.product(RUNS, BUDGETS, DRAWS):
+        for runs, draw in itertools.product(RUNS if not video else (DEFAULT_CALIBRATION_RUNS,), DRAWS):
             extra = {"draw": draw, "default": runs == DEFAULT_CALIBRATION_RUNS}
-            schedule = first_use(runs, budget, draw, "default")
-            rows.append(schedule_row(f"calibrate on first use, R={runs}", budget, schedule, references, **extra))
+            calls = [([digit], seed) for digit, seed in draw_calls(draw, runs)]
+            schedules = first_use(calls, runs, f"R{runs}_draw{draw}")
             (stored,) = calibration_store().files()
             calibration = Calibration.load(stored)
             assert calibration.trajectories == runs
             del calibration.metadata[SELECTED]
-            single = first_use_schedule(calibration, budget)
-            rows.append(schedule_row(f"first-use calibration R={runs}: PSSP default settings, no replay", budget,
-                                     single, references, **extra))  # fmt: skip
-            if runs == DEFAULT_RUNS:
-                with monkeypatch.context() as patch:
-                    patch.setattr(Calibration, "without_step_0_anchor", keep_spans)
-                    schedule = first_use(runs, budget, draw, "step0")
-                rows.append(schedule_row(f"calibrate on first use, R={runs}, look-backs may anchor at step 0",
-                                         budget, schedule, references, **extra))  # fmt: skip
-        for (runs, seeds), budget in itertools.product(BATCHED, BUDGETS):
-            monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / f"home_batched_{seeds[0]}_B{budget}"))
-            enable_mean_cache(pipe, MeanCacheConfig(budget=budget, calibration_runs=runs))
-            for seed in seeds:
-                generate(model.inputs(CLASSES), seed)
-            generate(model.inputs([0]), 0)
-            schedule = summary(pipe).schedule
-            disable_mean_cache(pipe)
+            recorded = [(*run, calibration.sigmas) for run in calibration_store().runs(calibration.metadata["key"])]
+            for budget, schedule in schedules.items():
+                rows.append(schedule_row(f"calibrate on first use, R={runs}", budget, schedule, references, **extra))
+                single = first_use_schedule(calibration, budget)
+                rows.append(schedule_row(f"first-use calibration R={runs}: PSSP default settings, no replay", budget,
+                                         single, references, **extra))  # fmt: skip
+                if runs == 1:
+                    provisional = select_by_replay(calibration.candidate_schedules(budget), recorded, refine=False)
+                    rows.append(schedule_row(PROVISIONAL, budget, provisional, references, **extra))
+        for runs, seeds in () if video else BATCHED:
+            schedules = first_use([(CLASSES, seed) for seed in seeds], runs, f"batched_{seeds[0]}")
             label = f"calibrate on first use, R={runs} generations of digits 0-9, seeds {seeds[0]}-{seeds[-1]}"
-            rows.append(schedule_row(label, budget, schedule, references))
+            rows += [schedule_row(label, budget, schedule, references) for budget, schedule in schedules.items()]
         for budget in BUDGETS:
             shipped = Schedule.load(bundled_model_path(model_name) / "meancache_schedules" / f"schedule_B{budget}.json")
             single = shipped_calibration.schedule(budget, kind="closed-loop", gamma=2.0)
@@ -216,13 +219,6 @@ def plot_measured_speed(model_name: str, summary: list[dict]) -> None:
               f"PSNR against the full {STEPS}-step run (dB)",
               f"{model_name}: first-use schedules against measured speed",
               f"first_use_calibration_{model_name}_measured")  # fmt: skip
-
-
-def keep_spans(calibration: Calibration, solved: Schedule, max_span: int) -> Schedule:
-    """The candidates as they were before the step-0 cap: ``solved`` with its own spans."""
-    metadata = {**calibration.metadata, **solved.metadata, "cost_kind": "closed-loop", "max_span": max_span,
-                "budget": solved.budget}  # fmt: skip
-    return Schedule(solved.num_steps, solved.compute_steps, solved.spans, metadata)
 
 
 def over_draws(rows: list[dict]) -> list[dict]:

@@ -20,8 +20,8 @@ from meancache.calibration import (
     replay_error,
     replay_estimator_error,
     select_by_replay,
-    select_estimator_by_replay,
 )
+from meancache.calibration.replay import replay_errors, replay_sample
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_estimator, select_schedule
 from meancache.integrations.diffusers.calibration import observe_steps
 from meancache.integrations.diffusers.first_use import first_use_schedule
@@ -182,33 +182,80 @@ def test_replay_error_is_the_drift_of_the_replayed_run():
         replay_error(Schedule(4, (0, 3), (1,)), latents, velocities, sigmas)
 
 
-def test_select_by_replay_keeps_the_least_replay_error():
+def _replayed(schedule, runs):
+    """Every selectable estimator's replay error of ``schedule`` on ``runs`` (on the same sigmas, the same size:
+    pooled, the mean of their errors), step by step."""
+    return {e.name: np.mean([replay_estimator_error(e, schedule, *run) for run in runs]) for e in SELECTABLE}
+
+
+def test_select_by_replay_keeps_the_pair_of_candidate_and_estimator_with_the_least_replay_error(monkeypatch):
     sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
-    latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
+    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
+            for s in range(2)]  # fmt: skip
     candidates = [
         Schedule.uniform(N, 5, span=1),
         Schedule.uniform(N, 5, span=3),
-        Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2)),
+        Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2), {"source": "test"}),
     ]
-    errors = [replay_error(c, latents, velocities, sigmas) for c in candidates]
-    chosen = select_by_replay(candidates, latents, velocities, sigmas)
-    best = min(range(3), key=errors.__getitem__)
-    assert (chosen.compute_steps, chosen.spans) == (candidates[best].compute_steps, candidates[best].spans)
-    assert chosen.metadata["replay_error"] == errors[best] and chosen.metadata["replay_candidates"] == 3
-    assert len(set(errors)) == 3  # the candidates differ, so the choice is not a tie
+    table = [_replayed(c, runs) for c in candidates]
+    monkeypatch.setattr(replay, "REFINE_ROUNDS", 0)  # the pair alone
+    chosen = select_by_replay(candidates, runs)
+    index, name = min(((i, e) for i in range(3) for e in table[i]), key=lambda pair: table[pair[0]][pair[1]])
+    assert (chosen.compute_steps, chosen.spans) == (candidates[index].compute_steps, candidates[index].spans)
+    assert chosen.metadata["estimator"] == name and chosen.metadata["replay_candidates"] == 3
+    assert chosen.metadata["replay_error"] == pytest.approx(table[index][name], rel=1e-5)
+    assert chosen.metadata["estimator_replay_errors"] == pytest.approx(table[index], rel=1e-5)
+    assert len({round(e, 9) for errors in table for e in errors.values()}) > 12  # not a tie
+    alone = select_by_replay(candidates[2:], runs)  # one candidate: only its estimator is chosen
+    assert alone.metadata["source"] == "test" and alone.metadata["estimator"] == min(table[2], key=table[2].get)
     with pytest.raises(ValueError, match="candidates is empty"):
-        select_by_replay([], latents, velocities, sigmas)
+        select_by_replay([], runs)
+    with pytest.raises(ValueError, match="runs is empty"):
+        select_by_replay(candidates, [])
 
 
-def test_select_estimator_by_replay_names_the_least_replay_error_in_the_metadata():
+def test_select_by_replay_refines_its_pick_to_a_local_minimum_of_the_replay_error():
+    """From the best pair, one interior computed step moves by 1-3 while that lowers the error (order kept,
+    intervals of at most 12 steps, spans capped at step 0), under any estimator: the result's neighbours all
+    replay worse, and it replays better than the pair it started from."""
+    n = 40
+    sigmas = torch.linspace(1.0, 0.0, n + 1).tolist()
+    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
+            for s in range(2)]  # fmt: skip
+    start = Schedule(n, (0, 1, 2, 9, 17, 25, 33, 39), (1, 1, 3, 3, 3, 3, 3), {"source": "candidate"})
+    chosen = select_by_replay([start], runs)
+    assert chosen.metadata["replay_moves"] > 0 and chosen.metadata["source"] == "candidate"
+    errors = _replayed(chosen, runs)
+    name = chosen.metadata["estimator"]
+    assert chosen.metadata["replay_error"] == pytest.approx(errors[name], rel=1e-5) == min(errors.values())
+    assert chosen.metadata["replay_error"] < min(_replayed(start, runs).values())
+    steps = chosen.compute_steps
+    for index, shift in itertools.product(range(1, len(steps) - 1), (-3, -2, -1, 1, 2, 3)):
+        moved = (*steps[:index], steps[index] + shift, *steps[index + 1 :])
+        if moved[index - 1] < moved[index] < moved[index + 1] and max(np.diff(moved)) <= 12:
+            spans = tuple(min(k, max(c, 1)) for c, k in zip(moved, chosen.spans, strict=False))
+            neighbour = min(_replayed(Schedule(n, moved, spans), runs).values())
+            assert neighbour >= chosen.metadata["replay_error"] * (1 - 1e-5), (moved, spans)
+
+
+def test_replay_sample_keeps_fixed_positions_and_replaying_them_is_replaying_the_run_restricted_to_them(monkeypatch):
+    """Every estimator acts elementwise, so a schedule replayed on the sampled elements of a run has the error of the
+    run restricted to those elements, whatever the estimator."""
+    monkeypatch.setattr(replay, "REPLAY_ELEMENTS", 7)
+    small = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(replay_sample(small), small.reshape(-1))  # at most REPLAY_ELEMENTS: all of them
     sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
-    latents, velocities = _trajectory(torch.randn(3, 4), sigmas)
-    schedule = Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2), {"source": "test"})
-    chosen = select_estimator_by_replay(schedule, [(latents, velocities, sigmas)])
-    errors = {e.name: replay_estimator_error(e, schedule, latents, velocities, sigmas) for e in SELECTABLE}
-    assert chosen.metadata["estimator_replay_errors"] == errors and len(set(errors.values())) == len(errors)
-    assert chosen.metadata["estimator"] == min(errors, key=errors.__getitem__) and chosen.metadata["source"] == "test"
-    assert (chosen.compute_steps, chosen.spans) == (schedule.compute_steps, schedule.spans)
+    latents, velocities = _trajectory(torch.randn(4, 5), sigmas)
+    sampled = [replay_sample(t) for t in latents], [replay_sample(t) for t in velocities]
+    positions = replay._sample_positions(20, torch.device("cpu"))
+    assert positions.tolist() == sorted(set(positions.tolist())) and len(positions) == 7
+    assert all(torch.equal(s, t.reshape(-1)[positions]) for s, t in zip(sampled[0], latents, strict=True))
+    restricted = [t.reshape(-1)[positions] for t in latents], [t.reshape(-1)[positions] for t in velocities]
+    schedule = Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2))
+    for estimator in SELECTABLE:
+        assert replay_estimator_error(estimator, schedule, *sampled, sigmas) == pytest.approx(
+            replay_estimator_error(estimator, schedule, *restricted, sigmas), rel=1e-6
+        )
 
 
 @pytest.mark.parametrize("kind", ["flux", "qwen-image", "hunyuan-video"])
@@ -219,17 +266,15 @@ def test_select_schedule_picks_the_candidate_closest_to_the_full_run(kind):
     good = Schedule(12, tuple(range(12)), (1,) * 11)  # everything computed: exact
     poor = Schedule.uniform(12, 3)
     chosen = select_schedule(pipe, calls, [poor, good], num_inference_steps=12)
-    assert (chosen.compute_steps, chosen.metadata["validation_candidates"]) == (good.compute_steps, 2)
-    assert chosen.metadata["validation_error"] == 0.0  # the same noise each run: generators are rewound
+    assert (chosen.compute_steps, chosen.metadata["replay_candidates"]) == (good.compute_steps, 2)
+    assert chosen.metadata["replay_error"] == 0.0  # the recorded run itself
     errors = chosen.metadata["estimator_replay_errors"]  # all exact on an all-computed schedule: a tie
     assert errors == dict.fromkeys((e.name for e in SELECTABLE), 0.0) and chosen.metadata["estimator"] == "paper"
-    assert "step" not in pipe.scheduler.__dict__  # MeanCache is off again
+    assert "step" not in pipe.scheduler.__dict__  # observing ended
     with pytest.raises(ValueError, match=r"candidates for \[20\] steps cannot run with num_inference_steps=12"):
         select_schedule(pipe, calls, [Schedule.uniform(20, 5)], 12)
     with pytest.raises(ValueError, match="calls is empty"):
         select_schedule(pipe, [], [good], 12)
-    with pytest.raises(ValueError, match=r"calls\[0\] has generator=None: each call needs a torch.Generator"):
-        select_schedule(pipe, [tiny_inputs(kind)], [good], 12)
 
 
 def test_select_estimator_names_the_estimator_whose_runs_land_closest_and_runs_follow_it():
@@ -252,7 +297,7 @@ def test_select_estimator_names_the_estimator_whose_runs_land_closest_and_runs_f
         call["generator"].manual_seed(call["generator"].initial_seed())
         with observe_steps(pipe, observe):
             pipe(**call, num_inference_steps=16, output_type="latent")
-    expected = {e.name: sum(replay_estimator_error(e, schedule, *run) for run in runs) for e in SELECTABLE}
+    expected = _replayed(schedule, runs)  # the two calls' runs pooled
     assert errors == pytest.approx(expected, rel=1e-6)
     assert chosen.metadata["estimator"] == min(errors, key=errors.__getitem__) and chosen.metadata["source"] == "test"
     enable_mean_cache(pipe, MeanCacheConfig(chosen))  # the default estimator: the one the schedule names
@@ -520,6 +565,26 @@ def test_batched_costs_reproduce_the_step_by_step_ones(shape, n, max_gap, max_sp
         assert np.all(difference <= 1e-5 * expected[finite] + np.broadcast_to(ulps[..., None], got.shape)[finite])
 
 
+@pytest.mark.parametrize("estimator", SELECTABLE, ids=lambda e: e.name)
+@pytest.mark.parametrize(("shape", "n"), [((1, 3, 5, 7), 13), ((2, 16, 4), 50)])
+def test_batched_replay_under_each_estimator_is_its_step_by_step_replay(estimator, shape, n, monkeypatch):
+    """``replay_errors`` plans each estimator's nodes and weights from the schedules and replays them together; it
+    must equal driving the estimator itself step by step, also in groups of one schedule at a time."""
+    sigmas = shifted_sigmas(n)
+    latents, velocities = random_trajectory(shape, sigmas, 0)
+    calibration = calibrate(toy_velocity, [torch.randn(shape)], sigmas, max_gap=8, max_span=5)
+    candidates = [*calibration.candidate_schedules(max(n // 5, 3)), *calibration.candidate_schedules(n // 2)]
+    candidates += [Schedule.uniform(n, 4, span=3), Schedule(n, tuple(range(n)), (1,) * (n - 1))]
+    expected = [replay_estimator_error(estimator, c, latents, velocities, sigmas) for c in candidates]
+    np.testing.assert_allclose(replay_errors(candidates, latents, velocities, sigmas, estimator), expected,
+                               rtol=2e-5, atol=1e-7)  # fmt: skip
+    monkeypatch.setattr(replay, "WORKING_SET", 1)
+    np.testing.assert_allclose(replay_errors(candidates, latents, velocities, sigmas, estimator), expected,
+                               rtol=2e-5, atol=1e-7)  # fmt: skip
+    with pytest.raises(ValueError, match="'exact-jvp' estimator cannot be replayed in a batch"):
+        replay_errors(candidates, latents, velocities, sigmas, ExactJVPEstimator)
+
+
 @pytest.mark.parametrize(("shape", "n"), [((1, 3, 5, 7), 13), ((2, 16, 4), 50)])
 def test_batched_replay_reproduces_the_step_by_step_one(shape, n):
     sigmas = shifted_sigmas(n)
@@ -530,10 +595,10 @@ def test_batched_replay_reproduces_the_step_by_step_one(shape, n):
     expected = [step_by_step_replay_error(c, latents, velocities, sigmas) for c in candidates]
     got = [replay_error(c, latents, velocities, sigmas) for c in candidates]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
-    chosen = select_by_replay(candidates, latents, velocities, sigmas)
-    best = min(range(len(candidates)), key=expected.__getitem__)
-    assert (chosen.compute_steps, chosen.spans) == (candidates[best].compute_steps, candidates[best].spans)
-    assert chosen.metadata["replay_error"] == pytest.approx(expected[best], rel=1e-5)
+    chosen = select_by_replay(candidates, [(latents, velocities, sigmas)])  # its paper-rule errors are the batched ones
+    index = next(i for i, c in enumerate(candidates) if (c.compute_steps, c.spans) == (chosen.compute_steps,
+                                                                                      chosen.spans))  # fmt: skip
+    assert chosen.metadata["estimator_replay_errors"]["paper"] == pytest.approx(expected[index], rel=1e-5)
 
 
 def replay_cases(n):
@@ -603,4 +668,6 @@ def test_chunked_costs_and_replay_match_the_whole_latent_at_once(monkeypatch):
         np.testing.assert_allclose(chunked.costs(kind), whole.costs(kind), rtol=1e-6)
     assert [(c.compute_steps, c.spans) for c in chunked_candidates] == [(c.compute_steps, c.spans) for c in candidates]
     np.testing.assert_allclose(chunked_errors, errors, rtol=1e-6)
-    assert select_by_replay(candidates, latents, velocities, sigmas).metadata["replay_error"] == min(errors)
+    chosen = select_by_replay(candidates, [(latents, velocities, sigmas)])
+    index = [(c.compute_steps, c.spans) for c in candidates].index((chosen.compute_steps, chosen.spans))
+    assert chosen.metadata["estimator_replay_errors"]["paper"] == errors[index]

@@ -90,8 +90,8 @@ def test_calibrate_then_schedule_then_run_through_the_installed_command(tmp_path
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     selected = Schedule.load(tmp_path / "schedule_B6.json")  # the best validated candidate, beside --out
-    assert selected.budget == 6 and selected.metadata["validation_candidates"] >= 2
-    assert selected.metadata["validation_error"] > 0 and selected.metadata["generations"] == 4
+    assert selected.budget == 6 and selected.metadata["replay_candidates"] >= 2
+    assert selected.metadata["replay_error"] > 0 and selected.metadata["generations"] == 4
     result = subprocess.run(
         [exe, "schedule", str(calibration), "--budget", "5", "8", "--gamma", "3", "--out-dir", str(tmp_path / "s")],
         capture_output=True, text=True, timeout=120, check=True,

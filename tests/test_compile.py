@@ -123,8 +123,8 @@ def test_calibration_and_selection_on_a_compiled_pipeline():
     calibration = calibrate_pipeline(pipe, calls(), num_inference_steps=20, max_gap=6, max_span=3)
     candidates = calibration.candidate_schedules(6)
     chosen = select_schedule(pipe, calls(), candidates, num_inference_steps=20)
-    assert chosen.budget == 6 and chosen.metadata["validation_candidates"] == len(candidates)
-    assert counter.frame_count == 1  # full runs and every candidate's cached runs share one graph
+    assert chosen.budget == 6 and chosen.metadata["replay_candidates"] == len(candidates)
+    assert counter.frame_count == 1  # the calibration's and the selection's full runs share one graph
 
 
 def test_exact_jvp_refuses_a_compiled_transformer_with_a_clear_error():

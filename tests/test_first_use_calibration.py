@@ -14,7 +14,13 @@ import torch
 
 import meancache
 from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean_cache, summary
-from meancache.calibration import Calibration, CalibrationStore, calibration_store, combine_calibrations
+from meancache.calibration import (
+    Calibration,
+    CalibrationStore,
+    calibration_store,
+    combine_calibrations,
+    select_by_replay,
+)
 from meancache.calibration.store import key_digest
 from meancache.cli.main import main
 from meancache.integrations.diffusers import first_use
@@ -200,9 +206,11 @@ def test_first_use_is_progressive_one_full_generation_then_the_budget(caplog):
     (stored,) = calibration_store().files()
     assert Calibration.load(stored).trajectories == 2
     disable_mean_cache(pipe)
-    enable_mean_cache(pipe, MeanCacheConfig(budget=7, calibration_runs=2))  # another budget: same costs
+    enable_mean_cache(pipe, MeanCacheConfig(budget=7, calibration_runs=2))  # another budget: same costs and runs
     generate_latents(pipe, inputs, 12)
-    assert summary(pipe).computed_steps == 7 and _source(pipe).startswith("calibrated on first use (2 generations")
+    assert summary(pipe).computed_steps == 7
+    assert _source(pipe).startswith("calibrated on first use (validated by replay, 2 generations")
+    assert set(Calibration.load(stored).metadata["selected"]) == {"5", "7"}  # complete: its selection is stored
     disable_mean_cache(pipe)
 
 
@@ -223,6 +231,53 @@ def test_the_store_counts_the_generations_a_provisional_calibration_served(tmp_p
     memory = CalibrationStore(None)  # no home: counted in memory
     memory.set_uses(key, memory.uses(key) + 1)
     assert memory.uses(key) == 1
+
+
+def test_the_store_keeps_the_recorded_runs_beside_the_calibration(tmp_path, caplog):
+    """Each calibrating generation's recorded run is kept in ``<digest>.runs.pt``, so a later calibrating generation,
+    in this process or another, replays the candidates on all of them; unreadable, it counts as none (warned), and
+    clearing removes it."""
+    key = {"pipeline": "P", "checkpoint": "c", "sigmas": [1.0, 0.5, 0.0]}
+    store = CalibrationStore(tmp_path)
+    store.save(key, _tiny_calibration())
+    runs = [(torch.randn(2, 6).bfloat16(), torch.randn(2, 6).bfloat16()) for _ in range(2)]
+    for run in runs:
+        store.add_run(key, *run)
+    path = tmp_path / "calibrations" / f"{key_digest(key)}.runs.pt"
+    for kept in (store.runs(key), CalibrationStore(tmp_path).runs(key)):  # this process, another one
+        assert len(kept) == 2 and all(torch.equal(a, b) for got, run in zip(kept, runs, strict=True)
+                                      for a, b in zip(got, run, strict=True))  # fmt: skip
+    path.write_bytes(b"not a tensor file")
+    with caplog.at_level("WARNING", logger="meancache"):
+        assert CalibrationStore(tmp_path).runs(key) == []
+    assert str(path) in caplog.text
+    store.remove()
+    assert list((tmp_path / "calibrations").iterdir()) == []
+    memory = CalibrationStore(None)  # no home: kept in memory
+    memory.add_run(key, *runs[0])
+    assert len(memory.runs(key)) == 1 and CalibrationStore(None).runs(key) == []
+
+
+def test_a_calibrating_generation_selects_on_every_recorded_run_of_its_key(flux, monkeypatch):
+    """The second calibrating generation replays the candidates, under every selectable estimator, on both
+    generations' runs: its stored pick is :func:`select_by_replay`'s on the two runs the store keeps, each the
+    generation's latents and velocities (bfloat16)."""
+    monkeypatch.setattr(first_use, "FULL_RUN_EVERY", 1)  # the second generation calibrates too
+    enable_mean_cache(flux, MeanCacheConfig(budget=BUDGET, calibration_runs=2))
+    for seed in (0, 1):
+        generate_latents(flux, tiny_inputs("flux", seed=seed), STEPS, seed=seed)
+    disable_mean_cache(flux)
+    (path,) = calibration_store().files()
+    calibration = Calibration.load(path)
+    key = calibration.metadata["key"]
+    runs = calibration_store().runs(key)
+    assert len(runs) == 2 and all(t.shape[0] == STEPS and t.dtype == torch.bfloat16 for run in runs for t in run)
+    both = select_by_replay(calibration.candidate_schedules(BUDGET), [(*run, calibration.sigmas) for run in runs])
+    last = select_by_replay(calibration.candidate_schedules(BUDGET), [(*runs[1], calibration.sigmas)])
+    entry = calibration.metadata["selected"][str(BUDGET)]
+    assert entry["replay_error"] == pytest.approx(both.metadata["replay_error"])
+    assert entry["replay_error"] != pytest.approx(last.metadata["replay_error"])
+    assert (entry["estimator"], entry["compute_steps"]) == (both.metadata["estimator"], list(both.compute_steps))
 
 
 def _tiny_calibration() -> Calibration:
@@ -340,7 +395,8 @@ def test_new_processes_find_the_stored_calibration_and_write_it_safely(flux):
         assert source.startswith("calibrated on first use (validated by replay, 1 generation,"), out
     (path,) = calibration_store().files()
     assert Calibration.load(path).trajectories == 1
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+    kept = sorted(p.name for p in path.parent.iterdir())  # no temporary files left
+    assert kept == [path.name, path.with_suffix(".runs.pt").name]
 
 
 def test_store_round_trip_and_combination(tmp_path):

@@ -8,7 +8,9 @@ file. Rules:
 * ``<home>/calibrations/<digest>.json`` is a plain calibration file (:meth:`Calibration.load` and
   ``meancache schedule`` read it) whose metadata holds the ``key`` and its ``key_digest``; beside it,
   ``<digest>.uses`` counts the generations served by it since it was last saved (first use's progressive
-  calibration runs a full generation again after a number of them).
+  calibration runs a full generation again after a number of them), and ``<digest>.runs.pt`` keeps the
+  calibrating generations' recorded runs for replay (:meth:`CalibrationStore.runs`; a file that cannot be read
+  is treated as holding none).
 * Writes are atomic: a temporary file in the same folder, then :func:`os.replace`. Two processes writing one
   key each replace the whole file (the last writer wins); a reader never sees a partial file.
 * A file that cannot be read, is not a calibration, or holds another key's calibration (truncated, corrupt,
@@ -25,12 +27,14 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from meancache.calibration.costs import Calibration
 
@@ -92,6 +96,8 @@ class CalibrationStore:
         """Per digest, the file's ``(st_mtime_ns, st_size)`` when ``_memory`` last took its calibration from it or
         wrote it there: every generation of a key resolves its calibration, and parsing the file again each time
         allocates thousands of lists."""
+        self._runs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        """Per digest, :meth:`runs` when the folder is unusable."""
         self._writable = root is not None
 
     def path(self, key: Mapping[str, Any]) -> Path | None:
@@ -174,6 +180,43 @@ class CalibrationStore:
             with contextlib.suppress(OSError):  # an unwritable folder was warned about at save
                 path.write_text(str(count))
 
+    def runs(self, key: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The recorded runs kept for ``key`` (:meth:`add_run`), oldest first: per run its latents and velocities as
+        ``(N, elements)`` tensors; none when nothing is kept or the file cannot be read (warned)."""
+        digest = key_digest(key)
+        path = self._runs_path(digest)
+        if path is None or not self._writable or not path.exists():
+            return list(self._runs.get(digest, []))
+        try:
+            stored = torch.load(path, weights_only=True)
+            return [(latents, velocities) for latents, velocities in zip(*stored, strict=True)]
+        except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as e:
+            logger.warning("MeanCache: ignoring the unreadable recorded runs %s (%s)", path, e)
+            return []
+
+    def add_run(self, key: Mapping[str, Any], latents: torch.Tensor, velocities: torch.Tensor) -> None:
+        """Keep one more recorded run for ``key`` (``(N, elements)`` latents and velocities), written atomically
+        beside its calibration file."""
+        digest = key_digest(key)
+        runs = [*self.runs(key), (latents, velocities)]
+        self._runs[digest] = runs
+        path = self._runs_path(digest)
+        if path is None or not self._writable:
+            return
+        with contextlib.suppress(OSError):  # an unwritable folder is warned about at save
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{digest}.", suffix=".tmp")
+            os.close(handle)
+            try:
+                torch.save([[r[0] for r in runs], [r[1] for r in runs]], temporary)
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+
+    def _runs_path(self, digest: str) -> Path | None:
+        return self.folder / f"{digest}.runs.pt" if self.folder is not None else None
+
     def _uses_path(self, digest: str) -> Path | None:
         return self.folder / f"{digest}.uses" if self.folder is not None else None
 
@@ -199,7 +242,9 @@ class CalibrationStore:
         for path in targets:
             path.unlink(missing_ok=True)
             path.with_suffix(".uses").unlink(missing_ok=True)
+            path.with_suffix(".runs.pt").unlink(missing_ok=True)
             self._memory.pop(path.stem, None)
+            self._runs.pop(path.stem, None)
             self._uses.pop(path.stem, None)
             self._versions.pop(path.stem, None)
         return targets

@@ -70,7 +70,9 @@ def check_calibrate_arguments(args: argparse.Namespace) -> None:
 def run_calibrate(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from meancache.integrations.diffusers import calibrate_pipeline, select_schedule
+    from meancache.calibration import select_by_replay
+    from meancache.integrations.diffusers import calibrate_pipeline
+    from meancache.integrations.diffusers.selection import record_runs
 
     pipe, prompt_inputs = load_pipeline(args.model, args.dtype, args.device)
     pipe.set_progress_bar_config(leave=False)
@@ -93,13 +95,14 @@ def run_calibrate(args: argparse.Namespace) -> None:
         f"edges up to gap {calibration.max_gap}, spans 1..{calibration.max_span}, "
         f"{calibration.metadata['calibration_seconds']:.1f} s"
     )
+    if args.select:
+        print(f"recording the full runs of the {len(jobs)} generation(s) for replay", flush=True)
+        runs = record_runs(pipe, list(calls()), args.steps)
     for budget in args.select or ():
         candidates = calibration.candidate_schedules(budget)
-        print(f"B={budget}: running {len(candidates)} candidate schedules and the full runs on {len(jobs)} "
-              f"generation(s) each, then replaying the chosen one with each of {len(SELECTABLE)} estimators",
+        print(f"B={budget}: replaying {len(candidates)} candidate schedules x {len(SELECTABLE)} estimators",
               flush=True)  # fmt: skip
-        schedule = select_schedule(pipe, list(calls()), candidates, args.steps)
-        _write_schedule(schedule, args.out.parent / f"schedule_B{budget}.json")
+        _write_schedule(select_by_replay(candidates, runs), args.out.parent / f"schedule_B{budget}.json")
 
 
 def check_schedule_arguments(args: argparse.Namespace) -> None:
@@ -118,9 +121,9 @@ def run_schedule(args: argparse.Namespace) -> None:
 
 def _write_schedule(schedule: Schedule, path: Path) -> None:
     schedule.save(path)
-    if "validation_error" in schedule.metadata:
+    if "replay_error" in schedule.metadata:
         metadata = schedule.metadata
-        score = f"validation error {metadata['validation_error']:.4g}, estimator {metadata['estimator']}"
+        score = f"replay error {metadata['replay_error']:.4g}, estimator {metadata['estimator']}"
     else:
         score = f"worst edge {schedule.metadata['worst_edge_cost']:.4g}"
     print(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -272,7 +273,7 @@ class TrajectoryExtrapolationEstimator:
             raise ValueError("velocity polynomials are in sigma")
         self.schedule = schedule
         self._nodes: list[tuple[int, float, torch.Tensor]] = []  # (step c, sigma_c, v_c or x0_c), oldest first
-        self._keep = self.order if not self.min_base else max(self.order, 4)
+        self._keep = self.kept_nodes()
         self._last: torch.Tensor | None = None
         self._logged = 0
 
@@ -324,20 +325,31 @@ class TrajectoryExtrapolationEstimator:
         return z_next, u_hat
 
     def _chosen_nodes(self, step: int) -> list[tuple[int, float, torch.Tensor]]:
-        """The nodes of the polynomial for skipped ``step``: the last ``order``, or with ``min_base`` the last
-        computed step ``c`` and, going back, each node at least ``min_base (j - c)`` steps before the previous
-        chosen one (``j`` the interval's next computed step); fewer (down to holding ``c``) if there are none."""
-        if not self.min_base:
-            return self._nodes[-self.order :]
-        last = self._nodes[-1]
+        """The nodes of the polynomial for skipped ``step`` (:meth:`chosen_nodes`)."""
         later = [c for c in self.schedule.compute_steps if c > step]
-        length = (later[0] if later else self.schedule.num_steps) - last[0]
-        chosen = [last]
-        for node in reversed(self._nodes[:-1]):
-            if len(chosen) == self.order:
+        length = (later[0] if later else self.schedule.num_steps) - self._nodes[-1][0]
+        return [self._nodes[k] for k in self.chosen_nodes([c for c, _, _ in self._nodes], length)]
+
+    @classmethod
+    def kept_nodes(cls) -> int:
+        """How many of the last computed steps the estimator keeps as candidate nodes."""
+        return cls.order if not cls.min_base else max(cls.order, 4)
+
+    @classmethod
+    def chosen_nodes(cls, kept: Sequence[int], length: int) -> list[int]:
+        """Indices into ``kept`` (the computed steps kept as nodes, oldest first) of the polynomial's nodes for the
+        skipped steps of an interval of ``length`` steps after the last of them: the last ``order``, or with
+        ``min_base`` the last computed step ``c`` and, going back, each node at least ``min_base * length`` steps
+        before the previous chosen one; fewer (down to holding ``c``) if there are none. A function of the schedule
+        alone, so a replay of many schedules plans it ahead (:func:`meancache.calibration.replay.replay_errors`)."""
+        if not cls.min_base:
+            return list(range(len(kept)))[-cls.order :]
+        chosen = [len(kept) - 1]
+        for k in range(len(kept) - 2, -1, -1):
+            if len(chosen) == cls.order:
                 break
-            if chosen[-1][0] - node[0] >= self.min_base * length:
-                chosen.append(node)
+            if kept[chosen[-1]] - kept[k] >= cls.min_base * length:
+                chosen.append(k)
         return chosen[::-1]
 
     @classmethod
@@ -480,9 +492,9 @@ SELECTABLE: tuple[type[Estimator], ...] = (
     DataLinearEstimator,
     DataLinearLastTwoEstimator,
 )
-"""The estimators a schedule is validated with (the paper's rule first): selection replays the schedule under each
-on recorded full runs and records the best in its metadata (``ESTIMATOR_KEY``;
-:func:`meancache.calibration.select_estimator_by_replay`). Each is the measured best of some budget of some bundled
+"""The estimators a schedule is validated with (the paper's rule first): selection replays each candidate schedule
+under each on recorded full runs and records the best pair's estimator in the schedule's metadata (``ESTIMATOR_KEY``;
+:func:`meancache.calibration.select_by_replay`). Each is the measured best of some budget of some bundled
 model on its shipped schedule (``benchmarks/bench_estimators.py``, ``docs/schedule_study.md``)."""
 
 ESTIMATORS: dict[str, type[Estimator]] = {estimator.name: estimator for estimator in (*SELECTABLE, ExactJVPEstimator)}

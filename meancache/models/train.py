@@ -133,11 +133,9 @@ def calibration_calls(model: DigitsModel) -> list[dict]:
 
 
 def calibrate_bundle(folder: Path, steps: int = 50) -> None:
-    """Calibrate the bundle on digits 0-9 x ``CALIBRATION_SEEDS`` and write ``meancache_calibration.json``
-    and, per budget of ``SHIPPED_BUDGETS``, the schedule ``MeanCacheConfig(budget=B)`` picks up: of the
-    calibration's candidate PSSP schedules, the one whose runs on the same seeds end closest to the full
-    runs (:func:`~meancache.integrations.diffusers.select_schedule`)."""
-    from meancache.integrations.diffusers import calibrate_pipeline, select_schedule
+    """Calibrate the bundle on digits 0-9 x ``CALIBRATION_SEEDS``, write ``meancache_calibration.json``, then
+    select its shipped schedules (:func:`select_bundle_schedules`)."""
+    from meancache.integrations.diffusers import calibrate_pipeline
     from meancache.models import load_digits_model
 
     model = load_digits_model(folder)
@@ -145,11 +143,30 @@ def calibrate_bundle(folder: Path, steps: int = 50) -> None:
     calibration = calibrate_pipeline(model.pipe, calibration_calls(model), steps)
     calibration.metadata |= {"model": model.recipe.name, "seeds": list(CALIBRATION_SEEDS), "classes": "0-9"}
     calibration.save(folder / "meancache_calibration.json")
+    select_bundle_schedules(folder, steps)
+
+
+def select_bundle_schedules(folder: Path, steps: int = 50) -> None:
+    """Write, per budget of ``SHIPPED_BUDGETS``, the schedule ``MeanCacheConfig(budget=B)`` picks up: of the
+    bundle's calibration's candidate PSSP schedules and the estimators of
+    :data:`~meancache.method.estimators.SELECTABLE`, the pair whose replay on the full runs of the calibration calls
+    drifts least (:func:`~meancache.calibration.select_by_replay`)."""
+    from meancache.calibration import Calibration, select_by_replay
+    from meancache.integrations.diffusers.selection import record_runs
+    from meancache.models import load_digits_model
+
+    model = load_digits_model(folder)
+    model.pipe.set_progress_bar_config(disable=True)
+    calibration = Calibration.load(folder / "meancache_calibration.json")
+    runs = record_runs(model.pipe, calibration_calls(model), steps)
     (folder / "meancache_schedules").mkdir(exist_ok=True)
     for budget in SHIPPED_BUDGETS:
-        schedule = select_schedule(model.pipe, calibration_calls(model), calibration.candidate_schedules(budget), steps)
+        schedule = select_by_replay(calibration.candidate_schedules(budget), runs)
         schedule.save(folder / "meancache_schedules" / f"schedule_B{budget}.json")
-        print(f"{model.recipe.name}: B={budget}: {schedule.compute_steps}, spans {schedule.spans}")
+        print(
+            f"{model.recipe.name}: B={budget}: {schedule.compute_steps}, spans {schedule.spans}, "
+            f"estimator {schedule.metadata['estimator']}"
+        )
 
 
 def evaluate_bundle(folder: Path, steps: int = 50) -> dict[str, float]:

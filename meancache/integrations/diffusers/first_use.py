@@ -11,18 +11,20 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
   So a user's first ten generations hold one full generation, not ``calibration_runs``.
 * When a calibrating generation completes, its costs are folded into the key's stored calibration (weighted by
   generations) and saved; an interrupted generation adds nothing.
-* Each calibrating generation also keeps its trajectory (latents and velocities of every step, on the CPU in
-  bfloat16: ``2 N`` latents, freed when it ends). Then **validated selection by replay** picks the schedule
-  for the generation's budget from the costs of every generation observed so far: the candidates of
+* Each calibrating generation also records its run for replay (the latent before every step and the velocity it
+  stepped with, :func:`~meancache.calibration.replay.replay_sample`'s elements of them in bfloat16 on the CPU: at
+  most ``2 N x 65,536`` values), kept beside the calibration (:meth:`~meancache.calibration.CalibrationStore.runs`).
+  Then **validated selection by replay** picks the schedule for the generation's budget, and the estimator it runs
+  with, from the costs of every generation observed so far: each candidate of
   :meth:`~meancache.calibration.Calibration.candidate_schedules` (closed-loop PSSP over gamma 1.5/2/3, spans up
-  to 3..5, gaps up to 6..8 and the shortest the budget can bridge) are replayed on that trajectory with no
-  transformer call (:func:`~meancache.calibration.select_by_replay`), and the one with the least replay error
-  is stored in the calibration's metadata (``selected``, by budget), with the estimator it runs with: of
-  :data:`~meancache.method.estimators.SELECTABLE`, the one with the least replay error on the chosen schedule
-  (:func:`~meancache.calibration.select_estimator_by_replay`; the schedule's ``estimator`` metadata, which
+  to 3..5, gaps up to 6..8 and the shortest the budget can bridge) is replayed under each estimator of
+  :data:`~meancache.method.estimators.SELECTABLE` on every recorded run of the key, with no transformer call
+  (:func:`~meancache.calibration.select_by_replay`), and the pair with the least replay error is stored in the
+  calibration's metadata (``selected``, by budget; the estimator as the schedule's ``estimator`` metadata, which
   ``MeanCacheConfig`` follows unless it names one).
-* The run's schedule is the selected one for its budget (:func:`first_use_schedule`); another budget, for which
-  no trajectory was kept, gets the PSSP
+* The run's schedule is the selected one for its budget (:func:`first_use_schedule`). Another budget is selected
+  the same way on the recorded runs when first asked for (:func:`select_for_budget`); a calibration with no
+  recorded runs (made before they were kept, or whose runs file cannot be read) gives it the PSSP
   solution with closed-loop costs, gamma ``GAMMA`` (2), spans up to ``SOLVER_MAX_SPAN`` (3) and gaps up to
   ``SOLVER_GAP`` (6), or the shortest gap the budget can bridge (``ceil((N - 1) / (B - 1))``) when longer.
   Every schedule made from first-use costs, candidate or not, anchors no look-back at step 0
@@ -55,8 +57,8 @@ from meancache.calibration import (
     StabilityCostAccumulator,
     combine_calibrations,
     select_by_replay,
-    select_estimator_by_replay,
 )
+from meancache.calibration.replay import replay_sample
 from meancache.calibration.store import key_digest
 from meancache.integrations.diffusers.guidance import observed_guidance
 from meancache.integrations.diffusers.key import WeightsFingerprint, calibration_key
@@ -100,8 +102,11 @@ class FirstUseCalibration:
     declined: bool = False
     pattern_warned: set[str] = field(default_factory=set)
 
-    def for_generation(self, make_key: Callable[[], dict[str, Any] | None]) -> GenerationCalibration:
-        return GenerationCalibration(self, make_key)
+    def for_generation(
+        self, make_key: Callable[[], dict[str, Any] | None], device: torch.device
+    ) -> GenerationCalibration:
+        """One generation's view of the store, for a generation running on ``device`` (where it replays)."""
+        return GenerationCalibration(self, make_key, device)
 
     def generation_key(
         self, pipe: Any, models: torch.nn.ModuleDict, checkpoint: str, sigmas: list[float],
@@ -167,6 +172,8 @@ class GenerationCalibration:
 
     owner: FirstUseCalibration
     make_key: Callable[[], dict[str, Any] | None] = field(repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the generation runs: recorded runs are replayed there."""
     accumulator: StabilityCostAccumulator | None = None
     """Set when this generation calibrates."""
     budget: int = 0
@@ -208,7 +215,15 @@ class GenerationCalibration:
 
     def _schedule(self, calibration: Calibration, budget: int) -> Schedule:
         """:func:`first_use_schedule` with where it comes from in its metadata (``source``, the key's digest, and
-        ``GENERATIONS``)."""
+        ``GENERATIONS``). A budget no calibrating generation selected for is selected now on the key's recorded runs
+        (:func:`select_for_budget`; stored once the calibration is complete)."""
+        if str(budget) not in _selected(calibration):
+            runs = self.owner.store.runs(self.key)[-self.owner.runs :]
+            if runs:
+                complete = calibration.trajectories >= self.owner.runs
+                select_for_budget(calibration, budget, [self._on_device(run) for run in runs], refine=complete)
+                if complete:
+                    self.owner.store.save(self.key, calibration)
         schedule = first_use_schedule(calibration, budget)
         path = self.owner.store.path(self.key)
         where = f"stored in {path}" if path is not None and path.exists() else "kept in memory"
@@ -220,6 +235,9 @@ class GenerationCalibration:
         source = f"calibrated on first use ({how}{generations}, key {self.digest}, {where})"
         metadata = {**schedule.metadata, "source": source, "calibration_key": self.digest, GENERATIONS: done}
         return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
+
+    def _on_device(self, run: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return run[0].to(self.device), run[1].to(self.device)
 
     def calibrating(self, num_steps: int, budget: int) -> Schedule | None:
         """An all-computed schedule for a generation that calibrates (module docstring), or None when it cannot."""
@@ -251,7 +269,7 @@ class GenerationCalibration:
         self.accumulator.add_step(step, z, v)
         if self.trajectory is not None:
             for kept, tensor in zip(self.trajectory, (z, v), strict=True):
-                kept.append(tensor.detach().to("cpu", TRAJECTORY_DTYPE))
+                kept.append(replay_sample(tensor).to("cpu", TRAJECTORY_DTYPE))
 
     def finish(self, call_pattern: list[list[int]]) -> None:
         """Fold the completed generation, which made ``call_pattern`` calls per step (``CALL_PATTERN``), into the
@@ -268,18 +286,27 @@ class GenerationCalibration:
         if stored is not None:
             calibration = combine_calibrations(stored, calibration)
         if self.trajectory is not None:
-            latents, velocities = self.trajectory
-            chosen = select_by_replay(calibration.candidate_schedules(self.budget), latents, velocities,
-                                      calibration.sigmas)  # fmt: skip
-            chosen = select_estimator_by_replay(chosen, [(latents, velocities, calibration.sigmas)])
-            entry = {name: chosen.metadata[name] for name in ("gamma", "max_gap", "max_span", "replay_error",
-                                                                "replay_candidates", ESTIMATOR_KEY)}  # fmt: skip
-            entry |= {"compute_steps": list(chosen.compute_steps), "spans": list(chosen.spans)}
-            calibration.metadata[SELECTED] = {**_selected(calibration), str(self.budget): entry}
+            self.owner.store.add_run(self.key, *(torch.stack(kept) for kept in self.trajectory))
+            runs = [self._on_device(run) for run in self.owner.store.runs(self.key)[-self.owner.runs :]]
+            select_for_budget(calibration, self.budget, runs, refine=calibration.trajectories >= self.owner.runs)
         self.owner.store.save(self.key, calibration)
         for resolved in [k for k in self.owner.schedules if k[0] == self.digest]:  # solved from fewer generations
             del self.owner.schedules[resolved]
         self.accumulator = self.trajectory = None
+
+
+def select_for_budget(
+    calibration: Calibration, budget: int, runs: Sequence[tuple[torch.Tensor, torch.Tensor]], refine: bool
+) -> None:
+    """Record in ``calibration``'s metadata (``SELECTED``) the candidate schedule for ``budget`` and its estimator
+    that :func:`~meancache.calibration.select_by_replay` picks on the recorded ``runs`` (latents, velocities), with
+    ``refine``."""
+    sigmas = calibration.sigmas
+    chosen = select_by_replay(calibration.candidate_schedules(budget), [(*run, sigmas) for run in runs], refine)
+    kept = ("gamma", "max_gap", "max_span", "replay_error", "replay_candidates", "replay_moves", ESTIMATOR_KEY)
+    entry = {name: chosen.metadata[name] for name in kept}
+    entry |= {"compute_steps": list(chosen.compute_steps), "spans": list(chosen.spans)}
+    calibration.metadata[SELECTED] = {**_selected(calibration), str(budget): entry}
 
 
 def first_use_schedule(calibration: Calibration, budget: int) -> Schedule:

@@ -254,7 +254,7 @@ class MeanCacheState:
         def resolve() -> Schedule:
             nonlocal calibration
             if config.calibration_runs and (pipe := self.pipe) is not None:
-                calibration = self.first_use.for_generation(lambda: key(pipe))
+                calibration = self.first_use.for_generation(lambda: key(pipe), guided.device)
             return default_schedule(self.pipeline_name, self.checkpoint, num_steps, budget, self.model, calibration)
 
         schedule = decide_on_rank_zero(resolve)
