@@ -12,8 +12,10 @@ approximates; the digits benchmarks' reference). Rows at B = 8, 10, 13, 17, 25 e
 * the paper's rule on uniform steps (spans 1, 2, 3), on the single PSSP solution (closed-loop costs, gamma 2), and on
   the calibration's candidate schedules picked by replay on the calibration trajectories (the analogue of the shipped
   schedules);
-* what first use does by default: that replay-picked schedule with the estimator of
-  :data:`~meancache.method.estimators.SELECTABLE` whose replay on the calibration trajectories errs least;
+* what first use and the shipped schedules do by default: the candidate and the estimator of
+  :data:`~meancache.method.estimators.SELECTABLE` picked together by replay on the calibration trajectories, then
+  refined (:func:`~meancache.calibration.select_by_replay`); the same unrefined; and stop 25's default (the
+  schedule picked under the paper's rule, then its estimator);
 * extrapolation estimators (:class:`~meancache.method.estimators.TrajectoryExtrapolationEstimator`) on the same
   replay-picked schedule and on uniform steps: the registered ``data-linear`` and the variants of the digits grid.
 
@@ -31,6 +33,7 @@ from benchmarks.bench_estimators import registered
 from benchmarks.helpers import write_results
 from meancache import Schedule, sample
 from meancache.calibration import calibrate, select_by_replay, select_estimator_by_replay
+from meancache.calibration.replay import replay_errors
 from meancache.method.analytic_flow import (
     GaussianMixtureFlow,
     dpm_solver_pp_2m,
@@ -103,7 +106,9 @@ def test_analytic_flow(benchmark):
                 rows.append(row("fewer steps: DPM-Solver++ 2M", budget,
                                 dpm_solver_pp_2m(flow.velocity, z0, flow_sigmas(budget))))  # fmt: skip
                 uniform = Schedule.uniform(STEPS, budget)
-                picked = select_by_replay(calibration.candidate_schedules(budget), latents, velocities, sigmas)
+                candidates = calibration.candidate_schedules(budget)
+                paper_errors = replay_errors(candidates, latents, velocities, sigmas)
+                picked = candidates[min(range(len(candidates)), key=paper_errors.__getitem__)]
                 schedules = {
                     **{f"uniform, span {k}": Schedule.uniform(STEPS, budget, span=k) for k in (1, 2, 3)},
                     "pssp closed-loop gamma 2": calibration.schedule(budget),
@@ -112,10 +117,16 @@ def test_analytic_flow(benchmark):
                 for label, schedule in schedules.items():
                     rows.append(row(f"paper: {label}", budget, sample(velocity32, z0.float(), sigmas, schedule),
                                     schedule))  # fmt: skip
-                default = select_estimator_by_replay(picked, [(latents, velocities, sigmas)])
-                rows.append({**row("default (first use): replay pick, then the estimator picked by replay", budget,
-                                   sample(velocity32, z0.float(), sigmas, default), default),
-                             "estimator": default.metadata["estimator"]})  # fmt: skip
+                runs = [(latents, velocities, sigmas)]
+                for method, chosen in (
+                    ("default: schedule and estimator picked together by replay, refined",
+                     select_by_replay(candidates, runs)),
+                    ("picked together by replay, not refined", select_by_replay(candidates, runs, refine=False)),
+                    ("stop 25: replay pick under the paper's rule, then the estimator picked by replay",
+                     select_estimator_by_replay(picked, runs)),
+                ):  # fmt: skip
+                    rows.append({**row(method, budget, sample(velocity32, z0.float(), sigmas, chosen), chosen),
+                                 "estimator": chosen.metadata["estimator"]})  # fmt: skip
                 for name in (DataLinearEstimator.name, *VARIANTS):
                     for label, schedule in (("pssp candidates, replay pick", picked), ("uniform", uniform)):
                         out = sample(velocity32, z0.float(), sigmas, schedule, estimator=name)

@@ -10,8 +10,9 @@ the same load on the machine:
 * ``calibrating``: a generation observed step by step (``observe_steps``: a hook on the scheduler's ``step``, as
   first use has) by a :class:`~meancache.calibration.StabilityCostAccumulator` (max gap 8, spans 1..5: first use's
   settings);
-* ``selecting``: the same, also keeping the trajectory in bfloat16 on the CPU (as first use does), then selecting
-  by replay among the candidates of a budget-10 calibration (:meth:`Calibration.candidate_schedules`);
+* ``selecting``: the same, also keeping the trajectory in bfloat16 on the CPU, then picking by the paper's rule's
+  replay among the candidates of a budget-10 calibration (:meth:`Calibration.candidate_schedules`; first use now
+  replays every selectable estimator and refines: ``bench_first_use_calibration.py`` times that);
 * ``replay``: the replay alone, on the same candidates and trajectory.
 
 ``before`` is the step-by-step implementation (one cost or candidate at a time, through the runtime estimator,
@@ -32,7 +33,8 @@ import pytest
 import torch
 
 from benchmarks.helpers import FLUX_SIZES, flux_pipeline, write_results
-from meancache.calibration import Calibration, StabilityCostAccumulator, select_by_replay
+from meancache.calibration import Calibration, StabilityCostAccumulator
+from meancache.calibration.replay import replay_errors
 from meancache.integrations.diffusers.calibration import observe_steps
 from meancache.models import load_digits_model
 from meancache.testing import tiny_inputs
@@ -76,10 +78,10 @@ def select(implementation: str, calibration: Calibration, latents: list, velocit
     candidates = calibration.candidate_schedules(BUDGET)
     sigmas = calibration.sigmas
     if implementation == "after":
-        chosen = select_by_replay(candidates, latents, velocities, sigmas)
+        errors = replay_errors(candidates, latents, velocities, sigmas)
     else:
         errors = [step_by_step_replay_error(c, latents, velocities, sigmas) for c in candidates]
-        chosen = candidates[min(range(len(candidates)), key=errors.__getitem__)]
+    chosen = candidates[min(range(len(candidates)), key=errors.__getitem__)]
     return chosen.compute_steps, chosen.spans
 
 
