@@ -20,6 +20,7 @@ from meancache.calibration import (
     replay_error,
     replay_estimator_error,
     select_by_replay,
+    select_estimator_by_replay,
 )
 from meancache.calibration.replay import replay_errors, replay_sample
 from meancache.integrations.diffusers import calibrate_pipeline, enable_mean_cache, select_estimator, select_schedule
@@ -212,6 +213,21 @@ def test_select_by_replay_keeps_the_pair_of_candidate_and_estimator_with_the_lea
         select_by_replay([], runs)
     with pytest.raises(ValueError, match="runs is empty"):
         select_by_replay(candidates, [])
+
+
+def test_runs_pooled_beyond_the_cap_are_thinned_evenly(monkeypatch):
+    """Runs on the same sigmas are replayed as one; past ``POOLED_ELEMENTS`` together each keeps every k-th element,
+    so the error is that of the thinned runs (equal sizes: the mean of theirs)."""
+    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
+    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
+            for s in range(2)]  # fmt: skip
+    schedule = Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2))
+    monkeypatch.setattr(replay, "POOLED_ELEMENTS", 12)  # two runs of 12 elements: every second element of each
+    thinned = [([t.reshape(-1)[::2] for t in latents], [t.reshape(-1)[::2] for t in velocities], sigmas)
+               for latents, velocities, _ in runs]  # fmt: skip
+    errors = select_estimator_by_replay(schedule, runs).metadata["estimator_replay_errors"]
+    assert errors == pytest.approx(_replayed(schedule, thinned), rel=1e-5)
+    assert errors != pytest.approx(_replayed(schedule, runs), rel=1e-3)
 
 
 def test_select_by_replay_refines_its_pick_to_a_local_minimum_of_the_replay_error():

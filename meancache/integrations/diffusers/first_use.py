@@ -13,7 +13,7 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
   generations) and saved; an interrupted generation adds nothing.
 * Each calibrating generation also records its run for replay (the latent before every step and the velocity it
   stepped with, :func:`~meancache.calibration.replay.replay_sample`'s elements of them in bfloat16 on the CPU: at
-  most ``2 N x 65,536`` values), kept beside the calibration (:meth:`~meancache.calibration.CalibrationStore.runs`).
+  most ``2 N x 32,768`` values), kept beside the calibration (:meth:`~meancache.calibration.CalibrationStore.runs`).
   Then **validated selection by replay** picks the schedule for the generation's budget, and the estimator it runs
   with, from the costs of every generation observed so far: each candidate of
   :meth:`~meancache.calibration.Calibration.candidate_schedules` (closed-loop PSSP over gamma 1.5/2/3, spans up
