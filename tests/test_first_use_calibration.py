@@ -247,10 +247,15 @@ def test_the_store_keeps_the_recorded_runs_beside_the_calibration(tmp_path, capl
     for kept in (store.runs(key), CalibrationStore(tmp_path).runs(key)):  # this process, another one
         assert len(kept) == 2 and all(torch.equal(a, b) for got, run in zip(kept, runs, strict=True)
                                       for a, b in zip(got, run, strict=True))  # fmt: skip
-    path.write_bytes(b"not a tensor file")
-    with caplog.at_level("WARNING", logger="meancache"):
-        assert CalibrationStore(tmp_path).runs(key) == []
-    assert str(path) in caplog.text
+    for content in (b"not a tensor file", [[torch.zeros(2, 6)], [torch.zeros(3)]]):  # garbage; mismatched tensors
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="meancache"):
+            assert CalibrationStore(tmp_path).runs(key) == []
+        assert str(path) in caplog.text
     store.remove()
     assert list((tmp_path / "calibrations").iterdir()) == []
     memory = CalibrationStore(None)  # no home: kept in memory

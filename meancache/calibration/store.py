@@ -189,7 +189,11 @@ class CalibrationStore:
             return list(self._runs.get(digest, []))
         try:
             stored = torch.load(path, weights_only=True)
-            return [(latents, velocities) for latents, velocities in zip(*stored, strict=True)]
+            runs = [(latents, velocities) for latents, velocities in zip(*stored, strict=True)]
+            if not all(isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape == run[0].shape
+                       for run in runs for t in run):  # fmt: skip
+                raise ValueError("it does not hold pairs of (steps, elements) tensors")
+            return runs
         except (OSError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as e:
             logger.warning("MeanCache: ignoring the unreadable recorded runs %s (%s)", path, e)
             return []

@@ -218,10 +218,10 @@ class GenerationCalibration:
         ``GENERATIONS``). A budget no calibrating generation selected for is selected now on the key's recorded runs
         (:func:`select_for_budget`; stored once the calibration is complete)."""
         if str(budget) not in _selected(calibration):
-            runs = self.owner.store.runs(self.key)[-self.owner.runs :]
+            runs = self._recorded_runs(calibration)
             if runs:
                 complete = calibration.trajectories >= self.owner.runs
-                select_for_budget(calibration, budget, [self._on_device(run) for run in runs], refine=complete)
+                select_for_budget(calibration, budget, runs, refine=complete)
                 if complete:
                     self.owner.store.save(self.key, calibration)
         schedule = first_use_schedule(calibration, budget)
@@ -236,8 +236,12 @@ class GenerationCalibration:
         metadata = {**schedule.metadata, "source": source, "calibration_key": self.digest, GENERATIONS: done}
         return Schedule(schedule.num_steps, schedule.compute_steps, schedule.spans, metadata)
 
-    def _on_device(self, run: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return run[0].to(self.device), run[1].to(self.device)
+    def _recorded_runs(self, calibration: Calibration) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The key's last ``runs`` recorded runs with the calibration's step count, on the generation's device."""
+        runs = [run for run in self.owner.store.runs(self.key) if len(run[0]) == calibration.num_steps]
+        return [
+            (latents.to(self.device), velocities.to(self.device)) for latents, velocities in runs[-self.owner.runs :]
+        ]
 
     def calibrating(self, num_steps: int, budget: int) -> Schedule | None:
         """An all-computed schedule for a generation that calibrates (module docstring), or None when it cannot."""
@@ -287,7 +291,7 @@ class GenerationCalibration:
             calibration = combine_calibrations(stored, calibration)
         if self.trajectory is not None:
             self.owner.store.add_run(self.key, *(torch.stack(kept) for kept in self.trajectory))
-            runs = [self._on_device(run) for run in self.owner.store.runs(self.key)[-self.owner.runs :]]
+            runs = self._recorded_runs(calibration)
             select_for_budget(calibration, self.budget, runs, refine=calibration.trajectories >= self.owner.runs)
         self.owner.store.save(self.key, calibration)
         for resolved in [k for k in self.owner.schedules if k[0] == self.digest]:  # solved from fewer generations
