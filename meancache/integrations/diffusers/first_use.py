@@ -75,8 +75,8 @@ GAMMA = 2.0
 SOLVER_MAX_SPAN = 3
 SOLVER_GAP = 6
 TRAJECTORY_DTYPE = torch.bfloat16
-"""The dtype the last calibrating generation keeps its trajectory in, for replay (measured: the same picks as
-float32 on both bundled models)."""
+"""The dtype calibrating generations record their runs in, for replay (measured at stop 20: the same picks as
+float32 on both bundled image models)."""
 CALL_PATTERN = "call_pattern"
 """Calibration metadata: per step of the calibrating generations, their transformer and ControlNet calls (what
 guidance settings acting after the first step change; checked against later generations)."""
@@ -179,7 +179,7 @@ class GenerationCalibration:
     budget: int = 0
     """The budget this generation's calibration selects a schedule for."""
     trajectory: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None, repr=False)
-    """Latents and velocities of every step, kept by a calibrating generation for replay."""
+    """The sampled latents and velocities of every step (:func:`replay_sample`) a calibrating generation records."""
     started: float = 0.0
 
     @functools.cached_property
