@@ -285,6 +285,32 @@ def test_a_calibrating_generation_selects_on_every_recorded_run_of_its_key(flux,
     assert (entry["estimator"], entry["compute_steps"]) == (both.metadata["estimator"], list(both.compute_steps))
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_recorded_runs_are_replayed_on_the_generation_device(device, monkeypatch):
+    """The runs are kept on the CPU (bfloat16) and replayed where the generation ran, for its own budget and for
+    another budget asked for later."""
+    pipe = tiny_pipeline("flux").to(device)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def recording(candidates, runs, refine=True):
+        seen.extend(t.device.type for latents, velocities, _ in runs for t in (latents, velocities))
+        return select_by_replay(candidates, runs, refine)
+
+    monkeypatch.setattr(first_use, "select_by_replay", recording)
+    for budget in (BUDGET, BUDGET + 1):
+        enable_mean_cache(pipe, MeanCacheConfig(budget=budget, calibration_runs=1))
+        generate_latents(pipe, tiny_inputs("flux"), STEPS)
+        disable_mean_cache(pipe)
+    (path,) = calibration_store().files()
+    runs = calibration_store().runs(Calibration.load(path).metadata["key"])
+    assert [t.device.type for t in runs[0]] == ["cpu", "cpu"]
+    assert len(seen) == 4 and set(seen) == {device}  # the calibrating generation's pick, then the other budget's
+
+
 def _tiny_calibration() -> Calibration:
     return meancache.calibrate(lambda z, sigma: -z, [torch.ones(2)], [1.0, 0.75, 0.5, 0.25, 0.0], max_gap=2,
                                max_span=1)  # fmt: skip
