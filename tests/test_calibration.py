@@ -254,6 +254,28 @@ def test_select_by_replay_refines_its_pick_to_a_local_minimum_of_the_replay_erro
             assert neighbour >= chosen.metadata["replay_error"] * (1 - 1e-5), (moved, spans)
 
 
+def test_select_by_replay_refines_the_best_pair_of_each_of_the_best_candidate_schedules():
+    """``REFINE_STARTS`` local searches, one from the best pair of each of the best candidate schedules: the result is
+    the best of what each reaches alone (a search from one candidate), with that candidate's metadata."""
+    n = 40
+    sigmas = torch.linspace(1.0, 0.0, n + 1).tolist()
+    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
+            for s in range(2)]  # fmt: skip
+    candidates = [Schedule(n, steps, (1, 1, 3, 3, 3, 3, 3), {"source": f"candidate {i}"}) for i, steps in enumerate((
+        (0, 1, 9, 13, 17, 22, 31, 39), (0, 1, 10, 17, 23, 25, 30, 39), (0, 1, 11, 15, 20, 30, 32, 39),
+        (0, 1, 12, 20, 27, 31, 33, 39),  # the worst before refining: not a start
+    ))]  # fmt: skip
+    alone = [select_by_replay([c], runs) for c in candidates]
+    unrefined = [min(_replayed(c, runs).values()) for c in candidates]
+    best_three = sorted(range(4), key=lambda i: unrefined[i])[: replay.REFINE_STARTS]
+    winner = min(best_three, key=lambda i: alone[i].metadata["replay_error"])
+    chosen = select_by_replay(candidates, runs)
+    assert chosen.metadata["replay_error"] == pytest.approx(alone[winner].metadata["replay_error"], rel=1e-6)
+    assert (chosen.compute_steps, chosen.metadata["source"]) == (alone[winner].compute_steps, f"candidate {winner}")
+    assert chosen.metadata["replay_error"] < alone[best_three[0]].metadata["replay_error"]  # not the first start's
+    assert chosen.metadata["replay_candidates"] == 4
+
+
 def test_replay_sample_keeps_fixed_positions_and_replaying_them_is_replaying_the_run_restricted_to_them(monkeypatch):
     """Every estimator acts elementwise, so a schedule replayed on the sampled elements of a run has the error of the
     run restricted to those elements, whatever the estimator."""

@@ -344,8 +344,12 @@ REFINE_SHIFTS = (-2, -1, 1, 2)
 REFINE_MAX_GAP = 12
 """The longest interval a refined schedule may have (the candidates' are at most the calibration's ``max_gap``)."""
 REFINE_ROUNDS = 20
-"""The most refinement rounds (each moves one computed step); measured picks stop after 1-13 (shifts of up to 3
-steps gave the same picks on the bundled models as up to 2)."""
+"""The most refinement rounds from one start (each moves one computed step); measured picks stop after 1-13 (shifts
+of up to 3 steps gave the same picks on the bundled models as up to 2)."""
+REFINE_STARTS = 3
+"""How many pairs :func:`select_by_replay` refines: the best pair of each of this many best candidate schedules (a
+local search from the best pair alone stopped above the error of pairs it could not reach: ``docs/schedule_study.md``,
+"Refining from more than one start")."""
 
 
 def select_by_replay(candidates: Sequence[Schedule], runs: Sequence[Run], refine: bool = True) -> Schedule:
@@ -354,11 +358,13 @@ def select_by_replay(candidates: Sequence[Schedule], runs: Sequence[Run], refine
     estimator; runs on the same sigmas pooled, so the error is the mean of theirs when they have the same size):
 
     1. the best pair of a candidate (``candidates``, e.g. PSSP solutions) and an estimator;
-    2. with ``refine``, refined: while it lowers the error (at most ``REFINE_ROUNDS`` times), the best pair whose
-       schedule moves one interior computed step of the current one by ``REFINE_SHIFTS``, keeping the order,
-       intervals of at most ``REFINE_MAX_GAP`` steps and the spans (capped so that no look-back anchors at step 0),
-       under any estimator. It replays about ``6 x 4 (B - 2)`` schedules per move: ``refine=False`` is for a pick
-       needed quickly and soon replaced (first use's provisional calibrations).
+    2. with ``refine``, refined from ``REFINE_STARTS`` starts, the best pair of each of as many best candidate
+       schedules, and the best result kept. From each: while it lowers the error (at most ``REFINE_ROUNDS`` times),
+       the best pair whose schedule moves one interior computed step of the current one by ``REFINE_SHIFTS``,
+       keeping the order, intervals of at most ``REFINE_MAX_GAP`` steps and the spans (capped so that no look-back
+       anchors at step 0), under any estimator. It replays about ``6 x 4 (B - 2)`` schedules per move (a pair
+       replayed once is remembered across starts): ``refine=False`` is for a pick needed quickly and soon replaced
+       (first use's provisional calibrations).
 
     The estimator is named in the returned schedule's metadata (``ESTIMATOR_KEY``, which
     :class:`~meancache.MeanCacheConfig` follows by default) beside ``replay_error``, ``replay_candidates``,
@@ -375,9 +381,24 @@ def select_by_replay(candidates: Sequence[Schedule], runs: Sequence[Run], refine
     if not runs:
         raise ValueError("runs is empty: nothing to replay the candidates on")
     scores = _ReplayScores(runs)
-    best = min(scores.pairs(candidates), key=lambda pair: pair[0])
-    origin, moves = best[1], 0
-    while refine and moves < REFINE_ROUNDS:
+    best_per_schedule: dict[tuple[int, ...], tuple[float, Schedule, str]] = {}
+    for pair in sorted(scores.pairs(candidates), key=lambda pair: pair[0]):  # stable: on a tie the earlier pair
+        best_per_schedule.setdefault(pair[1].compute_steps, pair)
+    starts = list(best_per_schedule.values())[: REFINE_STARTS if refine else 1]
+    refined = [_refined(scores, start) if refine else (start, 0) for start in starts]
+    index = min(range(len(refined)), key=lambda i: refined[i][0][0])
+    (error, chosen, estimator), moves = refined[index]
+    origin = starts[index][1]
+    metadata = {**origin.metadata, ESTIMATOR_KEY: estimator, "replay_error": error,
+                "replay_candidates": len(candidates), "replay_moves": moves,
+                "estimator_replay_errors": scores.table(chosen)}  # fmt: skip
+    return Schedule(chosen.num_steps, chosen.compute_steps, chosen.spans, metadata)
+
+
+def _refined(scores: _ReplayScores, start: tuple[float, Schedule, str]) -> tuple[tuple[float, Schedule, str], int]:
+    """The pair :func:`select_by_replay`'s local search reaches from ``start``, and how many moves it made."""
+    best, moves = start, 0
+    while moves < REFINE_ROUNDS:
         neighbours = _neighbours(best[1])
         if not neighbours:
             break
@@ -385,11 +406,7 @@ def select_by_replay(candidates: Sequence[Schedule], runs: Sequence[Run], refine
         if found[0] >= best[0]:
             break
         best, moves = found, moves + 1
-    error, chosen, estimator = best
-    metadata = {**origin.metadata, ESTIMATOR_KEY: estimator, "replay_error": error,
-                "replay_candidates": len(candidates), "replay_moves": moves,
-                "estimator_replay_errors": scores.table(chosen)}  # fmt: skip
-    return Schedule(chosen.num_steps, chosen.compute_steps, chosen.spans, metadata)
+    return best, moves
 
 
 def select_estimator_by_replay(schedule: Schedule, runs: Sequence[Run]) -> Schedule:
