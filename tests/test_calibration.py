@@ -189,10 +189,15 @@ def _replayed(schedule, runs):
     return {e.name: np.mean([replay_estimator_error(e, schedule, *run) for run in runs]) for e in SELECTABLE}
 
 
-def test_select_by_replay_keeps_the_pair_of_candidate_and_estimator_with_the_least_replay_error(monkeypatch):
-    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
-    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
+def _two_runs(n):
+    """Two recorded toy runs of ``n`` steps on evenly spaced sigmas (seeds 0 and 1)."""
+    sigmas = torch.linspace(1.0, 0.0, n + 1).tolist()
+    return [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
             for s in range(2)]  # fmt: skip
+
+
+def test_select_by_replay_keeps_the_pair_of_candidate_and_estimator_with_the_least_replay_error(monkeypatch):
+    runs = _two_runs(N)
     candidates = [
         Schedule.uniform(N, 5, span=1),
         Schedule.uniform(N, 5, span=3),
@@ -218,9 +223,8 @@ def test_select_by_replay_keeps_the_pair_of_candidate_and_estimator_with_the_lea
 def test_runs_pooled_beyond_the_cap_are_thinned_evenly(monkeypatch):
     """Runs on the same sigmas are replayed as one; past ``POOLED_ELEMENTS`` together each keeps every k-th element,
     so the error is that of the thinned runs (equal sizes: the mean of theirs)."""
-    sigmas = torch.linspace(1.0, 0.0, N + 1).tolist()
-    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
-            for s in range(2)]  # fmt: skip
+    runs = _two_runs(N)
+    sigmas = runs[0][2]
     schedule = Schedule(N, (0, 1, 2, 7, 13), (1, 1, 2, 2))
     monkeypatch.setattr(replay, "POOLED_ELEMENTS", 12)  # two runs of 12 elements: every second element of each
     thinned = [([t.reshape(-1)[::2] for t in latents], [t.reshape(-1)[::2] for t in velocities], sigmas)
@@ -235,9 +239,7 @@ def test_select_by_replay_refines_its_pick_to_a_local_minimum_of_the_replay_erro
     intervals of at most 12 steps, spans capped at step 0), under any estimator: the result's neighbours all
     replay worse, and it replays better than the pair it started from."""
     n = 40
-    sigmas = torch.linspace(1.0, 0.0, n + 1).tolist()
-    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
-            for s in range(2)]  # fmt: skip
+    runs = _two_runs(n)
     start = Schedule(n, (0, 1, 2, 9, 17, 25, 33, 39), (1, 1, 3, 3, 3, 3, 3), {"source": "candidate"})
     chosen = select_by_replay([start], runs)
     assert chosen.metadata["replay_moves"] > 0 and chosen.metadata["source"] == "candidate"
@@ -258,9 +260,7 @@ def test_select_by_replay_refines_the_best_pair_of_each_of_the_best_candidate_sc
     """``REFINE_STARTS`` local searches, one from the best pair of each of the best candidate schedules: the result is
     the best of what each reaches alone (a search from one candidate), with that candidate's metadata."""
     n = 40
-    sigmas = torch.linspace(1.0, 0.0, n + 1).tolist()
-    runs = [(*_trajectory(torch.randn(3, 4, generator=torch.Generator().manual_seed(s)), sigmas), sigmas)
-            for s in range(2)]  # fmt: skip
+    runs = _two_runs(n)
     candidates = [Schedule(n, steps, (1, 1, 3, 3, 3, 3, 3), {"source": f"candidate {i}"}) for i, steps in enumerate((
         (0, 1, 9, 13, 17, 22, 31, 39), (0, 1, 10, 17, 23, 25, 30, 39), (0, 1, 11, 15, 20, 30, 32, 39),
         (0, 1, 12, 20, 27, 31, 33, 39),  # the worst before refining: not a start

@@ -387,10 +387,8 @@ def select_by_replay(candidates: Sequence[Schedule], runs: Sequence[Run], refine
     for pair in sorted(scores.pairs(candidates), key=lambda pair: pair[0]):  # stable: on a tie the earlier pair
         best_per_schedule.setdefault(pair[1].compute_steps, pair)
     starts = list(best_per_schedule.values())[: REFINE_STARTS if refine else 1]
-    refined = [_refined(scores, start) if refine else (start, 0) for start in starts]
-    index = min(range(len(refined)), key=lambda i: refined[i][0][0])
-    (error, chosen, estimator), moves = refined[index]
-    origin = starts[index][1]
+    results = [(*(_refined(scores, start) if refine else (start, 0)), start[1]) for start in starts]
+    (error, chosen, estimator), moves, origin = min(results, key=lambda result: result[0][0])  # a tie: earlier start
     metadata = {**origin.metadata, ESTIMATOR_KEY: estimator, "replay_error": error,
                 "replay_candidates": len(candidates), "replay_moves": moves,
                 "estimator_replay_errors": scores.table(chosen)}  # fmt: skip
