@@ -17,8 +17,15 @@ the same load on the machine:
 
 ``before`` is the step-by-step implementation (one cost or candidate at a time, through the runtime estimator,
 one host read per cost), kept as the reference of ``tests/test_calibration.py``; ``after`` the batched one. The
-load average of the machine is recorded per model, with one intra-op thread (``THREADS``). Results:
-``benchmarks/results/calibration_overhead.json``.
+load average of the machine is recorded per model, with one intra-op thread (``THREADS``).
+
+What first use costs where a latent is as large as a real model's (``first_use``; the demo size: 262,144 latent
+elements, as FLUX.1 at 1024 x 1024, so recorded runs hold ``REPLAY_ELEMENTS`` of each step and the replay pools its
+cap, as they would there): ``MeanCacheConfig(budget=BUDGET)`` on an empty calibration store, every generation
+calibrating until ``calibration_runs`` (``FULL_RUN_EVERY`` set to 1; seeds 1-4), the last of them also selecting
+and refining schedule and estimator by replay on the four runs; then the first generation at ``ANOTHER_BUDGET``,
+which selects and refines for it on the stored runs, and one at ``BUDGET`` with the schedule chosen. Each against
+the median of plain generations timed before and after. Results: ``benchmarks/results/calibration_overhead.json``.
 """
 
 from __future__ import annotations
@@ -33,14 +40,19 @@ import pytest
 import torch
 
 from benchmarks.helpers import FLUX_SIZES, flux_pipeline, write_results
+from meancache import MeanCacheConfig, disable_mean_cache, enable_mean_cache, summary
 from meancache.calibration import Calibration, StabilityCostAccumulator
 from meancache.calibration.replay import replay_errors
+from meancache.config import DEFAULT_CALIBRATION_RUNS
+from meancache.integrations.diffusers import first_use as first_use_module
 from meancache.integrations.diffusers.calibration import observe_steps
 from meancache.models import load_digits_model
+from meancache.schedule import defaults
 from meancache.testing import tiny_inputs
 from tests.test_calibration import StepByStepCosts, step_by_step_replay_error
 
 STEPS, BUDGET, MAX_GAP, MAX_SPAN = 50, 10, 8, 5
+ANOTHER_BUDGET = 25
 ROUNDS = {"digits-flux": 9, "tiny": 9, "demo": 2}
 THREADS = 1
 """Intra-op threads while measuring: on this shared 2-core VM under load, two threads wait on each other at every
@@ -94,9 +106,9 @@ def pipeline_and_call(name: str) -> tuple[Any, Callable[[], Any]]:
         pipe = flux_pipeline(name)
         inputs, output_type = tiny_inputs("flux", size=FLUX_SIZES[name]["size"]), "latent"
 
-    def generate() -> Any:
+    def generate(seed: int = 0) -> Any:
         with torch.inference_mode():
-            return pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+            return pipe(**inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
                         output_type=output_type)  # fmt: skip
 
     return pipe, generate
@@ -162,15 +174,65 @@ def measure(name: str) -> dict[str, Any]:
     return row
 
 
+@pytest.mark.parametrize("name", ["demo"])
+def test_first_use_overhead(benchmark, tmp_path, monkeypatch, name):
+    monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / "home"))  # an empty store: an uncalibrated checkpoint
+    monkeypatch.setattr(defaults, "MODEL_FAMILIES", {})  # no FLUX.1 presets: FluxPipeline would get the paper's
+    monkeypatch.setattr(first_use_module, "FULL_RUN_EVERY", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        _first_use.append(benchmark.pedantic(lambda: measure_first_use(name), rounds=1, iterations=1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_first_use(name: str) -> dict[str, Any]:
+    """One row of ``first_use`` (module docstring): each generation's wall time, over the plain median."""
+    pipe, generate = pipeline_and_call(name)
+    generate()  # warm-up
+    load = [os.getloadavg()]
+    plain = [timed(generate)[0]]
+    generations: list[dict[str, Any]] = []
+
+    def timed_generation(budget: int, seed: int) -> None:
+        enable_mean_cache(pipe, MeanCacheConfig(budget=budget))
+        try:
+            seconds = timed(lambda: generate(seed))[0]
+            report = summary(pipe)
+        finally:
+            disable_mean_cache(pipe)
+        metadata = report.schedule.metadata
+        generations.append({"budget": budget, "seconds": seconds, "computed_steps": report.computed_steps,
+                            "source": metadata.get("source", ""),
+                            "replay_moves": metadata.get("replay_moves")})  # fmt: skip
+
+    for seed in range(1, DEFAULT_CALIBRATION_RUNS + 1):
+        timed_generation(BUDGET, seed)
+    timed_generation(ANOTHER_BUDGET, 0)
+    timed_generation(BUDGET, 0)
+    plain.append(timed(generate)[0])
+    load.append(os.getloadavg())
+    median = float(np.median(plain))
+    for generation in generations:
+        generation["over_plain"] = generation["seconds"] / median
+    assert [g["computed_steps"] for g in generations] == [STEPS] * DEFAULT_CALIBRATION_RUNS + [ANOTHER_BUDGET, BUDGET]
+    return {"model": name, "plain_generation_median_s": median, "plain_generations_s": plain,
+            "generations": generations, "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15_min": {"start": list(load[0]), "end": list(load[1])}}  # fmt: skip
+
+
 _rows: list[dict[str, Any]] = []
+_first_use: list[dict[str, Any]] = []
 
 
 def teardown_module() -> None:
-    if _rows:
+    if _rows or _first_use:
         write_results(
             "calibration_overhead",
             {
                 "benchmark": "calibrating / selecting generations vs plain, step-by-step (before) vs batched (after)",
                 "steps": STEPS, "budget": BUDGET, "max_gap": MAX_GAP, "max_span": MAX_SPAN, "rows": _rows,
+                "first_use": _first_use,
             },
         )  # fmt: skip
