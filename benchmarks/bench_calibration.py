@@ -116,10 +116,15 @@ def pipeline_and_call(name: str) -> tuple[Any, Callable[[], Any]]:
 
 @pytest.mark.parametrize("name", list(ROUNDS))
 def test_calibration_overhead(benchmark, name):
+    _rows.append(on_measuring_threads(benchmark, lambda: measure(name)))
+
+
+def on_measuring_threads(benchmark: Any, measurement: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measurement()``, run once by pytest-benchmark with ``THREADS`` intra-op threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        _rows.append(benchmark.pedantic(lambda: measure(name), rounds=1, iterations=1))
+        return benchmark.pedantic(measurement, rounds=1, iterations=1)
     finally:
         torch.set_num_threads(threads)
 
@@ -179,12 +184,7 @@ def test_first_use_overhead(benchmark, tmp_path, monkeypatch, name):
     monkeypatch.setenv("MEANCACHE_HOME", str(tmp_path / "home"))  # an empty store: an uncalibrated checkpoint
     monkeypatch.setattr(defaults, "MODEL_FAMILIES", {})  # no FLUX.1 presets: FluxPipeline would get the paper's
     monkeypatch.setattr(first_use_module, "FULL_RUN_EVERY", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        _first_use.append(benchmark.pedantic(lambda: measure_first_use(name), rounds=1, iterations=1))
-    finally:
-        torch.set_num_threads(threads)
+    _first_use.append(on_measuring_threads(benchmark, lambda: measure_first_use(name)))
 
 
 def measure_first_use(name: str) -> dict[str, Any]:

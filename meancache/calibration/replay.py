@@ -59,9 +59,9 @@ def replay_sample(tensor: torch.Tensor) -> torch.Tensor:
     estimator of :mod:`meancache.method.estimators` acts elementwise, and the recorded velocity stands in for the
     model's. The replay error is then a mean over a uniform sample of the elements, so a trajectory of a large
     latent (a 1024 x 1024 FLUX.1 image: 262,144 elements; a HunyuanVideo clip: millions) costs at most
-    ``2 N REPLAY_ELEMENTS`` values to keep. The replay's cost grows with the elements: on this project's 2-core CPU,
-    refining a budget-10 pick on four runs of a FLUX.1 1024 x 1024 latent took 31 s (a probe on a synthetic
-    trajectory, 19 moves; the unrefined pick 0.4 s)."""
+    ``2 N REPLAY_ELEMENTS`` values to keep. The replay's cost grows with the elements: on this project's 2-core CPU
+    (one thread), selecting and refining from three starts on four runs of a latent that size took 13 s at B = 10
+    (3 moves) and about 31 s at B = 25 (8 moves) (``benchmarks/bench_calibration.py``, ``first_use``)."""
     flat = tensor.detach().reshape(-1)
     if flat.numel() <= REPLAY_ELEMENTS:
         return flat
