@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).parents[1]
@@ -161,3 +163,17 @@ def test_the_diffusers_integration_imports_only_downwards():
     assert package == set(row), "modules of integrations/diffusers/ missing from (or extra in) the diagram's rows"
     upward = [(m, i) for m in sorted(package) for i in sorted(graph[m]) if i in row and row[i] >= row[m]]
     assert upward == []
+
+
+def test_the_kernels_and_the_schedule_api_import_without_diffusers(tmp_path):
+    """``import meancache.ops`` and ``from meancache import Schedule`` do not import diffusers (seconds, and
+    third-party import notices); the names that need it load it when first used (``meancache.__getattr__``)."""
+    code = (
+        "import sys\n"
+        "import meancache.ops\n"
+        "from meancache import MeanCacheConfig, Schedule, sample, solve_pssp\n"
+        "assert 'diffusers' not in sys.modules, sorted(m for m in sys.modules if m.startswith('diffusers'))[:5]\n"
+        "from meancache import enable_mean_cache\n"
+        "assert 'diffusers' in sys.modules and enable_mean_cache.__module__.startswith('meancache.integrations')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # outside the repository, as a user
