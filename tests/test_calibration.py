@@ -171,6 +171,26 @@ def test_candidate_schedules_include_the_shortest_bridging_gap():
     assert any(c.metadata["max_gap"] == 2 for c in cal.candidate_schedules(8))
 
 
+def test_candidate_schedules_include_spaced_schedules_that_keep_steps_0_and_1():
+    n = 50
+    sigmas = torch.linspace(1.0, 0.0, n + 1).tolist()
+    cal = calibrate(toy_velocity, [torch.randn(4)], sigmas, 8, 3)
+    keys = {c.compute_steps for c in cal.candidate_schedules(25)}
+    spaced = cal.spaced_candidates(25)
+    assert [c.metadata["spacing_power"] for c in spaced] == [1.0, 1.25, 1.5, 2.0]
+    # p = 1.5: steps 0 and 1, then 2 + round(47 (k / 22)^1.5) for k = 0..22, each at least one past the one before
+    assert spaced[2].compute_steps == (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 14, 16, 19, 21, 23, 26, 28, 31, 34, 37, 40,
+                                       43, 46, 49)  # fmt: skip
+    for schedule in spaced:
+        steps = schedule.compute_steps
+        assert steps in keys and steps[:3] == (0, 1, 2) and steps[-1] == n - 1 and schedule.budget == 25
+        assert schedule.spans[0] == 1 and set(schedule.spans[1:]) <= {1, 2, 3}  # no look-back anchored at step 0
+        assert max(b - a for a, b in itertools.pairwise(steps)) == schedule.metadata["max_gap"] <= 8
+    first_half = [sum(s < n // 2 for s in c.compute_steps) for c in spaced]
+    assert first_half == sorted(first_half) and first_half[-1] > first_half[0]  # denser early as p grows
+    assert cal.spaced_candidates(3) == [] and cal.spaced_candidates(8) == []  # too few steps; gaps above 8
+
+
 def test_replay_error_is_the_drift_of_the_replayed_run():
     sigmas = torch.linspace(1.0, 0.0, 4).tolist()
     latents, velocities = _trajectory(torch.randn(3, 4), sigmas)

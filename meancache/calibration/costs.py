@@ -40,6 +40,11 @@ COST_KINDS = ("one-shot", "closed-loop")
 AGGREGATES = ("mean", "max")
 CALIBRATION_FORMAT_VERSION = 1
 CANDIDATE_GAMMAS = (1.5, 2.0, 3.0)
+SPACING_POWERS = (1.0, 1.25, 1.5, 2.0)
+"""The powers ``p`` of :meth:`Calibration.candidate_schedules`' spaced candidates: steps 0 and 1, then ``B - 2``
+steps from 2 to ``N - 1`` at ``2 + round((N - 3) (k / (B - 3))^p)``, denser early for ``p > 1``."""
+SPACED_SPAN = 3
+"""The span of the spaced candidates' intervals (capped so that no look-back anchors at step 0)."""
 WORKING_SET = 1 << 18
 """Float32 elements (1 MiB) of the largest intermediate the batched cost and replay computations make at a time:
 it stays in a CPU core's cache, so large latents are done in chunks of columns (or of candidates) that size."""
@@ -100,9 +105,10 @@ class Calibration:
         ``gamma`` in ``CANDIDATE_GAMMAS``, the largest span in ``3 .. max_span`` and the largest gap in
         ``max_gap - 2 .. max_gap`` and, when shorter, the shortest gap the budget can bridge,
         ``ceil((N - 1) / (budget - 1))`` (at large budgets the evenly spread schedule), each with its spans
-        capped by :meth:`without_step_0_anchor`. The costs only approximate the error of a whole run, so the best
-        of these is picked by running them; the grid is small because settings close to the calibration's own
-        give nearly the same schedules."""
+        capped by :meth:`without_step_0_anchor`; then the spaced schedules of :data:`SPACING_POWERS` whose gaps
+        are at most ``max_gap`` (:meth:`spaced_candidates`). The costs only approximate the error of a whole run, so
+        the best of these is picked by running them; the grid is small because settings close to the calibration's
+        own give nearly the same schedules."""
         candidates: dict[tuple[tuple[int, ...], tuple[int, ...]], Schedule] = {}
         bridging = math.ceil((self.num_steps - 1) / max(budget - 1, 1))
         gaps = sorted({*range(max(2, self.max_gap - 2), self.max_gap + 1), max(2, min(bridging, self.max_gap))})
@@ -115,9 +121,37 @@ class Calibration:
                         continue
                     schedule = self.without_step_0_anchor(found, span)
                     candidates.setdefault((schedule.compute_steps, schedule.spans), schedule)
+        for schedule in self.spaced_candidates(budget):
+            candidates.setdefault((schedule.compute_steps, schedule.spans), schedule)
         if not candidates:
             raise ValueError(f"no schedule with {budget} computed steps bridges gaps of at most {self.max_gap}")
         return list(candidates.values())
+
+    def spaced_candidates(self, budget: int) -> list[Schedule]:
+        """Candidates spaced by a power law instead of solved from the costs: for each ``p`` of
+        :data:`SPACING_POWERS`, steps 0 and 1, then ``budget - 2`` steps from 2 to ``N - 1`` at
+        ``2 + round((N - 3) (k / (budget - 3))^p)`` (each at least one past the one before), spans
+        :data:`SPACED_SPAN` capped by :meth:`without_step_0_anchor`; those with a gap above ``max_gap`` are left out.
+
+        Why: PSSP on the costs of a few calibrating runs can leave out schedules dense in the first steps, where
+        the trajectory turns fastest, and the replay's refinement (:func:`~meancache.calibration.select_by_replay`)
+        moves one step at a time, so it does not reach them. Steps 0 and 1 are kept because a schedule that skips
+        step 1 replays well and runs worse: measured on first use of the bundled models,
+        ``docs/schedule_study.md``, "Spaced candidates"."""
+        n = self.num_steps
+        if budget < 4 or budget > n:
+            return []
+        found = []
+        for power in SPACING_POWERS:
+            steps = [0, 1]
+            for k in range(budget - 2):
+                steps.append(max(2 + round((n - 3) * (k / (budget - 3)) ** power), steps[-1] + 1))
+            gap = max(b - a for a, b in itertools.pairwise(steps))
+            if steps[-1] != n - 1 or gap > self.max_gap:
+                continue
+            spaced = Schedule(n, tuple(steps), (SPACED_SPAN,) * (budget - 1), {"max_gap": gap, "spacing_power": power})
+            found.append(self.without_step_0_anchor(spaced, SPACED_SPAN))
+        return found
 
     def without_step_0_anchor(self, solved: Schedule, max_span: int) -> Schedule:
         r"""``solved`` (a closed-loop PSSP solution with spans up to ``max_span``) with this calibration's
