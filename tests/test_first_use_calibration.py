@@ -17,6 +17,7 @@ from meancache import MeanCacheConfig, Schedule, disable_mean_cache, enable_mean
 from meancache.calibration import (
     Calibration,
     CalibrationStore,
+    calibrate,
     calibration_store,
     combine_calibrations,
     select_by_replay,
@@ -537,3 +538,17 @@ def test_every_rank_takes_rank_zeros_decision(tmp_path):
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
         assert out.split()[-5:] == ["decided", "by", "rank", "0", "raised"], out
+
+
+def test_a_spaced_pick_is_stored_and_served(monkeypatch):
+    """A pick among the spaced candidates (no ``gamma``, a ``spacing_power``) is stored and served like a PSSP one."""
+    n = 50
+    calibration = calibrate(lambda z, sigma: -z, [torch.randn(4)], torch.linspace(1.0, 0.0, n + 1).tolist(), 8, 3)
+    spaced = calibration.spaced_candidates(25)[2]
+    picked = Schedule(n, spaced.compute_steps, spaced.spans, {**spaced.metadata, "replay_error": 0.1,
+                      "replay_candidates": 30, "replay_moves": 0, "estimator": "paper"})  # fmt: skip
+    monkeypatch.setattr(first_use, "select_by_replay", lambda candidates, runs, refine: picked)
+    first_use.select_for_budget(calibration, 25, [], refine=True)
+    served = first_use.first_use_schedule(calibration, 25)
+    assert (served.compute_steps, served.spans) == (spaced.compute_steps, spaced.spans)
+    assert served.metadata["spacing_power"] == 1.5 and "gamma" not in served.metadata

@@ -17,7 +17,8 @@ Rules (one pipeline's :class:`FirstUseCalibration`, one generation's :class:`Gen
   Then **validated selection by replay** picks the schedule for the generation's budget, and the estimator it runs
   with, from the costs of every generation observed so far: each candidate of
   :meth:`~meancache.calibration.Calibration.candidate_schedules` (closed-loop PSSP over gamma 1.5/2/3, spans up
-  to 3..5, gaps up to 6..8 and the shortest the budget can bridge) is replayed under each estimator of
+  to 3..5, gaps up to 6..8 and the shortest the budget can bridge, and four power-spaced schedules that keep steps 0
+  and 1) is replayed under each estimator of
   :data:`~meancache.method.estimators.SELECTABLE` on every recorded run of the key, with no transformer call
   (:func:`~meancache.calibration.select_by_replay`), and the pair with the least replay error is stored in the
   calibration's metadata (``selected``, by budget; the estimator as the schedule's ``estimator`` metadata, which
@@ -307,8 +308,9 @@ def select_for_budget(
     ``refine``."""
     sigmas = calibration.sigmas
     chosen = select_by_replay(calibration.candidate_schedules(budget), [(*run, sigmas) for run in runs], refine)
-    kept = ("gamma", "max_gap", "max_span", "replay_error", "replay_candidates", "replay_moves", ESTIMATOR_KEY)
-    entry = {name: chosen.metadata[name] for name in kept}
+    kept = ("gamma", "spacing_power", "max_gap", "max_span", "replay_error", "replay_candidates", "replay_moves",
+            ESTIMATOR_KEY)  # a PSSP candidate has a gamma, a spaced one a spacing power  # fmt: skip
+    entry = {name: chosen.metadata[name] for name in kept if name in chosen.metadata}
     entry |= {"compute_steps": list(chosen.compute_steps), "spans": list(chosen.spans)}
     calibration.metadata[SELECTED] = {**_selected(calibration), str(budget): entry}
 
