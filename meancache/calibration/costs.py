@@ -149,7 +149,8 @@ class Calibration:
             gap = max(b - a for a, b in itertools.pairwise(steps))
             if steps[-1] != n - 1 or gap > self.max_gap:
                 continue
-            spaced = Schedule(n, tuple(steps), (SPACED_SPAN,) * (budget - 1), {"max_gap": gap, "spacing_power": power})
+            metadata = {"source": "spaced", "max_gap": gap, "spacing_power": power}
+            spaced = Schedule(n, tuple(steps), (SPACED_SPAN,) * (budget - 1), metadata)
             found.append(self.without_step_0_anchor(spaced, SPACED_SPAN))
         return found
 
