@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from meancache.integrations.jvp_attention import disable_jvp_attention, enable_jvp_attention
     from meancache.models import load_digits_model
 
-PIPELINE_NAMES = frozenset({"MeanCacheSummary", "calibrate_pipeline", "disable_mean_cache", "enable_mean_cache",
+_PIPELINE_NAMES = frozenset({"MeanCacheSummary", "calibrate_pipeline", "disable_mean_cache", "enable_mean_cache",
                             "select_estimator", "select_schedule", "summary"})  # fmt: skip
-JVP_ATTENTION_NAMES = frozenset({"disable_jvp_attention", "enable_jvp_attention"})
+_JVP_ATTENTION_NAMES = frozenset({"disable_jvp_attention", "enable_jvp_attention"})
 
 __all__ = [
     "PRESETS",
@@ -58,9 +58,9 @@ def __getattr__(name: str) -> Any:
     ``summary``, ...), JVP attention on diffusers' attention modules and ``load_digits_model``. So ``import
     meancache.ops`` or ``from meancache import Schedule`` does not import diffusers, which takes about 4 s and, with
     bitsandbytes or torchao installed, prints their import notices."""
-    if name in PIPELINE_NAMES:
+    if name in _PIPELINE_NAMES:
         from meancache.integrations import diffusers as module
-    elif name in JVP_ATTENTION_NAMES:
+    elif name in _JVP_ATTENTION_NAMES:
         from meancache.integrations import jvp_attention as module
     elif name == "load_digits_model":
         from meancache import models as module
