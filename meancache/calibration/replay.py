@@ -61,7 +61,7 @@ def replay_sample(tensor: torch.Tensor) -> torch.Tensor:
     latent (a 1024 x 1024 FLUX.1 image: 262,144 elements; a HunyuanVideo clip: millions) costs at most
     ``2 N REPLAY_ELEMENTS`` values to keep. The replay's cost grows with the elements: on this project's 2-core CPU
     (one thread), selecting and refining from three starts on four runs of a latent that size took 13 s at B = 10
-    (3 moves) and about 31 s at B = 25 (8 moves) (``benchmarks/bench_calibration.py``, ``first_use``)."""
+    (3 moves) and about 31 s at B = 25 (8 moves) (``benchmarks/results/first_use_overhead.json``)."""
     flat = tensor.detach().reshape(-1)
     if flat.numel() <= REPLAY_ELEMENTS:
         return flat
